@@ -1,0 +1,168 @@
+//! Types shared by the kernel programs (`tcptrace-ebpf`) and userspace (`tcptrace`).
+//!
+//! Everything here is `#[repr(C)]`, fixed-size and free of pointers so that the same bytes mean
+//! the same thing on both sides of the ring buffer.
+#![no_std]
+
+/// `Event::kind`: a `sock:inet_sock_set_state` transition of a TCP socket.
+pub const KIND_STATE: u8 = 1;
+/// `Event::kind`: `connect()` returned non-zero (an error, or -EINPROGRESS) on a TCP socket.
+pub const KIND_CONNECT: u8 = 2;
+/// `Event::kind`: `sock:inet_sk_error_report` on a TCP socket (asynchronous error).
+pub const KIND_ERROR: u8 = 3;
+
+/// `Event::flags`: the owner fields were taken from the current task (process context).
+pub const FLAG_OWNER_CURRENT: u32 = 1;
+/// `Event::flags`: the owner fields come from the owner map (recorded earlier for this socket).
+pub const FLAG_OWNER_RECORDED: u32 = 2;
+/// `Event::flags`: the owner was inherited from the listening socket (an accepted socket).
+pub const FLAG_OWNER_INHERITED: u32 = 4;
+
+/// Largest record the kernel side reads from a tracepoint in one go.
+pub const TP_RECORD_MAX: usize = 80;
+
+/// One record from kernel to userspace. 96 bytes, no padding holes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel address of the `struct sock` (0 when unknown, e.g. a connect that failed early).
+    pub skaddr: u64,
+    /// cgroup v2 id of the owner (0 when unknown).
+    pub cgroup: u64,
+    /// Owner process (thread-group id); 0 when no owner is known.
+    pub pid: u32,
+    /// Owner thread id.
+    pub tid: u32,
+    pub kind: u8,
+    pub oldstate: u8,
+    pub newstate: u8,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u8,
+    /// Local port, host byte order (0 before the kernel has chosen one).
+    pub sport: u16,
+    /// Remote port, host byte order.
+    pub dport: u16,
+    /// `connect()` return value (negative errno), or the positive errno of an error report.
+    pub ret: i32,
+    pub flags: u32,
+    /// Local address: IPv4 in the first 4 bytes, or IPv6.
+    pub saddr: [u8; 16],
+    /// Remote address: IPv4 in the first 4 bytes, or IPv6.
+    pub daddr: [u8; 16],
+    /// Owner's command name (thread comm), NUL padded.
+    pub comm: [u8; 16],
+}
+
+/// Byte offsets of the tracepoint fields the programs read, taken from tracefs `format` files at
+/// start-up so that nothing depends on one kernel's layout. `u16::MAX` means "field absent".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    pub ss_skaddr: u16,
+    pub ss_oldstate: u16,
+    pub ss_newstate: u16,
+    pub ss_sport: u16,
+    pub ss_dport: u16,
+    pub ss_family: u16,
+    pub ss_protocol: u16,
+    /// Size in bytes of `protocol` (1 before Linux 5.6, 2 after).
+    pub ss_protocol_size: u16,
+    pub ss_saddr: u16,
+    pub ss_daddr: u16,
+    pub ss_saddr_v6: u16,
+    pub ss_daddr_v6: u16,
+    pub er_error: u16,
+    pub er_sport: u16,
+    pub er_dport: u16,
+    pub er_family: u16,
+    pub er_protocol: u16,
+    pub er_protocol_size: u16,
+    pub er_saddr: u16,
+    pub er_daddr: u16,
+    pub er_saddr_v6: u16,
+    pub er_daddr_v6: u16,
+    pub ce_fd: u16,
+    pub ce_uservaddr: u16,
+    pub cx_ret: u16,
+    pub so_family: u16,
+    pub so_type: u16,
+    pub sx_ret: u16,
+}
+
+impl Offsets {
+    /// The layout of Linux 6.x, used only as the compiled-in default; userspace always overrides
+    /// it with what tracefs says.
+    pub const DEFAULT: Offsets = Offsets {
+        ss_skaddr: 8,
+        ss_oldstate: 16,
+        ss_newstate: 20,
+        ss_sport: 24,
+        ss_dport: 26,
+        ss_family: 28,
+        ss_protocol: 30,
+        ss_protocol_size: 2,
+        ss_saddr: 32,
+        ss_daddr: 36,
+        ss_saddr_v6: 40,
+        ss_daddr_v6: 56,
+        er_error: 8,
+        er_sport: 12,
+        er_dport: 14,
+        er_family: 16,
+        er_protocol: 18,
+        er_protocol_size: 2,
+        er_saddr: 20,
+        er_daddr: 24,
+        er_saddr_v6: 28,
+        er_daddr_v6: 44,
+        ce_fd: 16,
+        ce_uservaddr: 24,
+        cx_ret: 16,
+        so_family: 16,
+        so_type: 24,
+        sx_ret: 16,
+    };
+}
+
+/// Index into the per-CPU `COUNTERS` array: records submitted to the ring buffer.
+pub const COUNTER_SUBMITTED: u32 = 0;
+/// Index into the per-CPU `COUNTERS` array: records lost because the ring buffer was full.
+pub const COUNTER_DROPPED: u32 = 1;
+/// Index into the per-CPU `COUNTERS` array: tracepoint hits seen (TCP only).
+pub const COUNTER_HITS: u32 = 2;
+pub const COUNTERS_LEN: u32 = 4;
+
+/// Default ring buffer size in bytes (power of two, multiple of the page size).
+pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+
+/// TCP states as the kernel numbers them (include/net/tcp_states.h).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+}
+
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, repr(C), every bit pattern valid.
+    unsafe impl aya::Pod for super::Event {}
+    // SAFETY: plain-old-data, repr(C), every bit pattern valid.
+    unsafe impl aya::Pod for super::Offsets {}
+}
+
+const _: () = assert!(core::mem::size_of::<Event>() == 96);

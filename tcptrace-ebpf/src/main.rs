@@ -1,0 +1,438 @@
+//! Kernel side of tcptrace: classic tracepoints only.
+//!
+//! * `sock:inet_sock_set_state` (TCP only): every state transition, reported with the socket's
+//!   recorded owner. The owner is recorded where the kernel runs in the owner's context
+//!   (connect, listen, the application's close) and inherited by accepted sockets from their
+//!   listener; softirq transitions never take whatever task happened to be on the CPU.
+//! * `syscalls:sys_enter_connect` / `sys_exit_connect`: destination and return value of every
+//!   TCP `connect()` that does not succeed at once (errors and -EINPROGRESS).
+//! * `syscalls:sys_enter_socket` / `sys_exit_socket`: which file descriptors are TCP sockets, so
+//!   that a connect failing before the socket changes state (ENETUNREACH) is known to be TCP.
+//! * `sock:inet_sk_error_report` (TCP only): asynchronous errors, e.g. a non-blocking connect
+//!   refused.
+//!
+//! Field offsets come from userspace (`OFFSETS`, read from tracefs at start-up). Records go to
+//! userspace through one ring buffer, submitted without wake-up: the reader drains it on a
+//! timer, which costs far less than one wake-up per record. A record that cannot be reserved is
+//! counted in the per-CPU `COUNTERS[COUNTER_DROPPED]`.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    Global,
+    bindings::BPF_RB_NO_WAKEUP,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_ktime_get_ns, bpf_probe_read_user,
+    },
+    macros::{map, tracepoint},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use tcptrace_common::{
+    AF_INET, AF_INET6, COUNTER_DROPPED, COUNTER_HITS, COUNTER_SUBMITTED, COUNTERS_LEN,
+    DEFAULT_RING_BYTES, Event, FLAG_OWNER_CURRENT, FLAG_OWNER_INHERITED, FLAG_OWNER_RECORDED,
+    IPPROTO_TCP, KIND_CONNECT, KIND_ERROR, KIND_STATE, Offsets, tcp_state,
+};
+
+#[unsafe(no_mangle)]
+static OFFSETS: Global<Offsets> = Global::new(Offsets::DEFAULT);
+
+/// Who owns a socket, recorded in process context.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Owner {
+    pid: u32,
+    tid: u32,
+    cgroup: u64,
+    comm: [u8; 16],
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Listener {
+    owner: Owner,
+    skaddr: u64,
+}
+
+/// A `connect()` in flight on one thread.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct ConnectCtx {
+    skaddr: u64,
+    daddr: [u8; 16],
+    dport: u16,
+    family: u8,
+    tcp_fd: u8,
+    _pad: u32,
+}
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+
+/// skaddr -> owner. LRU and bounded: a socket whose entry was evicted is reported without owner
+/// and userspace falls back to its own table.
+#[map]
+static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(131072, 0);
+
+/// (family << 16 | port) -> owner of the listening socket, inherited by accepted sockets.
+#[map]
+static LISTENERS: LruHashMap<u32, Listener> = LruHashMap::with_max_entries(8192, 0);
+
+/// thread id -> connect() in flight.
+#[map]
+static CONNECTS: LruHashMap<u32, ConnectCtx> = LruHashMap::with_max_entries(16384, 0);
+
+/// thread id -> socket(AF_INET*, SOCK_STREAM) in flight.
+#[map]
+static SOCKET_CALLS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(4096, 0);
+
+/// (tgid << 32 | fd) -> 1 for file descriptors created as TCP sockets.
+#[map]
+static TCP_FDS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn current_owner() -> Owner {
+    let id = bpf_get_current_pid_tgid();
+    Owner {
+        pid: (id >> 32) as u32,
+        tid: id as u32,
+        // SAFETY: helper without arguments.
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    }
+}
+
+#[inline(always)]
+fn read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i32> {
+    // SAFETY: bounded kernel read through bpf_probe_read_kernel.
+    unsafe { ctx.read_at::<T>(off as usize) }
+}
+
+#[inline(always)]
+fn read_proto(ctx: &TracePointContext, off: u16, size: u16) -> Result<u16, i32> {
+    if size == 1 {
+        Ok(read::<u8>(ctx, off)? as u16)
+    } else {
+        read::<u16>(ctx, off)
+    }
+}
+
+/// Reads the address pair of a socket tracepoint into `ev` (v4 into the first 4 bytes).
+#[inline(always)]
+fn read_addrs(
+    ctx: &TracePointContext,
+    ev: &mut Event,
+    v4: (u16, u16),
+    v6: (u16, u16),
+) -> Result<(), i32> {
+    if ev.family == AF_INET6 {
+        ev.saddr = read::<[u8; 16]>(ctx, v6.0)?;
+        ev.daddr = read::<[u8; 16]>(ctx, v6.1)?;
+    } else {
+        let s = read::<[u8; 4]>(ctx, v4.0)?;
+        let d = read::<[u8; 4]>(ctx, v4.1)?;
+        ev.saddr = [0; 16];
+        ev.daddr = [0; 16];
+        ev.saddr[..4].copy_from_slice(&s);
+        ev.daddr[..4].copy_from_slice(&d);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn set_owner(ev: &mut Event, o: &Owner, flag: u32) {
+    ev.pid = o.pid;
+    ev.tid = o.tid;
+    ev.cgroup = o.cgroup;
+    ev.comm = o.comm;
+    ev.flags |= flag;
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_set_state(&ctx);
+    0
+}
+
+fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
+    let off = OFFSETS.load();
+    if read_proto(ctx, off.ss_protocol, off.ss_protocol_size)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    count(COUNTER_HITS);
+    let skaddr = read::<u64>(ctx, off.ss_skaddr)?;
+    let old = read::<i32>(ctx, off.ss_oldstate)? as u8;
+    let new = read::<i32>(ctx, off.ss_newstate)? as u8;
+    let family = read::<u16>(ctx, off.ss_family)? as u8;
+    let sport = read::<u16>(ctx, off.ss_sport)?;
+
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count(COUNTER_DROPPED);
+        // Keep the owner map consistent even when the record is lost.
+        if new == tcp_state::CLOSE {
+            let _ = OWNERS.remove(&skaddr);
+        }
+        return Ok(());
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: the reservation is exactly one Event; every field is written below.
+    let ev = unsafe { &mut *ev };
+    *ev = Event {
+        ts_ns: 0,
+        skaddr,
+        cgroup: 0,
+        pid: 0,
+        tid: 0,
+        kind: KIND_STATE,
+        oldstate: old,
+        newstate: new,
+        family,
+        sport,
+        dport: 0,
+        ret: 0,
+        flags: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        comm: [0; 16],
+    };
+    // SAFETY: helper without arguments.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.dport = read::<u16>(ctx, off.ss_dport).unwrap_or(0);
+    let _ = read_addrs(
+        ctx,
+        ev,
+        (off.ss_saddr, off.ss_daddr),
+        (off.ss_saddr_v6, off.ss_daddr_v6),
+    );
+
+    let process_context = (old == tcp_state::CLOSE && new == tcp_state::SYN_SENT)
+        || new == tcp_state::LISTEN
+        || (old == tcp_state::CLOSE_WAIT && new == tcp_state::LAST_ACK)
+        || (old == tcp_state::ESTABLISHED && new == tcp_state::FIN_WAIT1);
+
+    if new == tcp_state::SYN_SENT && old == tcp_state::CLOSE || new == tcp_state::LISTEN {
+        // The owner is the current task: record it.
+        let o = current_owner();
+        set_owner(ev, &o, FLAG_OWNER_CURRENT);
+        let _ = OWNERS.insert(&skaddr, &o, 0);
+        if new == tcp_state::LISTEN {
+            let key = (family as u32) << 16 | sport as u32;
+            let _ = LISTENERS.insert(&key, &Listener { owner: o, skaddr }, 0);
+        } else if let Some(c) = CONNECTS.get_ptr_mut(o.tid) {
+            // SAFETY: entry of this thread, written only by this thread.
+            unsafe { (*c).skaddr = skaddr };
+        }
+    } else if let Some(o) = unsafe { OWNERS.get(&skaddr) } {
+        set_owner(ev, o, FLAG_OWNER_RECORDED);
+    } else if new == tcp_state::SYN_RECV {
+        // A connection on its way to accept(): it belongs to the listener's owner.
+        let key = (family as u32) << 16 | sport as u32;
+        // SAFETY: value copied out before use.
+        if let Some(l) = unsafe { LISTENERS.get(&key) } {
+            let o = l.owner;
+            set_owner(ev, &o, FLAG_OWNER_INHERITED);
+            let _ = OWNERS.insert(&skaddr, &o, 0);
+        }
+    } else if process_context {
+        // An application close of a socket we never saw opened (it predates tcptrace).
+        let o = current_owner();
+        set_owner(ev, &o, FLAG_OWNER_CURRENT);
+        if new != tcp_state::CLOSE {
+            let _ = OWNERS.insert(&skaddr, &o, 0);
+        }
+    }
+
+    if new == tcp_state::CLOSE {
+        let _ = OWNERS.remove(&skaddr);
+        if old == tcp_state::LISTEN {
+            let key = (family as u32) << 16 | sport as u32;
+            // SAFETY: value read before removal.
+            if let Some(l) = unsafe { LISTENERS.get(&key) } {
+                if l.skaddr == skaddr {
+                    let _ = LISTENERS.remove(&key);
+                }
+            }
+        }
+    }
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    count(COUNTER_SUBMITTED);
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sys_enter_socket(ctx: TracePointContext) -> u32 {
+    let off = OFFSETS.load();
+    let family = read::<u64>(&ctx, off.so_family).unwrap_or(0) as u32;
+    let ty = read::<u64>(&ctx, off.so_type).unwrap_or(0) as u32;
+    // SOCK_STREAM == 1; the high bits carry SOCK_NONBLOCK / SOCK_CLOEXEC.
+    if (family == AF_INET as u32 || family == AF_INET6 as u32) && ty & 0xf == 1 {
+        let tid = bpf_get_current_pid_tgid() as u32;
+        let _ = SOCKET_CALLS.insert(&tid, &1, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let tid = id as u32;
+    // SAFETY: presence check only.
+    if unsafe { SOCKET_CALLS.get(&tid) }.is_none() {
+        return 0;
+    }
+    let _ = SOCKET_CALLS.remove(&tid);
+    let off = OFFSETS.load();
+    let fd = read::<i64>(&ctx, off.sx_ret).unwrap_or(-1);
+    if fd >= 0 {
+        let key = (id & 0xffff_ffff_0000_0000) | fd as u64;
+        let _ = TCP_FDS.insert(&key, &1, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_connect(&ctx);
+    0
+}
+
+fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
+    let off = OFFSETS.load();
+    let fd = read::<u64>(ctx, off.ce_fd)? as u32;
+    let uaddr = read::<u64>(ctx, off.ce_uservaddr)? as *const [u8; 16];
+    // SAFETY: user memory read through bpf_probe_read_user.
+    let head = unsafe { bpf_probe_read_user(uaddr)? };
+    let family = u16::from_ne_bytes([head[0], head[1]]) as u8;
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
+    }
+    let mut c = ConnectCtx {
+        skaddr: 0,
+        daddr: [0; 16],
+        dport: u16::from_be_bytes([head[2], head[3]]),
+        family,
+        tcp_fd: 0,
+        _pad: 0,
+    };
+    if family == AF_INET {
+        c.daddr[..4].copy_from_slice(&head[4..8]);
+    } else {
+        // sockaddr_in6: family, port, flowinfo (4 bytes), then the 16-byte address at offset 8.
+        // SAFETY: user memory read through bpf_probe_read_user.
+        let full = unsafe { bpf_probe_read_user(uaddr as *const [u8; 24])? };
+        c.daddr.copy_from_slice(&full[8..24]);
+    }
+    let id = bpf_get_current_pid_tgid();
+    let key = (id & 0xffff_ffff_0000_0000) | fd as u64;
+    // SAFETY: presence check only.
+    if unsafe { TCP_FDS.get(&key) }.is_some() {
+        c.tcp_fd = 1;
+    }
+    let _ = CONNECTS.insert(&(id as u32), &c, 0);
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let _ = try_exit_connect(&ctx);
+    0
+}
+
+fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: value copied out before the entry is removed.
+    let Some(c) = (unsafe { CONNECTS.get(&tid) }).copied() else {
+        return Ok(());
+    };
+    let _ = CONNECTS.remove(&tid);
+    let off = OFFSETS.load();
+    let ret = read::<i64>(ctx, off.cx_ret)?;
+    // Success is visible as SYN_SENT -> ESTABLISHED; only errors and -EINPROGRESS are sent.
+    // A socket that never reached SYN_SENT is reported only when it is known to be TCP.
+    if ret == 0 || (c.skaddr == 0 && c.tcp_fd == 0) {
+        return Ok(());
+    }
+    let o = current_owner();
+    let ev = Event {
+        // SAFETY: helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        skaddr: c.skaddr,
+        cgroup: o.cgroup,
+        pid: o.pid,
+        tid: o.tid,
+        kind: KIND_CONNECT,
+        oldstate: 0,
+        newstate: 0,
+        family: c.family,
+        sport: 0,
+        dport: c.dport,
+        ret: ret as i32,
+        flags: FLAG_OWNER_CURRENT,
+        saddr: [0; 16],
+        daddr: c.daddr,
+        comm: o.comm,
+    };
+    if EVENTS.output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64).is_ok() {
+        count(COUNTER_SUBMITTED);
+    } else {
+        count(COUNTER_DROPPED);
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn inet_sk_error_report(ctx: TracePointContext) -> u32 {
+    let _ = try_error_report(&ctx);
+    0
+}
+
+fn try_error_report(ctx: &TracePointContext) -> Result<(), i32> {
+    let off = OFFSETS.load();
+    if read_proto(ctx, off.er_protocol, off.er_protocol_size)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let mut ev = Event {
+        // SAFETY: helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        kind: KIND_ERROR,
+        family: read::<u16>(ctx, off.er_family)? as u8,
+        sport: read::<u16>(ctx, off.er_sport)?,
+        dport: read::<u16>(ctx, off.er_dport)?,
+        ret: read::<i32>(ctx, off.er_error)?,
+        ..Event::default()
+    };
+    read_addrs(
+        ctx,
+        &mut ev,
+        (off.er_saddr, off.er_daddr),
+        (off.er_saddr_v6, off.er_daddr_v6),
+    )?;
+    if EVENTS.output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64).is_ok() {
+        count(COUNTER_SUBMITTED);
+    } else {
+        count(COUNTER_DROPPED);
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,208 @@
+//! Loading and attaching the kernel programs, and reading what they send.
+//!
+//! Dropping [`Probes`] detaches every program (the links are file descriptors owned by the
+//! `Ebpf` object), so an error at any step leaves nothing attached.
+
+use std::{fmt, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use tcptrace_common::{COUNTER_DROPPED, COUNTER_HITS, COUNTER_SUBMITTED, Event, Offsets};
+
+use crate::tracefs;
+
+/// The programs, in attach order: (program name, tracepoint category, tracepoint name).
+pub const PROGRAMS: &[(&str, &str, &str)] = &[
+    ("sys_enter_socket", "syscalls", "sys_enter_socket"),
+    ("sys_exit_socket", "syscalls", "sys_exit_socket"),
+    ("sys_enter_connect", "syscalls", "sys_enter_connect"),
+    ("sys_exit_connect", "syscalls", "sys_exit_connect"),
+    ("inet_sk_error_report", "sock", "inet_sk_error_report"),
+    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+];
+
+/// What is missing to run the tracer, as one line for the user.
+#[derive(Debug)]
+pub struct MissingPrivilege(pub String);
+
+impl fmt::Display for MissingPrivilege {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for MissingPrivilege {}
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Effective capability set of this process, from /proc/self/status.
+fn effective_caps() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Fails with one line naming what is missing when this process cannot load and attach the
+/// programs (needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN).
+pub fn check_privileges() -> Result<(), MissingPrivilege> {
+    let caps = effective_caps();
+    let has = |c: u32| caps & (1 << c) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_PERFMON) {
+        missing.push("CAP_PERFMON");
+    }
+    Err(MissingPrivilege(format!(
+        "tcptrace needs root or {} to load its eBPF programs: run it with sudo",
+        missing.join(" and ")
+    )))
+}
+
+/// Loaded and attached programs plus the maps userspace reads.
+pub struct Probes {
+    // Field order matters for drop: the ring buffer and counters are dropped before the object.
+    ring: RingBuf<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    _ebpf: Ebpf,
+    attached: Vec<&'static str>,
+}
+
+/// Options for [`Probes::attach`].
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeOptions {
+    /// Ring buffer size in bytes (rounded up to a power of two of at least one page).
+    pub ring_bytes: u32,
+    /// Entries of the kernel owner map (socket -> owner).
+    pub owner_entries: u32,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            ring_bytes: tcptrace_common::DEFAULT_RING_BYTES,
+            owner_entries: 131072,
+        }
+    }
+}
+
+/// Rounds a ring buffer size to what the kernel accepts: a power of two, at least one page.
+pub fn ring_size(bytes: u32) -> u32 {
+    let page = 4096u32;
+    bytes.max(page).checked_next_power_of_two().unwrap_or(1 << 31)
+}
+
+impl Probes {
+    /// Checks privileges, reads tracepoint offsets, loads and attaches every program.
+    pub fn attach(opts: ProbeOptions) -> Result<Self> {
+        check_privileges()?;
+        let root = tracefs::tracefs_root()?;
+        let offsets = tracefs::offsets_from(&root)?;
+        Self::attach_with(&root, offsets, opts)
+    }
+
+    fn attach_with(_root: &Path, offsets: Offsets, opts: ProbeOptions) -> Result<Self> {
+        let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
+        if object.is_empty() {
+            bail!("this tcptrace binary was built without its eBPF programs (AYA_BUILD_SKIP): rebuild with `cargo xtask build`");
+        }
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .map_max_entries("EVENTS", ring_size(opts.ring_bytes))
+            .map_max_entries("OWNERS", opts.owner_entries.max(1024))
+            .load(object)
+            .context("loading the eBPF programs into the kernel failed")?;
+        let mut attached = Vec::new();
+        for (prog, cat, name) in PROGRAMS {
+            let p: &mut TracePoint = ebpf
+                .program_mut(prog)
+                .with_context(|| format!("program {prog} missing from the eBPF object"))?
+                .try_into()
+                .with_context(|| format!("program {prog} is not a tracepoint"))?;
+            p.load()
+                .with_context(|| format!("the kernel refused program {prog}"))?;
+            p.attach(cat, name)
+                .with_context(|| format!("attaching to tracepoint {cat}:{name} failed"))?;
+            attached.push(*prog);
+        }
+        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
+        let counters =
+            PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS missing")?)?;
+        Ok(Self {
+            ring,
+            counters,
+            _ebpf: ebpf,
+            attached,
+        })
+    }
+
+    /// Names of the attached programs.
+    pub fn attached(&self) -> &[&'static str] {
+        &self.attached
+    }
+
+    /// Calls `f` with every record waiting in the ring buffer; returns how many were read.
+    /// Records of an unexpected size are skipped (and counted as malformed by the caller).
+    pub fn drain(&mut self, mut f: impl FnMut(&Event)) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.ring.next() {
+            if item.len() >= size_of::<Event>() {
+                // SAFETY: Event is plain-old-data; read_unaligned copes with any alignment.
+                let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
+                f(&ev);
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Kernel-side counters summed over CPUs.
+    pub fn counters(&self) -> KernelCounters {
+        let sum = |i: u32| {
+            self.counters
+                .get(&i, 0)
+                .map(|v| v.iter().sum::<u64>())
+                .unwrap_or(0)
+        };
+        KernelCounters {
+            submitted: sum(COUNTER_SUBMITTED),
+            dropped: sum(COUNTER_DROPPED),
+            hits: sum(COUNTER_HITS),
+        }
+    }
+}
+
+/// Per-CPU kernel counters, summed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    pub submitted: u64,
+    pub dropped: u64,
+    pub hits: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_sizes_are_powers_of_two_of_at_least_a_page() {
+        assert_eq!(ring_size(0), 4096);
+        assert_eq!(ring_size(5000), 8192);
+        assert_eq!(ring_size(1 << 20), 1 << 20);
+    }
+}

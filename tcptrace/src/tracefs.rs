@@ -1,0 +1,197 @@
+//! Tracepoint field offsets, read from tracefs `format` files at start-up.
+
+use std::{collections::HashMap, fs, path::PathBuf};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use tcptrace_common::Offsets;
+
+/// One field of a tracepoint record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Field {
+    pub offset: u16,
+    pub size: u16,
+}
+
+/// Parses the `field:` lines of a tracefs `format` file into name -> (offset, size).
+/// Array fields such as `__u8 saddr[4]` are named without their brackets.
+pub fn parse_format(text: &str) -> HashMap<String, Field> {
+    let mut fields = HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let Some(rest) = line.strip_prefix("field:") else {
+            continue;
+        };
+        let mut decl = None;
+        let mut offset = None;
+        let mut size = None;
+        for part in rest.split(';') {
+            let part = part.trim();
+            if let Some(v) = part.strip_prefix("offset:") {
+                offset = v.trim().parse::<u16>().ok();
+            } else if let Some(v) = part.strip_prefix("size:") {
+                size = v.trim().parse::<u16>().ok();
+            } else if decl.is_none() && !part.is_empty() && !part.contains(':') {
+                decl = Some(part);
+            }
+        }
+        let (Some(decl), Some(offset), Some(size)) = (decl, offset, size) else {
+            continue;
+        };
+        let name = decl
+            .rsplit(|c: char| c.is_whitespace() || c == '*')
+            .next()
+            .unwrap_or(decl);
+        let name = name.split('[').next().unwrap_or(name);
+        fields.insert(name.to_string(), Field { offset, size });
+    }
+    fields
+}
+
+/// Where tracefs is mounted, mounting it at /sys/kernel/tracing when it is not.
+pub fn tracefs_root() -> Result<PathBuf> {
+    for p in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        let p = PathBuf::from(p);
+        if p.join("events").is_dir() {
+            return Ok(p);
+        }
+    }
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: plain mount(2) call with valid NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 && PathBuf::from("/sys/kernel/tracing/events").is_dir() {
+        return Ok(PathBuf::from("/sys/kernel/tracing"));
+    }
+    bail!(
+        "tracefs is not mounted and mounting it failed ({}): run `mount -t tracefs nodev /sys/kernel/tracing` as root",
+        std::io::Error::last_os_error()
+    )
+}
+
+fn read_event(root: &std::path::Path, cat: &str, name: &str) -> Result<HashMap<String, Field>> {
+    let path = root.join("events").join(cat).join(name).join("format");
+    let text = fs::read_to_string(&path).with_context(|| {
+        format!(
+            "tracepoint {cat}:{name} is missing ({}): this kernel is too old or lacks it",
+            path.display()
+        )
+    })?;
+    Ok(parse_format(&text))
+}
+
+fn get(fields: &HashMap<String, Field>, tp: &str, name: &str) -> Result<Field> {
+    fields
+        .get(name)
+        .copied()
+        .ok_or_else(|| anyhow!("tracepoint {tp} has no field `{name}`: unsupported kernel"))
+}
+
+/// Builds the offsets from the format files under `root`.
+pub fn offsets_from(root: &std::path::Path) -> Result<Offsets> {
+    let ss = read_event(root, "sock", "inet_sock_set_state")?;
+    let er = read_event(root, "sock", "inet_sk_error_report")?;
+    let ce = read_event(root, "syscalls", "sys_enter_connect")?;
+    let cx = read_event(root, "syscalls", "sys_exit_connect")?;
+    let so = read_event(root, "syscalls", "sys_enter_socket")?;
+    let sx = read_event(root, "syscalls", "sys_exit_socket")?;
+    offsets_from_fields(&ss, &er, &ce, &cx, &so, &sx)
+}
+
+/// Pure part of [`offsets_from`]: maps parsed fields to [`Offsets`].
+pub fn offsets_from_fields(
+    ss: &HashMap<String, Field>,
+    er: &HashMap<String, Field>,
+    ce: &HashMap<String, Field>,
+    cx: &HashMap<String, Field>,
+    so: &HashMap<String, Field>,
+    sx: &HashMap<String, Field>,
+) -> Result<Offsets> {
+    let s = "sock:inet_sock_set_state";
+    let e = "sock:inet_sk_error_report";
+    let ss_proto = get(ss, s, "protocol")?;
+    let er_proto = get(er, e, "protocol")?;
+    Ok(Offsets {
+        ss_skaddr: get(ss, s, "skaddr")?.offset,
+        ss_oldstate: get(ss, s, "oldstate")?.offset,
+        ss_newstate: get(ss, s, "newstate")?.offset,
+        ss_sport: get(ss, s, "sport")?.offset,
+        ss_dport: get(ss, s, "dport")?.offset,
+        ss_family: get(ss, s, "family")?.offset,
+        ss_protocol: ss_proto.offset,
+        ss_protocol_size: ss_proto.size,
+        ss_saddr: get(ss, s, "saddr")?.offset,
+        ss_daddr: get(ss, s, "daddr")?.offset,
+        ss_saddr_v6: get(ss, s, "saddr_v6")?.offset,
+        ss_daddr_v6: get(ss, s, "daddr_v6")?.offset,
+        er_error: get(er, e, "error")?.offset,
+        er_sport: get(er, e, "sport")?.offset,
+        er_dport: get(er, e, "dport")?.offset,
+        er_family: get(er, e, "family")?.offset,
+        er_protocol: er_proto.offset,
+        er_protocol_size: er_proto.size,
+        er_saddr: get(er, e, "saddr")?.offset,
+        er_daddr: get(er, e, "daddr")?.offset,
+        er_saddr_v6: get(er, e, "saddr_v6")?.offset,
+        er_daddr_v6: get(er, e, "daddr_v6")?.offset,
+        ce_fd: get(ce, "syscalls:sys_enter_connect", "fd")?.offset,
+        ce_uservaddr: get(ce, "syscalls:sys_enter_connect", "uservaddr")?.offset,
+        cx_ret: get(cx, "syscalls:sys_exit_connect", "ret")?.offset,
+        so_family: get(so, "syscalls:sys_enter_socket", "family")?.offset,
+        so_type: get(so, "syscalls:sys_enter_socket", "type")?.offset,
+        sx_ret: get(sx, "syscalls:sys_exit_socket", "ret")?.offset,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SET_STATE_5_4: &str = "name: inet_sock_set_state
+ID: 1234
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+\tfield:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;
+\tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;
+\tfield:__u8 protocol;\toffset:30;\tsize:1;\tsigned:0;
+\tfield:__u8 saddr[4];\toffset:31;\tsize:4;\tsigned:0;
+\tfield:__u8 daddr[4];\toffset:35;\tsize:4;\tsigned:0;
+\tfield:__u8 saddr_v6[16];\toffset:39;\tsize:16;\tsigned:0;
+\tfield:__u8 daddr_v6[16];\toffset:55;\tsize:16;\tsigned:0;
+
+print fmt: \"family=%s\"
+";
+
+    #[test]
+    fn parses_fields_with_arrays_and_pointers() {
+        let f = parse_format(SET_STATE_5_4);
+        assert_eq!(f["skaddr"], Field { offset: 8, size: 8 });
+        assert_eq!(f["protocol"], Field { offset: 30, size: 1 });
+        assert_eq!(f["saddr"], Field { offset: 31, size: 4 });
+        assert_eq!(f["daddr_v6"], Field { offset: 55, size: 16 });
+        assert_eq!(f["common_pid"], Field { offset: 4, size: 4 });
+    }
+
+    #[test]
+    fn missing_field_names_the_tracepoint() {
+        let ss = parse_format(SET_STATE_5_4);
+        let empty = HashMap::new();
+        let err = offsets_from_fields(&ss, &empty, &empty, &empty, &empty, &empty).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tracepoint sock:inet_sk_error_report has no field `protocol`: unsupported kernel"
+        );
+    }
+}
