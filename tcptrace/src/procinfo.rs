@@ -1,0 +1,592 @@
+//! What already exists when we start: TCP sockets from /proc/net/tcp{,6}, the processes that
+//! own them (via /proc/<pid>/fd), and per-process details (stat, comm, cmdline, cgroup).
+//!
+//! Everything here is best effort: processes come and go while we read, so vanished or
+//! unreadable entries are skipped rather than reported as errors.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SockRecord {
+    /// IPv4-mapped IPv6 addresses are normalized to plain V4.
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Kernel TCP state number ("st" column): 1=ESTABLISHED .. 6=TIME_WAIT, 8=CLOSE_WAIT, 10=LISTEN.
+    pub state: u8,
+    /// 0 for TIME_WAIT (and other socket-less) entries.
+    pub inode: u64,
+    pub uid: u32,
+}
+
+/// Parses the text of /proc/net/tcp or /proc/net/tcp6. The header, and any line that does
+/// not look like a socket entry, is skipped.
+pub fn parse_proc_net_tcp(text: &str) -> Vec<SockRecord> {
+    text.lines()
+        .filter_map(|l| parse_tcp_line(l.as_bytes()))
+        .collect()
+}
+
+/// Reads /proc/net/tcp and /proc/net/tcp6 of the current network namespace
+/// (tcp6 may be absent when IPv6 is disabled).
+pub fn read_tcp_sockets() -> io::Result<Vec<SockRecord>> {
+    let mut out = Vec::new();
+    read_tcp_file("/proc/net/tcp", &mut out)?;
+    match read_tcp_file("/proc/net/tcp6", &mut out) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        r => r?,
+    }
+    Ok(out)
+}
+
+/// Streams one table, reusing a single line buffer. Large reads matter: the kernel regenerates
+/// the table per read() call, so fewer calls are cheaper with many sockets.
+fn read_tcp_file(path: &str, out: &mut Vec<SockRecord>) -> io::Result<()> {
+    let mut rd = BufReader::with_capacity(1 << 20, File::open(path)?);
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        if rd.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        if let Some(r) = parse_tcp_line(&line) {
+            out.push(r);
+        }
+    }
+}
+
+/// One line: `sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...`.
+fn parse_tcp_line(line: &[u8]) -> Option<SockRecord> {
+    let mut f = line
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|s| !s.is_empty());
+    let sl = f.next()?;
+    if sl.len() < 2 || sl.last() != Some(&b':') {
+        return None; // header ("sl") or garbage
+    }
+    let local = parse_sockaddr(f.next()?)?;
+    let remote = parse_sockaddr(f.next()?)?;
+    let state = u8::try_from(parse_hex(f.next()?)?).ok()?;
+    let uid = u32::try_from(parse_dec(f.nth(3)?)?).ok()?; // skip tx:rx, tr:when, retrnsmt
+    let inode = parse_dec(f.nth(1)?)?; // skip timeout
+    Some(SockRecord {
+        local,
+        remote,
+        state,
+        inode,
+        uid,
+    })
+}
+
+/// "0100007F:1F90" or 32 hex digits + ":PORT". The address is the in-memory (network order)
+/// bytes printed as native-endian 32-bit words; the port is a plain hex number.
+fn parse_sockaddr(s: &[u8]) -> Option<SocketAddr> {
+    let colon = s.iter().position(|&b| b == b':')?;
+    let (ip, port) = (&s[..colon], &s[colon + 1..]);
+    if port.is_empty() || port.len() > 4 {
+        return None;
+    }
+    let port = parse_hex(port)? as u16;
+    let word = |i: usize| parse_hex(&ip[i * 8..i * 8 + 8]).map(u32::to_ne_bytes);
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            let v6 = Ipv6Addr::from(b);
+            // to_ipv4_mapped, not to_ipv4: "::1" must stay IPv6.
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+fn parse_hex(s: &[u8]) -> Option<u32> {
+    if s.is_empty() || s.len() > 8 {
+        return None;
+    }
+    s.iter().try_fold(0u32, |acc, &c| {
+        let d = (c as char).to_digit(16)?;
+        Some(acc << 4 | d)
+    })
+}
+
+fn parse_dec(s: &[u8]) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    s.iter().try_fold(0u64, |acc, &c| {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        acc.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+    })
+}
+
+/// `socket:[12345]` -> 12345.
+fn socket_inode(link: &[u8]) -> Option<u64> {
+    parse_dec(link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?)
+}
+
+/// Scans /proc/*/fd and returns socket inode -> owning process id (the /proc/<pid> directory
+/// number, i.e. the thread-group id). With `wanted`, only those inodes are returned and the
+/// scan stops once all are found. Processes that vanish or deny access are skipped. When
+/// several processes share a socket, the lowest pid wins.
+pub fn socket_owners(wanted: Option<&HashSet<u64>>) -> HashMap<u64, u32> {
+    let mut owners = HashMap::new();
+    if wanted.is_some_and(|w| w.is_empty()) {
+        return owners;
+    }
+    let mut pids = list_pids();
+    pids.sort_unstable();
+    let mut path = Vec::with_capacity(32);
+    'pids: for pid in pids {
+        path.clear();
+        // Cannot fail: writing to a Vec.
+        let _ = write!(path, "/proc/{pid}/fd\0");
+        let mut done = false;
+        for_each_fd_socket(&path, |inode| {
+            if wanted.is_none_or(|w| w.contains(&inode)) {
+                owners.entry(inode).or_insert(pid);
+                if wanted.is_some_and(|w| owners.len() == w.len()) {
+                    done = true;
+                    return false;
+                }
+            }
+            true
+        });
+        if done {
+            break 'pids;
+        }
+    }
+    owners
+}
+
+/// Numeric entries of /proc. Thread ids are not listed there, only thread-group ids.
+fn list_pids() -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Calls `f` with the inode of every socket fd in the directory `dir_path` (NUL-terminated)
+/// until it returns false. Uses readlinkat on the open directory so that each link costs one
+/// short lookup and no allocation.
+fn for_each_fd_socket(dir_path: &[u8], mut f: impl FnMut(u64) -> bool) {
+    struct Dir(*mut libc::DIR);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            // SAFETY: self.0 came from a successful opendir and is closed only here.
+            unsafe { libc::closedir(self.0) };
+        }
+    }
+    debug_assert_eq!(dir_path.last(), Some(&0));
+    // SAFETY: dir_path is NUL-terminated.
+    let dir = unsafe { libc::opendir(dir_path.as_ptr().cast()) };
+    if dir.is_null() {
+        return; // gone or EACCES
+    }
+    let dir = Dir(dir);
+    // SAFETY: dir.0 is a valid open DIR.
+    let dfd = unsafe { libc::dirfd(dir.0) };
+    let mut link = [0u8; 64];
+    loop {
+        // SAFETY: dir.0 is valid; the entry is used before the next readdir call.
+        let ent = unsafe { libc::readdir(dir.0) };
+        if ent.is_null() {
+            return;
+        }
+        // SAFETY: ent is non-null and points to a dirent with a NUL-terminated d_name.
+        let name = unsafe { (*ent).d_name.as_ptr() };
+        // SAFETY: d_name has at least one byte (the terminator).
+        if unsafe { *name } == b'.' as libc::c_char {
+            continue; // "." and ".."
+        }
+        // SAFETY: name is NUL-terminated; link is a writable buffer of the given length.
+        let n = unsafe { libc::readlinkat(dfd, name, link.as_mut_ptr().cast(), link.len()) };
+        if n <= 0 {
+            continue; // fd closed meanwhile
+        }
+        if let Some(inode) = socket_inode(&link[..n as usize])
+            && !f(inode)
+        {
+            return;
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub pid: u32,
+    /// Field 22 of /proc/<pid>/stat, clock ticks since boot; (pid, start_time) is unique.
+    pub start_time: u64,
+    pub comm: String,
+    /// NULs replaced by spaces, trimmed; empty for kernel threads.
+    pub cmdline: String,
+    /// cgroup v2 path (the "0::" line), e.g. "/system.slice/nginx.service"; empty if unknown.
+    pub cgroup: String,
+    /// First 12 chars of a container id found in the cgroup path.
+    pub container: Option<String>,
+}
+
+/// Reads stat, comm, cmdline and cgroup of `pid`; None if the process does not exist.
+/// Files that disappear after stat was read leave their fields empty.
+pub fn process_info(pid: u32) -> Option<ProcInfo> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (stat_comm, start_time) = parse_stat(&stat)?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or(stat_comm);
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            let b: Vec<u8> = b
+                .into_iter()
+                .map(|c| if c == 0 { b' ' } else { c })
+                .collect();
+            String::from_utf8_lossy(&b).trim().to_string()
+        })
+        .unwrap_or_default();
+    let cgroup_text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let cgroup = cgroup_text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("")
+        .to_string();
+    // Prefer the v2 path; on v1/hybrid hosts the id may only appear in a v1 hierarchy.
+    let container = container_id_from_cgroup(&cgroup).or_else(|| {
+        cgroup_text
+            .lines()
+            .filter_map(|l| l.splitn(3, ':').nth(2))
+            .find_map(container_id_from_cgroup)
+    });
+    Some(ProcInfo {
+        pid,
+        start_time,
+        comm,
+        cmdline,
+        cgroup,
+        container,
+    })
+}
+
+/// Only field 22 of /proc/<pid>/stat; None if the process does not exist.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let mut buf = [0u8; 1024];
+    // One read is enough: stat is generated whole on the first read and is well under 1 KiB.
+    let n = io::Read::read(&mut File::open(format!("/proc/{pid}/stat")).ok()?, &mut buf).ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    parse_stat(text).map(|(_, t)| t)
+}
+
+/// Parses /proc/<pid>/stat: returns (comm, start_time). comm may contain spaces and ')', so
+/// it spans from the first '(' to the last ')'.
+pub fn parse_stat(text: &str) -> Option<(String, u64)> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    if close < open {
+        return None;
+    }
+    let comm = &text[open + 1..close];
+    // After ')' come fields 3 (state) onwards; field 22 is the 20th of them.
+    let start = text[close + 1..].split_ascii_whitespace().nth(22 - 3)?;
+    Some((comm.to_string(), start.parse().ok()?))
+}
+
+/// Extracts a container id from a cgroup path and returns its first 12 chars. Recognized:
+/// `docker-<id>.scope`, `cri-containerd-<id>.scope`, `crio-<id>.scope`, `libpod-<id>.scope`,
+/// `/docker/<id>` and `/kubepods/.../<id>`, where <id> is 64 hex chars. The innermost match wins.
+pub fn container_id_from_cgroup(path: &str) -> Option<String> {
+    const SCOPE_PREFIXES: [&str; 4] = ["docker-", "cri-containerd-", "crio-", "libpod-"];
+    let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    for (i, c) in comps.iter().enumerate().rev() {
+        let id = if let Some(stem) = c.strip_suffix(".scope") {
+            SCOPE_PREFIXES
+                .iter()
+                .find_map(|p| stem.strip_prefix(p))
+                .filter(|s| is_id(s))
+        } else if is_id(c)
+            && (i > 0 && comps[i - 1] == "docker"
+                || comps[..i].iter().any(|a| a.starts_with("kubepods")))
+        {
+            Some(*c)
+        } else {
+            None
+        };
+        if let Some(id) = id {
+            return Some(id[..12].to_ascii_lowercase());
+        }
+    }
+    None
+}
+
+/// /proc/sys/net/ipv4/ip_local_port_range as (lo, hi); None if unreadable.
+pub fn ephemeral_port_range() -> Option<(u16, u16)> {
+    parse_port_range(&std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?)
+}
+
+/// Parses "32768\t60999\n".
+pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut it = text.split_ascii_whitespace();
+    let lo = it.next()?.parse().ok()?;
+    let hi = it.next()?.parse().ok()?;
+    (it.next().is_none() && lo <= hi).then_some((lo, hi))
+}
+
+/// sysconf(_SC_CLK_TCK); 100 if that fails (the value on every common Linux build).
+pub fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as u64 } else { 100 }
+}
+
+/// Boot time in unix seconds, from the "btime" line of /proc/stat.
+pub fn boot_time_unix() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    // Fixtures captured on an x86_64 (little-endian) machine; the hex words are host order.
+    // The last TCP6 line is hand-made: 2001:db8::1 and a mapped 254.0.0.0, inode > u32::MAX.
+    const TCP4: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode                                                     
+   0: 00000000:07E8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1667 1 00000000874ce83e 100 0 0 10 0                      
+   1: 0100007F:946B 00000000:0000 0A 00000000:00000000 00:00000000 00000000 65534        0 12517 1 000000005f112ab6 100 0 0 10 0                     
+   2: 020200C0:99DC 507100CB:01BB 06 00000000:00000000 03:000001FC 00000000     0        0 0 3 00000000e2f66468                                      
+   3: 0100007F:EC72 0100007F:C685 01 00000000:00000000 00:00000000 00000000     0        0 12482 2 000000005f112ab6 20 0 0 10 -1                     
+";
+
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000000000000:C685 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12481 1 00000000057f8e05 100 0 0 10 0
+   1: 00000000000000000000000001000000:81F7 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000 65534        0 12516 1 00000000e1d4b7dd 100 0 0 10 0
+   2: 0000000000000000FFFF00000100007F:C685 0000000000000000FFFF00000100007F:EC72 01 00000000:00000000 00:00000000 00000000     0        0 12483 1 0000000079d2fd21 20 0 0 10 -1
+   3: 00000000000000000000000001000000:BC2E 00000000000000000000000001000000:C685 06 00000000:00000000 03:0000166E 00000000     0        0 0 3 000000006df03826
+   4: B80D0120000000000000000001000000:01BB 0000000000000000FFFF0000000000FE:0050 08 00000000:00000000 00:00000000 00000000  1000        0 4294967296 1 0000000000000000 20 0 0 10 -1
+";
+
+    fn rec(local: &str, remote: &str, state: u8, inode: u64, uid: u32) -> SockRecord {
+        SockRecord {
+            local: sa(local),
+            remote: sa(remote),
+            state,
+            inode,
+            uid,
+        }
+    }
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn parses_ipv4_table() {
+        assert_eq!(
+            parse_proc_net_tcp(TCP4),
+            vec![
+                rec("0.0.0.0:2024", "0.0.0.0:0", 10, 1667, 0),
+                rec("127.0.0.1:37995", "0.0.0.0:0", 10, 12517, 65534),
+                // TIME_WAIT: no socket, inode 0.
+                rec("192.0.2.2:39388", "203.0.113.80:443", 6, 0, 0),
+                rec("127.0.0.1:60530", "127.0.0.1:50821", 1, 12482, 0),
+            ]
+        );
+    }
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn parses_ipv6_table_and_normalizes_mapped() {
+        assert_eq!(
+            parse_proc_net_tcp(TCP6),
+            vec![
+                rec("[::]:50821", "[::]:0", 10, 12481, 0),
+                rec("[::1]:33271", "[::]:0", 10, 12516, 65534),
+                // v4-mapped on both ends -> plain V4.
+                rec("127.0.0.1:50821", "127.0.0.1:60530", 1, 12483, 0),
+                rec("[::1]:48174", "[::1]:50821", 6, 0, 0),
+                rec("[2001:db8::1]:443", "254.0.0.0:80", 8, 4294967296, 1000),
+            ]
+        );
+        let r = parse_proc_net_tcp(TCP6);
+        assert!(r[2].local.is_ipv4() && r[2].remote.is_ipv4());
+        assert!(r[1].local.is_ipv6(), "::1 must not become 0.0.0.1");
+    }
+
+    #[test]
+    fn skips_garbage_lines() {
+        assert!(parse_proc_net_tcp("").is_empty());
+        assert!(parse_proc_net_tcp("sl local\n  0: zz:1 00000000:0000 0A\n").is_empty());
+        // Truncated line (missing inode).
+        assert!(
+            parse_proc_net_tcp("   0: 00000000:07E8 00000000:0000 0A 0:0 0:0 0 0 0\n").is_empty()
+        );
+    }
+
+    #[test]
+    fn parses_stat_with_odd_comm() {
+        let stat = "4242 (my ) (prog) 1) S 1 4242 4242 0 -1 4194560 120 0 0 0 3 1 0 0 20 0 1 0 987654 12345678 300 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
+        assert_eq!(
+            parse_stat(stat),
+            Some(("my ) (prog) 1".to_string(), 987654))
+        );
+        assert_eq!(
+            parse_stat("1 (systemd) S 0 1 1 0 -1 4194560 1 2 3 4 5 6 7 8 20 0 1 0 42 0 0"),
+            Some(("systemd".to_string(), 42))
+        );
+        assert_eq!(parse_stat("1 (x) S 0 1"), None);
+        assert_eq!(parse_stat(""), None);
+    }
+
+    #[test]
+    fn container_ids() {
+        let id = "3f9c2a6b1d4e5f60718293a4b5c6d7e8f9012345678901234567890abcdef012";
+        let short = Some("3f9c2a6b1d4e".to_string());
+        for p in [
+            format!("/system.slice/docker-{id}.scope"),
+            format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice/cri-containerd-{id}.scope"
+            ),
+            format!(
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podab_cd.slice/crio-{id}.scope"
+            ),
+            format!("/machine.slice/libpod-{id}.scope"),
+            format!(
+                "/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{id}.scope/container"
+            ),
+            format!("/docker/{id}"),
+            format!("/kubepods/burstable/pod0f1e2d3c-aaaa-bbbb-cccc-000000000000/{id}"),
+            format!("/kubepods/{id}"),
+        ] {
+            assert_eq!(container_id_from_cgroup(&p), short, "{p}");
+        }
+        for p in [
+            "/system.slice/nginx.service".to_string(),
+            "/".to_string(),
+            String::new(),
+            "/process_api/a56c56437005777d66641dc4720237a1".to_string(),
+            format!("/system.slice/{id}"),          // bare id without a known parent
+            format!("/system.slice/docker-{id}"),   // no .scope
+            format!("/system.slice/docker-{}.scope", &id[..63]),
+            "/system.slice/docker-zz9c2a6b1d4e5f60718293a4b5c6d7e8f9012345678901234567890abcdef01.scope".to_string(),
+        ] {
+            assert_eq!(container_id_from_cgroup(&p), None, "{p}");
+        }
+    }
+
+    #[test]
+    fn port_range() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_port_range("1024 65535"), Some((1024, 65535)));
+        assert_eq!(parse_port_range("32768\n"), None);
+        assert_eq!(parse_port_range("60999\t32768\n"), None);
+        assert_eq!(parse_port_range("1 70000\n"), None);
+        assert_eq!(parse_port_range("1 2 3"), None);
+    }
+
+    fn fd_inode(fd: i32) -> u64 {
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        socket_inode(link.to_str().unwrap().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn finds_own_live_sockets() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let laddr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(laddr).unwrap();
+        let (server, caddr) = listener.accept().unwrap();
+        assert_eq!(caddr, client.local_addr().unwrap());
+        let (l_ino, c_ino, s_ino) = (
+            fd_inode(listener.as_raw_fd()),
+            fd_inode(client.as_raw_fd()),
+            fd_inode(server.as_raw_fd()),
+        );
+
+        let socks = read_tcp_sockets().unwrap();
+        let by_inode = |ino| socks.iter().find(|r| r.inode == ino).cloned();
+        let uid = unsafe { libc::geteuid() };
+        assert_eq!(
+            by_inode(l_ino),
+            Some(rec(&laddr.to_string(), "0.0.0.0:0", 10, l_ino, uid))
+        );
+        assert_eq!(
+            by_inode(c_ino),
+            Some(SockRecord {
+                local: caddr,
+                remote: laddr,
+                state: 1,
+                inode: c_ino,
+                uid
+            })
+        );
+        assert_eq!(
+            by_inode(s_ino),
+            Some(SockRecord {
+                local: laddr,
+                remote: caddr,
+                state: 1,
+                inode: s_ino,
+                uid
+            })
+        );
+
+        let me = std::process::id();
+        let all = socket_owners(None);
+        for ino in [l_ino, c_ino, s_ino] {
+            assert_eq!(all.get(&ino), Some(&me));
+        }
+        let wanted: HashSet<u64> = [l_ino, s_ino].into();
+        let some = socket_owners(Some(&wanted));
+        assert_eq!(some, HashMap::from([(l_ino, me), (s_ino, me)]));
+        assert!(socket_owners(Some(&HashSet::new())).is_empty());
+    }
+
+    #[test]
+    fn own_process_info() {
+        let me = std::process::id();
+        let info = process_info(me).unwrap();
+        assert_eq!(info.pid, me);
+        assert!(!info.comm.is_empty() && !info.cmdline.is_empty());
+        assert!(info.start_time > 0);
+        assert_eq!(start_time(me), Some(info.start_time));
+        assert_eq!(process_info(u32::MAX), None);
+        assert_eq!(start_time(u32::MAX), None);
+        assert!(clock_ticks_per_sec() > 0);
+        assert!(boot_time_unix().unwrap() > 1_000_000_000);
+        let (lo, hi) = ephemeral_port_range().unwrap();
+        assert!(lo <= hi);
+    }
+}
+
+#[cfg(test)]
+mod tmp_bench {
+    #[test]
+    #[ignore]
+    fn bench_startup() {
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let s = super::read_tcp_sockets().unwrap();
+            let t1 = t.elapsed();
+            let o = super::socket_owners(None);
+            eprintln!("BENCH socks={} owners={} read={:?} total={:?}", s.len(), o.len(), t1, t.elapsed());
+        }
+    }
+}

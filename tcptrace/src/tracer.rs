@@ -1,0 +1,330 @@
+//! The running pipeline: attached probes, a reader thread that drains the ring buffer into the
+//! table, and the periodic upkeep. Views get [`Tracer::snapshot`]s and, for the event stream,
+//! a callback run on the reader thread.
+//!
+//! Start order matters: attach first, then read the existing sockets, then drain. A socket
+//! opened in between is in both; the table adopts it by address instead of counting it twice.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    bpf::{KernelCounters, ProbeOptions, Probes},
+    event::{TcpEvent, TcpState, decode},
+    procinfo,
+    table::{ExistingSocket, ProcMeta, ProcSource, SnapshotOptions, Table, TableConfig},
+    view::Snapshot,
+};
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Unix time in seconds.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Processes as /proc describes them.
+pub struct SysProcs;
+
+impl ProcSource for SysProcs {
+    fn start_time(&mut self, pid: u32) -> Option<u64> {
+        procinfo::start_time(pid)
+    }
+    fn meta(&mut self, pid: u32) -> Option<ProcMeta> {
+        procinfo::process_info(pid).map(|p| ProcMeta {
+            comm: p.comm,
+            cmdline: p.cmdline,
+            cgroup: p.cgroup,
+            container: p.container,
+        })
+    }
+}
+
+/// The sockets of this network namespace now, with owners, as the table takes them.
+pub fn existing_sockets() -> Result<Vec<ExistingSocket>> {
+    let records = procinfo::read_tcp_sockets().context("reading /proc/net/tcp")?;
+    let wanted: HashSet<u64> = records
+        .iter()
+        .map(|r| r.inode)
+        .filter(|&i| i != 0)
+        .collect();
+    let owners = procinfo::socket_owners(Some(&wanted));
+    Ok(records
+        .into_iter()
+        .filter_map(|r| {
+            Some(ExistingSocket {
+                local: r.local,
+                remote: r.remote,
+                state: TcpState::from_u8(r.state)?,
+                pid: owners.get(&r.inode).copied(),
+            })
+        })
+        .collect())
+}
+
+/// Called on the reader thread for every event, after the table has applied it.
+/// `prev` is (owner pid, owner comm, ns in the previous state) from before the event.
+pub type EventSink = Box<dyn FnMut(&TcpEvent, &EventContext) + Send>;
+
+/// What the table knew about an event's socket, for the event stream.
+#[derive(Clone, Debug, Default)]
+pub struct EventContext {
+    pub pid: u32,
+    pub comm: String,
+    /// Time spent in the previous state, when the socket was known.
+    pub prev_ns: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TracerOptions {
+    pub probes: ProbeOptions,
+    pub table: TableConfig,
+    /// How often the reader drains the ring buffer (records are submitted without wake-up).
+    pub drain_every: Duration,
+}
+
+impl Default for TracerOptions {
+    fn default() -> Self {
+        Self {
+            probes: ProbeOptions::default(),
+            table: TableConfig::default(),
+            drain_every: Duration::from_millis(10),
+        }
+    }
+}
+
+struct Shared {
+    table: Mutex<Table>,
+    kernel: Mutex<KernelCounters>,
+    stop: AtomicBool,
+    started: Instant,
+    attached: Vec<&'static str>,
+}
+
+/// A running tracer. Dropping it stops the reader and detaches every program.
+pub struct Tracer {
+    shared: Arc<Shared>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Tracer {
+    /// Attaches, loads the existing sockets, starts the reader.
+    pub fn start(opts: TracerOptions, sink: Option<EventSink>) -> Result<Self> {
+        let probes = Probes::attach(opts.probes)?;
+        let mut table = Table::new(opts.table, Box::new(SysProcs));
+        let existing = existing_sockets()?;
+        table.load_existing(&existing, monotonic_ns());
+        let shared = Arc::new(Shared {
+            table: Mutex::new(table),
+            kernel: Mutex::new(KernelCounters::default()),
+            stop: AtomicBool::new(false),
+            started: Instant::now(),
+            attached: probes.attached().to_vec(),
+        });
+        let reader_shared = shared.clone();
+        let every = opts.drain_every;
+        let reader = std::thread::Builder::new()
+            .name("tcptrace-reader".into())
+            .spawn(move || reader_loop(probes, reader_shared, every, sink))
+            .context("starting the reader thread")?;
+        let tracer = Self {
+            shared,
+            reader: Some(reader),
+        };
+        // One drain before the first view, so that it includes what happened during start-up.
+        tracer.wait_drained();
+        Ok(tracer)
+    }
+
+    /// Waits until the reader has drained at least once more.
+    fn wait_drained(&self) {
+        std::thread::sleep(Duration::from_millis(30));
+    }
+
+    pub fn snapshot(&self, opts: &SnapshotOptions) -> Snapshot {
+        let kernel = *self.shared.kernel.lock().unwrap();
+        let mut opts = opts.clone();
+        opts.dropped_events = kernel.dropped;
+        opts.unix_now = unix_now();
+        if opts.port_range == (0, 0) {
+            opts.port_range = procinfo::ephemeral_port_range().unwrap_or((0, 0));
+        }
+        let table = self.shared.table.lock().unwrap();
+        table.snapshot(monotonic_ns(), &opts)
+    }
+
+    /// Runs `f` with the table locked (status, metrics).
+    pub fn with_table<R>(&self, f: impl FnOnce(&mut Table) -> R) -> R {
+        f(&mut self.shared.table.lock().unwrap())
+    }
+
+    pub fn kernel_counters(&self) -> KernelCounters {
+        *self.shared.kernel.lock().unwrap()
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+
+    pub fn attached(&self) -> &[&'static str] {
+        &self.shared.attached
+    }
+
+    /// Stops the reader and detaches every program.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn reader_loop(
+    mut probes: Probes,
+    shared: Arc<Shared>,
+    every: Duration,
+    mut sink: Option<EventSink>,
+) {
+    let mut last_tick = Instant::now();
+    let mut tried_owners: HashSet<(SocketAddr, SocketAddr)> = HashSet::new();
+    let mut batch: Vec<TcpEvent> = Vec::with_capacity(4096);
+    while !shared.stop.load(Ordering::Relaxed) {
+        batch.clear();
+        probes.drain(|raw| {
+            if let Some(ev) = decode(raw) {
+                batch.push(ev);
+            }
+        });
+        if !batch.is_empty() {
+            let mut table = shared.table.lock().unwrap();
+            for ev in &batch {
+                match sink.as_mut() {
+                    None => table.apply(ev),
+                    Some(sink) => {
+                        let ctx = event_context(&table, ev);
+                        table.apply(ev);
+                        sink(ev, &ctx);
+                    }
+                }
+            }
+        }
+        if last_tick.elapsed() >= Duration::from_secs(1) {
+            last_tick = Instant::now();
+            *shared.kernel.lock().unwrap() = probes.counters();
+            let unowned = {
+                let mut table = shared.table.lock().unwrap();
+                table.tick(monotonic_ns());
+                table.unowned_close_wait()
+            };
+            resolve_owners(&shared, unowned, &mut tried_owners);
+        }
+        std::thread::sleep(every);
+    }
+    // Records still in the buffer are not applied: the tracer is going away.
+    drop(probes);
+}
+
+/// Owner and previous-state time of an event's socket, from the table before it applies it.
+fn event_context(table: &Table, ev: &TcpEvent) -> EventContext {
+    let now = ev.ts_ns();
+    match *ev {
+        TcpEvent::State { sk, owner, .. } => {
+            let known = table.socket_context(sk);
+            let (pid, comm) = match (owner, &known) {
+                (Some(o), _) => (o.pid, table.comm_of(o.pid).unwrap_or_else(|| o.comm_str().into())),
+                (None, Some((Some((pid, comm)), _))) => (*pid, comm.clone()),
+                _ => (0, String::new()),
+            };
+            EventContext {
+                pid,
+                comm,
+                prev_ns: known.map(|(_, since)| now.saturating_sub(since)),
+            }
+        }
+        TcpEvent::Connect { owner, .. } => EventContext {
+            pid: owner.pid,
+            comm: table
+                .comm_of(owner.pid)
+                .unwrap_or_else(|| owner.comm_str().into()),
+            prev_ns: None,
+        },
+        TcpEvent::Error { .. } => EventContext::default(),
+    }
+}
+
+/// CLOSE_WAIT sockets nobody owns in the table (accepted before tracing began by a listener we
+/// did not see, or whose kernel owner entry was evicted): look them up in /proc. Each address
+/// is tried once, so sockets of other network namespaces do not cost a scan every second.
+fn resolve_owners(
+    shared: &Shared,
+    unowned: Vec<(SocketAddr, SocketAddr)>,
+    tried: &mut HashSet<(SocketAddr, SocketAddr)>,
+) {
+    let fresh: Vec<_> = unowned
+        .into_iter()
+        .filter(|k| tried.insert(*k))
+        .collect();
+    if fresh.is_empty() {
+        return;
+    }
+    if tried.len() > 100_000 {
+        tried.clear();
+    }
+    let Ok(records) = procinfo::read_tcp_sockets() else {
+        return;
+    };
+    let wanted: HashSet<(SocketAddr, SocketAddr)> = fresh.into_iter().collect();
+    let by_inode: Vec<(u64, SocketAddr, SocketAddr)> = records
+        .iter()
+        .filter(|r| r.inode != 0 && wanted.contains(&(r.local, r.remote)))
+        .map(|r| (r.inode, r.local, r.remote))
+        .collect();
+    if by_inode.is_empty() {
+        return;
+    }
+    let inodes: HashSet<u64> = by_inode.iter().map(|x| x.0).collect();
+    let owners = procinfo::socket_owners(Some(&inodes));
+    let found: Vec<(SocketAddr, SocketAddr, u32)> = by_inode
+        .into_iter()
+        .filter_map(|(i, l, r)| owners.get(&i).map(|&pid| (l, r, pid)))
+        .collect();
+    if !found.is_empty() {
+        shared
+            .table
+            .lock()
+            .unwrap()
+            .assign_owners(&found, monotonic_ns());
+    }
+}
