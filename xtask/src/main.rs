@@ -1,1 +1,232 @@
-fn main(){}
+//! `cargo xtask`: set-up, build, run and test tcptrace on a fresh machine.
+//!
+//! Every command first runs `setup`, which installs what is missing (Debian packages, nightly's
+//! rust-src, bpf-linker built against LLVM 22) and is a no-op in seconds when all is there.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod bench;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Set-up, build, run and test tcptrace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent).
+    Setup,
+    /// Set up and build tcptrace (release).
+    Build,
+    /// Set up, build and run tcptrace as root: `cargo xtask run -- watch`.
+    Run {
+        /// Arguments for tcptrace.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build and run every test: unit tests and the privileged real-kernel scenarios.
+    Test {
+        /// Extra arguments for the test harness (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Measure tracing overhead on a connection-churn workload; writes BENCHMARKS.md.
+    Bench(bench::BenchArgs),
+}
+
+/// Debian packages: the first four build bpf-linker; the rest are used by the tests and the
+/// benchmark (ip, sysctl, ss, setpriv, bpftool, bpftrace, prometheus).
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "procps",
+    "util-linux",
+    "bpftool",
+    "bpftrace",
+    "prometheus",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Cmd::Setup => setup(),
+        Cmd::Build => setup().and_then(|_| build()).map(|_| ()),
+        Cmd::Run { args } => setup().and_then(|_| build()).and_then(|bin| run(&bin, &args)),
+        Cmd::Test { args } => setup().and_then(|_| test(&args)),
+        Cmd::Bench(a) => setup().and_then(|_| build()).and_then(|bin| bench::run(&bin, a)),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Runs a command, failing with its name when it does not succeed.
+pub fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// `cmd` as root: as is when we are root, else through sudo.
+fn as_root(program: &str) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg(program);
+        c
+    }
+}
+
+fn quiet_ok(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn apt_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Status}", pkg])
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout == b"installed")
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !apt_installed(p))
+        .collect();
+    if !missing.is_empty() {
+        println!("xtask setup: installing Debian packages: {}", missing.join(" "));
+        sh(as_root("apt-get").args(["update", "-qq"]))?;
+        sh(as_root("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing))?;
+    }
+
+    if !quiet_ok(Command::new("rustc").args(["+nightly", "--version"])) {
+        bail!(
+            "no nightly Rust toolchain: the eBPF programs need one (`rustup toolchain install nightly`)"
+        );
+    }
+    let components = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .context("running rustup")?;
+    if !String::from_utf8_lossy(&components.stdout)
+        .lines()
+        .any(|l| l.trim() == "rust-src" || l.starts_with("rust-src"))
+    {
+        println!("xtask setup: installing rust-src for the nightly toolchain");
+        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if !linker_ok {
+        println!(
+            "xtask setup: installing bpf-linker {BPF_LINKER_VERSION} built against LLVM 22 (about 2 minutes)"
+        );
+        sh(Command::new("cargo")
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ]))?;
+    }
+
+    if !Path::new("/sys/kernel/tracing/events").is_dir()
+        && !Path::new("/sys/kernel/debug/tracing/events").is_dir()
+    {
+        println!("xtask setup: mounting tracefs at /sys/kernel/tracing");
+        sh(as_root("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))?;
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+/// Builds the release binary; returns its path.
+fn build() -> Result<PathBuf> {
+    sh(cargo().args(["build", "--release", "-p", "tcptrace"]))?;
+    Ok(workspace_root().join("target/release/tcptrace"))
+}
+
+fn run(bin: &Path, args: &[String]) -> Result<()> {
+    let mut cmd = if is_root() {
+        Command::new(bin)
+    } else {
+        println!("xtask run: tcptrace needs root; running it through sudo");
+        let mut c = Command::new("sudo");
+        c.arg(bin);
+        c
+    };
+    let status = cmd.args(args).status().context("running tcptrace")?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let bin = build()?;
+    if !is_root() {
+        println!(
+            "xtask test: not root: the privileged scenario tests will print SKIP; run as root (e.g. `sudo -E cargo xtask test`) to run them"
+        );
+    }
+    sh(cargo()
+        .env("TCPTRACE_BIN", &bin)
+        .args(["test", "--release", "--workspace"])
+        .arg("--")
+        .args(args))
+}
