@@ -303,7 +303,7 @@ pub fn render(snap: &Snapshot, wide: bool, leak_after_ns: u64, width: usize, row
         ),
     ];
     let mut header = format!(
-        "{:>7} {:<15} {:>6} {:>6} {:>6} {:>7} {:>6} {:<13} {:>7}",
+        "{:>7} {:<15} {:>6} {:>6} {:>6} {:>6} {:>6} {:<13} {:>7}",
         "PID", "COMM", "CLWAIT", "LEAKED", "OLDEST", "CONN", "FAILED", "ERROR", "CLOSE/s"
     );
     if wide {
@@ -313,7 +313,7 @@ pub fn render(snap: &Snapshot, wide: bool, leak_after_ns: u64, width: usize, row
     for p in snap.processes.iter().take(rows) {
         let comm: String = p.comm.chars().take(15).collect();
         let mut l = format!(
-            "{:>7} {:<15} {:>6} {:>6} {:>6} {:>7} {:>6} {:<13} {:>7.1}",
+            "{:>7} {:<15} {:>6} {:>6} {:>6} {:>6} {:>6} {:<13} {:>7.1}",
             p.pid,
             comm,
             p.close_wait.count,
@@ -445,7 +445,7 @@ mod tests {
         assert!(lines[0].starts_with("10:01:01.500  established 0"));
         assert_eq!(
             lines[3],
-            "   4242 a-very-long-com      3      2   1.2m      10      7 EADDRNOTAVAIL     0.0"
+            "   4242 a-very-long-com      3      2   1.2m     10      7 EADDRNOTAVAIL     0.0"
         );
     }
 

@@ -226,7 +226,7 @@ fn test(args: &[String]) -> Result<()> {
     }
     sh(cargo()
         .env("TCPTRACE_BIN", &bin)
-        .args(["test", "--release", "--workspace"])
+        .args(["test", "--release", "--workspace", "--exclude", "tcptrace-ebpf"])
         .arg("--")
         .args(args))
 }
