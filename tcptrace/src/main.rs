@@ -1,10 +1,13 @@
 //! The `tcptrace` command line.
 
-use std::{process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use tcptrace::{
     bpf::ProbeOptions,
+    client,
+    config::{Config, DEFAULT_SOCKET},
+    daemon,
     table::Filter,
     tracer::TracerOptions,
     watch::{self, WatchOptions},
@@ -29,6 +32,55 @@ enum Command {
     /// A top-like screen on a terminal, plain text lines when piped, newline-delimited JSON with
     /// --json, or a stream of state transitions and failed connects with --events.
     Watch(WatchArgs),
+    /// Run in the background (systemd, Kubernetes): control socket, Prometheus metrics, alerts.
+    ///
+    /// Logs to stderr in logfmt (level=... msg=... key=value). SIGTERM/SIGINT stop it cleanly,
+    /// SIGHUP reloads the config file.
+    Daemon(DaemonArgs),
+    /// Per-process findings, worst first, from the running daemon; without a daemon, a snapshot
+    /// of the sockets that exist now.
+    Report(ReportArgs),
+    /// Uptime, attached programs, events seen and dropped, table size and evictions of the daemon.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+struct DaemonArgs {
+    /// Control socket for `report` and `status` [default: /run/tcptrace/tcptrace.sock]
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Prometheus endpoint, ADDR:PORT, or "off" [default: 127.0.0.1:9464]
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_addr: Option<String>,
+    /// TOML config file (thresholds, addresses, caps); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// A socket in CLOSE_WAIT for longer than this many seconds counts as leaked [default: 5]
+    #[arg(long, value_parser = non_negative_secs, value_name = "SECS")]
+    leak_after: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// Control socket of the daemon.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// One JSON object instead of text.
+    #[arg(long, short = 'j')]
+    json: bool,
+    /// Only this process (repeatable).
+    #[arg(long, short = 'p', value_name = "PID")]
+    pid: Vec<u32>,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Control socket of the daemon.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// One JSON object instead of text.
+    #[arg(long, short = 'j')]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -94,6 +146,12 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Watch(a) => watch::run(watch_options(a)).await,
+            Command::Daemon(a) => match daemon_config(&a) {
+                Ok(cfg) => daemon::run(cfg, a.config).await,
+                Err(e) => Err(e),
+            },
+            Command::Report(a) => client::report(&a.socket, a.json, &a.pid).await,
+            Command::Status(a) => client::status(&a.socket, a.json).await,
         }
     });
     match result {
@@ -103,6 +161,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The config file (if any) with the flags applied on top, validated.
+fn daemon_config(a: &DaemonArgs) -> anyhow::Result<Config> {
+    let mut cfg = match &a.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(s) = &a.socket {
+        cfg.socket = s.clone();
+    }
+    if let Some(m) = &a.metrics_addr {
+        cfg.metrics_addr = m.clone();
+    }
+    if let Some(l) = a.leak_after {
+        cfg.leak_after_secs = l;
+    }
+    cfg.validate().map_err(|e| anyhow::anyhow!("invalid setting: {e}"))?;
+    Ok(cfg)
 }
 
 fn watch_options(a: WatchArgs) -> WatchOptions {

@@ -575,18 +575,3 @@ mod tests {
         assert!(lo <= hi);
     }
 }
-
-#[cfg(test)]
-mod tmp_bench {
-    #[test]
-    #[ignore]
-    fn bench_startup() {
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            let s = super::read_tcp_sockets().unwrap();
-            let t1 = t.elapsed();
-            let o = super::socket_owners(None);
-            eprintln!("BENCH socks={} owners={} read={:?} total={:?}", s.len(), o.len(), t1, t.elapsed());
-        }
-    }
-}

@@ -1,0 +1,97 @@
+//! `tcptrace report` and `tcptrace status`: ask the daemon over its control socket.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    config::Alerts,
+    daemon::{self, Status},
+    report::{self, Report},
+    table::{SnapshotOptions, Table, TableConfig},
+    tracer::{SysProcs, existing_sockets, monotonic_ns, unix_now},
+};
+
+/// Whether an error means "no daemon listens there" (as opposed to a daemon that failed).
+fn no_daemon(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+        )
+    })
+}
+
+/// The sockets that exist now and their owners, without history.
+fn snapshot_report() -> Result<Report> {
+    let mut table = Table::new(TableConfig::default(), Box::new(SysProcs));
+    let now = monotonic_ns();
+    table.load_existing(&existing_sockets()?, now);
+    let snap = table.snapshot(
+        now,
+        &SnapshotOptions {
+            detail: true,
+            unix_now: unix_now(),
+            port_range: crate::procinfo::ephemeral_port_range().unwrap_or((0, 0)),
+            ..Default::default()
+        },
+    );
+    Ok(report::build(&snap, "snapshot", &Alerts::default()))
+}
+
+pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<()> {
+    let mut r: Report = match daemon::request(socket, "report").await {
+        Ok(v) => serde_json::from_value(v["report"].clone()).context("malformed report from the daemon")?,
+        Err(e) if no_daemon(&e) => {
+            eprintln!(
+                "tcptrace: no daemon on {}: showing the sockets that exist now; churn, connect failures and leak ages need `tcptrace daemon`",
+                socket.display()
+            );
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                eprintln!("tcptrace: not root: sockets of other users' processes are shown without owner");
+            }
+            snapshot_report()?
+        }
+        Err(e) => return Err(e.context(format!("asking the daemon on {}", socket.display()))),
+    };
+    if !pids.is_empty() {
+        r.processes
+            .retain(|p| p["pid"].as_u64().is_some_and(|pid| pids.contains(&(pid as u32))));
+    }
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print!("{}", report::render_text(&r));
+    }
+    Ok(())
+}
+
+pub async fn status(socket: &Path, json: bool) -> Result<()> {
+    let v = match daemon::request(socket, "status").await {
+        Ok(v) => v,
+        Err(e) if no_daemon(&e) => bail!(
+            "no tcptrace daemon on {}: start one with `tcptrace daemon` (or pass --socket)",
+            socket.display()
+        ),
+        Err(e) => return Err(e.context(format!("asking the daemon on {}", socket.display()))),
+    };
+    let s: Status = serde_json::from_value(v["status"].clone()).context("malformed status")?;
+    if json {
+        println!("{}", serde_json::to_string(&s)?);
+        return Ok(());
+    }
+    println!("tcptrace daemon pid {}, up {:.0}s", s.pid, s.uptime_secs);
+    println!("programs attached: {} ({})", s.programs_attached.len(), s.programs_attached.join(", "));
+    println!("events seen {}, dropped {}, for unknown sockets {}", s.events_seen, s.events_dropped, s.events_unknown_socket);
+    println!(
+        "tracked: {} sockets (cap {}), {} processes (cap {})",
+        s.sockets_tracked, s.max_sockets, s.processes_tracked, s.max_processes
+    );
+    println!("evictions: {} sockets, {} processes", s.evictions.sockets, s.evictions.processes);
+    println!("control socket {}, metrics {}", s.socket.display(), s.metrics_addr);
+    if let Some(c) = &s.config_file {
+        println!("config {}", c.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! Daemon configuration: a TOML file plus command-line flags (flags win).
+//!
+//! ```toml
+//! socket = "/run/tcptrace/tcptrace.sock"   # control socket
+//! socket_group = "adm"                     # optional: mode 0660 and this group, else 0600
+//! metrics_addr = "127.0.0.1:9464"          # Prometheus endpoint; "off" disables it
+//! leak_after_secs = 5.0
+//! ring_buffer_kib = 4096
+//!
+//! [limits]
+//! max_sockets = 1000000
+//! max_processes = 20000
+//! metrics_top_processes = 50
+//! metrics_top_destinations = 50
+//!
+//! [alerts]
+//! close_wait = 10            # CLOSE_WAIT sockets of one process ...
+//! close_wait_sustain_secs = 30.0   # ... above this for this long: a leak alert
+//! port_share = 0.8           # a destination using this share of the port range
+//! quiet_secs = 60.0          # no new EADDRNOTAVAIL for this long: recovered
+//! churn_per_sec = 5.0        # closes per second that count as churn in reports
+//! time_wait = 5000           # host TIME_WAIT above this is reported
+//! ```
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_SOCKET: &str = "/run/tcptrace/tcptrace.sock";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub socket_group: Option<String>,
+    /// Address of the metrics endpoint, or "off".
+    pub metrics_addr: String,
+    pub leak_after_secs: f64,
+    pub ring_buffer_kib: u32,
+    pub limits: Limits,
+    pub alerts: Alerts,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_sockets: usize,
+    pub max_processes: usize,
+    pub metrics_top_processes: usize,
+    pub metrics_top_destinations: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Alerts {
+    pub close_wait: u64,
+    pub close_wait_sustain_secs: f64,
+    pub port_share: f64,
+    pub quiet_secs: f64,
+    pub churn_per_sec: f64,
+    pub time_wait: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_group: None,
+            metrics_addr: DEFAULT_METRICS.into(),
+            leak_after_secs: 5.0,
+            ring_buffer_kib: tcptrace_common::DEFAULT_RING_BYTES / 1024,
+            limits: Limits::default(),
+            alerts: Alerts::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_sockets: 1_000_000,
+            max_processes: 20_000,
+            metrics_top_processes: 50,
+            metrics_top_destinations: 50,
+        }
+    }
+}
+
+impl Default for Alerts {
+    fn default() -> Self {
+        Self {
+            close_wait: 10,
+            close_wait_sustain_secs: 30.0,
+            port_share: 0.8,
+            quiet_secs: 60.0,
+            churn_per_sec: 5.0,
+            time_wait: 5000,
+        }
+    }
+}
+
+/// Turns a TOML error into one line naming the key (found from the error's position: the key
+/// on that line, inside the last `[table]` header above it) and the line number.
+fn toml_error(path: &std::path::Path, text: &str, e: toml::de::Error) -> anyhow::Error {
+    let msg = e.message().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return anyhow!("config {}: {msg}", path.display());
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text[..start].rsplit('\n').next().unwrap_or("").to_string()
+        + text[start..].split('\n').next().unwrap_or("");
+    let section = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().to_string())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    match key {
+        Some(k) => {
+            let full = match section {
+                Some(s) => format!("{s}.{k}"),
+                None => k,
+            };
+            anyhow!("config {} line {line_no}: key `{full}`: {msg}", path.display())
+        }
+        None => anyhow!("config {} line {line_no}: {msg}", path.display()),
+    }
+}
+
+impl Config {
+    /// Parses and validates a config file's text.
+    pub fn parse(path: &std::path::Path, text: &str) -> Result<Self> {
+        let cfg: Config = toml::from_str(text).map_err(|e| toml_error(path, text, e))?;
+        cfg.validate()
+            .map_err(|e| anyhow!("config {}: {e}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::parse(path, &text)
+    }
+
+    /// Checks every value; the error names the key and what is wrong.
+    pub fn validate(&self) -> Result<()> {
+        fn secs(key: &str, v: f64) -> Result<()> {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("key `{key}`: must be a number of seconds >= 0, got {v}");
+            }
+            Ok(())
+        }
+        secs("leak_after_secs", self.leak_after_secs)?;
+        secs("alerts.close_wait_sustain_secs", self.alerts.close_wait_sustain_secs)?;
+        secs("alerts.quiet_secs", self.alerts.quiet_secs)?;
+        if !(self.alerts.port_share > 0.0 && self.alerts.port_share <= 1.0) {
+            bail!(
+                "key `alerts.port_share`: must be a share in (0, 1], got {}",
+                self.alerts.port_share
+            );
+        }
+        if !(self.alerts.churn_per_sec.is_finite() && self.alerts.churn_per_sec > 0.0) {
+            bail!("key `alerts.churn_per_sec`: must be > 0");
+        }
+        if self.limits.max_sockets < 1024 {
+            bail!("key `limits.max_sockets`: must be at least 1024, got {}", self.limits.max_sockets);
+        }
+        if self.limits.max_processes < 16 {
+            bail!(
+                "key `limits.max_processes`: must be at least 16, got {}",
+                self.limits.max_processes
+            );
+        }
+        if self.limits.metrics_top_processes == 0 || self.limits.metrics_top_destinations == 0 {
+            bail!("keys `limits.metrics_top_*`: must be at least 1");
+        }
+        if self.ring_buffer_kib < 4 || self.ring_buffer_kib > 1 << 20 {
+            bail!("key `ring_buffer_kib`: must be between 4 and 1048576, got {}", self.ring_buffer_kib);
+        }
+        if self.socket.as_os_str().is_empty() || !self.socket.is_absolute() {
+            bail!("key `socket`: must be an absolute path, got {:?}", self.socket);
+        }
+        self.metrics().map_err(|e| anyhow!("key `metrics_addr`: {e}"))?;
+        Ok(())
+    }
+
+    /// The metrics address, None when disabled.
+    pub fn metrics(&self) -> Result<Option<SocketAddr>> {
+        if self.metrics_addr == "off" {
+            return Ok(None);
+        }
+        let addr: SocketAddr = self.metrics_addr.parse().map_err(|_| {
+            anyhow!("`{}` is not ADDR:PORT (e.g. 127.0.0.1:9464) or \"off\"", self.metrics_addr)
+        })?;
+        Ok(Some(addr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::parse(Path::new("t.toml"), text)
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = parse(
+            "socket = \"/tmp/x.sock\"\nmetrics_addr = \"127.0.0.1:9999\"\nleak_after_secs = 2\n\
+             [limits]\nmax_sockets = 5000\n[alerts]\nclose_wait = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(c.metrics().unwrap(), Some("127.0.0.1:9999".parse().unwrap()));
+        assert_eq!(c.leak_after_secs, 2.0);
+        assert_eq!(c.limits.max_sockets, 5000);
+        assert_eq!(c.limits.max_processes, 20_000);
+        assert_eq!(c.alerts.close_wait, 3);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("leak_after_secs = \"soon\"").unwrap_err().to_string();
+        assert!(e.contains("leak_after_secs"), "{e}");
+        let e = parse("[alerts]\nport_share = 3.0").unwrap_err().to_string();
+        assert!(e.contains("alerts.port_share"), "{e}");
+        let e = parse("metrics_addr = \"everywhere\"").unwrap_err().to_string();
+        assert!(e.contains("metrics_addr"), "{e}");
+        let e = parse("no_such_key = 1").unwrap_err().to_string();
+        assert!(e.contains("no_such_key"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = parse("socket = \"/x\"\n[limits]\nmax_sockets = -3\n").unwrap_err().to_string();
+        assert!(e.contains("line 3: key `limits.max_sockets`"), "{e}");
+        let e = parse("[alerts\n").unwrap_err().to_string();
+        assert!(e.starts_with("config t.toml line 1:"), "{e}");
+    }
+}

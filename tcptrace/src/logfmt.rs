@@ -1,0 +1,54 @@
+//! Log lines for the daemon on stderr, in logfmt (`level=warn msg="..." key=value`), which
+//! journald keeps as is and log pipelines parse.
+
+use std::fmt::Write as _;
+
+/// Quotes a value when it needs it.
+fn push_value(out: &mut String, v: &str) {
+    if !v.is_empty() && !v.contains(|c: char| c.is_whitespace() || c == '"' || c == '=' || c == '\\') {
+        out.push_str(v);
+        return;
+    }
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Formats one line.
+pub fn line(level: &str, msg: &str, fields: &[(&str, String)]) -> String {
+    let mut out = String::with_capacity(64);
+    let _ = write!(out, "level={level} msg=");
+    push_value(&mut out, msg);
+    for (k, v) in fields {
+        out.push(' ');
+        out.push_str(k);
+        out.push('=');
+        push_value(&mut out, v);
+    }
+    out
+}
+
+/// Writes one line to stderr.
+pub fn log(level: &str, msg: &str, fields: &[(&str, String)]) {
+    eprintln!("{}", line(level, msg, fields));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(
+            line("warn", "CLOSE_WAIT leak", &[("pid", "42".into()), ("cmdline", "a \"b\"".into()), ("x", "".into())]),
+            "level=warn msg=\"CLOSE_WAIT leak\" pid=42 cmdline=\"a \\\"b\\\"\" x=\"\""
+        );
+    }
+}
