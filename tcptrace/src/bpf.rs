@@ -74,6 +74,17 @@ pub fn check_privileges() -> Result<(), MissingPrivilege> {
     )))
 }
 
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it (best effort, a no-op
+/// where memory cgroups account BPF memory).
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer to an rlimit.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
 /// Loaded and attached programs plus the maps userspace reads.
 pub struct Probes {
     // Field order matters for drop: the ring buffer and counters are dropped before the object.
@@ -111,6 +122,7 @@ impl Probes {
     /// Checks privileges, reads tracepoint offsets, loads and attaches every program.
     pub fn attach(opts: ProbeOptions) -> Result<Self> {
         check_privileges()?;
+        raise_memlock();
         let root = tracefs::tracefs_root()?;
         let offsets = tracefs::offsets_from(&root)?;
         Self::attach_with(&root, offsets, opts)

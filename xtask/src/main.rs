@@ -183,6 +183,12 @@ fn setup() -> Result<()> {
             ]))?;
     }
 
+    // The Kubernetes manifest is checked against the API schemas in the tests.
+    if !quiet_ok(Command::new("kubernetes-validate").arg("--version")) {
+        println!("xtask setup: installing kubernetes-validate (PyPI) to check deploy/kubernetes");
+        sh(Command::new("python3").args(["-m", "pip", "install", "-q", "--root-user-action=ignore", "kubernetes-validate"]))?;
+    }
+
     if !Path::new("/sys/kernel/tracing/events").is_dir()
         && !Path::new("/sys/kernel/debug/tracing/events").is_dir()
     {
