@@ -23,7 +23,7 @@ const NS: u64 = 1_000_000_000;
 pub const TIME_WAIT_NS: u64 = 60 * NS;
 /// Seconds of close history kept per process for the closes-per-second rate.
 const RATE_BUCKETS: usize = 8;
-/// Window of the closes-per-second rate, in whole seconds before the current one.
+/// Window of the closes-per-second rate, in seconds.
 const RATE_WINDOW: u64 = 5;
 /// Per-process destinations kept; further ones are summed under "other".
 const MAX_PROC_DESTS: usize = 64;
@@ -183,11 +183,12 @@ impl Proc {
         self.bucket_sec = sec;
     }
 
-    /// Closes per second over the RATE_WINDOW whole seconds before `now`.
+    /// Closes per second over the last RATE_WINDOW seconds, the current one included, so that a
+    /// burst shows at once.
     fn close_rate(&self, now_ns: u64) -> f64 {
         let now_sec = now_ns / NS;
         let mut sum = 0u64;
-        for s in now_sec.saturating_sub(RATE_WINDOW)..now_sec {
+        for s in (now_sec + 1).saturating_sub(RATE_WINDOW)..=now_sec {
             if s <= self.bucket_sec && self.bucket_sec - s < RATE_BUCKETS as u64 {
                 sum += self.close_buckets[(s % RATE_BUCKETS as u64) as usize] as u64;
             }

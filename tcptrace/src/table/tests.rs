@@ -387,7 +387,8 @@ fn churn_counts_closes_time_wait_and_rate() {
             }
         }
     }
-    let s = snap(&t, 6 * S + 1);
+    // Seconds 1 to 5: 50 closes in the 5-second window.
+    let s = snap(&t, 6 * S - 1);
     let p = proc_view(&s, 50);
     assert_eq!(p.connects.ok, 60);
     assert_eq!(p.churn.closed_total, 60);
