@@ -5,9 +5,13 @@
 //! Time is CLOCK_MONOTONIC nanoseconds, the clock of `bpf_ktime_get_ns()`.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, VecDeque},
     net::SocketAddr,
 };
+
+// Keys are kernel addresses, pids and socket addresses: no untrusted input to defend against, so
+// the fast non-cryptographic hasher.
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
     errno,
@@ -302,16 +306,16 @@ impl Table {
         Self {
             cfg,
             src,
-            sockets: HashMap::new(),
-            existing: HashMap::new(),
+            sockets: HashMap::default(),
+            existing: HashMap::default(),
             next_synthetic: SYNTHETIC,
             time_wait: VecDeque::new(),
-            tw_index: HashMap::new(),
-            procs: HashMap::new(),
-            by_pid: HashMap::new(),
+            tw_index: HashMap::default(),
+            procs: HashMap::default(),
+            by_pid: HashMap::default(),
             next_proc: 1,
-            listeners: HashMap::new(),
-            dests: HashMap::new(),
+            listeners: HashMap::default(),
+            dests: HashMap::default(),
             async_closed: VecDeque::new(),
             exited: ExitedTotals::default(),
             stats: TableStats::default(),
@@ -367,7 +371,7 @@ impl Table {
                 close_buckets: [0; RATE_BUCKETS],
                 bucket_sec: now_ns / NS,
                 cw_entries: VecDeque::new(),
-                dests: HashMap::new(),
+                dests: HashMap::default(),
             },
         );
         self.by_pid.insert(pid, id);
@@ -820,8 +824,8 @@ impl Table {
             port_match: bool,
         }
         let mut host = HostCounts::default();
-        let mut per_proc: HashMap<ProcId, Acc> = HashMap::new();
-        let mut dest_ports: HashMap<SocketAddr, u64> = HashMap::new();
+        let mut per_proc: HashMap<ProcId, Acc> = HashMap::default();
+        let mut dest_ports: HashMap<SocketAddr, u64> = HashMap::default();
         let filter = &opts.filter;
         let port_hit = |l: &SocketAddr, r: &SocketAddr| {
             filter.ports.contains(&l.port()) || filter.ports.contains(&r.port())
@@ -882,7 +886,7 @@ impl Table {
                 count: acc.cw.len() as u64,
                 ..Default::default()
             };
-            let mut remotes: HashMap<SocketAddr, u64> = HashMap::new();
+            let mut remotes: HashMap<SocketAddr, u64> = HashMap::default();
             let mut sockets = Vec::new();
             for s in &acc.cw {
                 let age = now_ns.saturating_sub(s.since_ns);

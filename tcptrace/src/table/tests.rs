@@ -553,3 +553,47 @@ fn caps_evict_and_count() {
     assert_eq!(stats.evicted_processes, 20);
     procs.kill(1);
 }
+
+/// Per-event cost of the table on a churn-like sequence (7 transitions per connection).
+/// `cargo test --release -p tcptrace --lib table_apply_rate -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn table_apply_rate() {
+    let procs = FakeProcs::default();
+    procs.set(1, 1, "client");
+    procs.set(2, 1, "server");
+    let mut t = table(&procs);
+    let c = owner(1, OwnerSource::Current);
+    let cr = owner(1, OwnerSource::Recorded);
+    let s = owner(2, OwnerSource::Inherited);
+    let sr = owner(2, OwnerSource::Recorded);
+    let n = 200_000u64;
+    let mut evs = Vec::with_capacity(n as usize * 6);
+    for i in 0..n {
+        let ts = i * 30_000;
+        let (csk, ssk) = (0xffff_0000_0000 + i * 2, 0xffff_0000_0001 + i * 2);
+        let lp = 10000 + (i % 50000) as u16;
+        let cl = SocketAddr::from(([127, 0, 0, 1], lp));
+        let sv = SocketAddr::from(([127, 0, 0, 1], 80));
+        let z = SocketAddr::from(([127, 0, 0, 1], 0));
+        let ev = |sk, old, new, local, remote, owner| TcpEvent::State { ts_ns: ts, sk, old, new, local, remote, owner };
+        evs.push(ev(csk, Close, SynSent, z, sv, c));
+        evs.push(ev(ssk, Listen, SynRecv, sv, cl, s));
+        evs.push(ev(csk, SynSent, Established, cl, sv, cr));
+        evs.push(ev(ssk, SynRecv, Established, sv, cl, sr));
+        evs.push(ev(csk, Established, Close, cl, sv, c));
+        evs.push(ev(ssk, Established, Close, sv, cl, sr));
+    }
+    let start = std::time::Instant::now();
+    for e in &evs {
+        t.apply(e);
+    }
+    let el = start.elapsed();
+    println!(
+        "table: {} events in {:?}: {:.0} ns/event, {:.2} M events/s",
+        evs.len(),
+        el,
+        el.as_nanos() as f64 / evs.len() as f64,
+        evs.len() as f64 / el.as_secs_f64() / 1e6
+    );
+}
