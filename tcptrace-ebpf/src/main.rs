@@ -19,11 +19,11 @@
 #![no_main]
 
 use aya_ebpf::{
-    Global,
+    EbpfContext as _,
     bindings::BPF_RB_NO_WAKEUP,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_ktime_get_ns, bpf_probe_read_kernel_buf, bpf_probe_read_user,
     },
     macros::{map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -32,11 +32,22 @@ use aya_ebpf::{
 use tcptrace_common::{
     AF_INET, AF_INET6, COUNTER_DROPPED, COUNTER_HITS, COUNTER_SUBMITTED, COUNTERS_LEN,
     DEFAULT_RING_BYTES, Event, FLAG_OWNER_CURRENT, FLAG_OWNER_INHERITED, FLAG_OWNER_RECORDED,
-    IPPROTO_TCP, KIND_CONNECT, KIND_ERROR, KIND_STATE, Offsets, tcp_state,
+    IPPROTO_TCP, KIND_CONNECT, KIND_ERROR, KIND_STATE, Offsets, TP_RECORD_MAX, tcp_state,
 };
 
+/// Overridden at load time with the offsets tracefs gives (read-only data: the verifier knows
+/// the values). Read field by field with [`off!`] so that no copy of the whole struct lands on
+/// the stack.
 #[unsafe(no_mangle)]
-static OFFSETS: Global<Offsets> = Global::new(Offsets::DEFAULT);
+static OFFSETS: Offsets = Offsets::DEFAULT;
+
+macro_rules! off {
+    ($field:ident) => {
+        // SAFETY: aligned read of a field of a static; volatile so the compiler does not fold in
+        // the compile-time default.
+        unsafe { core::ptr::read_volatile(&raw const OFFSETS.$field) }
+    };
+}
 
 /// Who owns a socket, recorded in process context.
 #[derive(Clone, Copy)]
@@ -69,6 +80,10 @@ struct ConnectCtx {
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+/// Per-CPU scratch space for one tracepoint record (too big for the 512-byte stack beside the rest).
+#[map]
+static SCRATCH: PerCpuArray<[u8; TP_RECORD_MAX]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
@@ -121,37 +136,6 @@ fn read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i32> {
 }
 
 #[inline(always)]
-fn read_proto(ctx: &TracePointContext, off: u16, size: u16) -> Result<u16, i32> {
-    if size == 1 {
-        Ok(read::<u8>(ctx, off)? as u16)
-    } else {
-        read::<u16>(ctx, off)
-    }
-}
-
-/// Reads the address pair of a socket tracepoint into `ev` (v4 into the first 4 bytes).
-#[inline(always)]
-fn read_addrs(
-    ctx: &TracePointContext,
-    ev: &mut Event,
-    v4: (u16, u16),
-    v6: (u16, u16),
-) -> Result<(), i32> {
-    if ev.family == AF_INET6 {
-        ev.saddr = read::<[u8; 16]>(ctx, v6.0)?;
-        ev.daddr = read::<[u8; 16]>(ctx, v6.1)?;
-    } else {
-        let s = read::<[u8; 4]>(ctx, v4.0)?;
-        let d = read::<[u8; 4]>(ctx, v4.1)?;
-        ev.saddr = [0; 16];
-        ev.daddr = [0; 16];
-        ev.saddr[..4].copy_from_slice(&s);
-        ev.daddr[..4].copy_from_slice(&d);
-    }
-    Ok(())
-}
-
-#[inline(always)]
 fn set_owner(ev: &mut Event, o: &Owner, flag: u32) {
     ev.pid = o.pid;
     ev.tid = o.tid;
@@ -166,17 +150,86 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// A tracepoint record copied to the stack in one read; fields are then plain loads at the
+/// offsets from tracefs (constants to the verifier: they live in read-only global data).
+struct Record(*const [u8; TP_RECORD_MAX]);
+
+impl Record {
+    #[inline(always)]
+    fn read(ctx: &TracePointContext) -> Result<Self, i32> {
+        let buf = SCRATCH.get_ptr_mut(0).ok_or(-1)?;
+        // SAFETY: per-CPU slot, used by one program at a time on this CPU; the record is read with
+        // bpf_probe_read_kernel.
+        unsafe { bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut *buf)? };
+        Ok(Record(buf))
+    }
+
+    #[inline(always)]
+    fn bytes<const N: usize>(&self, off: u16) -> [u8; N] {
+        // SAFETY: points to the per-CPU slot filled by `read`.
+        let rec = unsafe { &*self.0 };
+        let o = off as usize;
+        let mut out = [0u8; N];
+        if o + N <= TP_RECORD_MAX {
+            let mut i = 0;
+            while i < N {
+                out[i] = rec[o + i];
+                i += 1;
+            }
+        }
+        out
+    }
+
+    #[inline(always)]
+    fn u16(&self, off: u16) -> u16 {
+        u16::from_ne_bytes(self.bytes::<2>(off))
+    }
+
+    #[inline(always)]
+    fn i32(&self, off: u16) -> i32 {
+        i32::from_ne_bytes(self.bytes::<4>(off))
+    }
+
+    #[inline(always)]
+    fn u64(&self, off: u16) -> u64 {
+        u64::from_ne_bytes(self.bytes::<8>(off))
+    }
+
+    #[inline(always)]
+    fn proto(&self, off: u16, size: u16) -> u16 {
+        if size == 1 {
+            self.bytes::<1>(off)[0] as u16
+        } else {
+            self.u16(off)
+        }
+    }
+
+    /// The address pair into `ev` (v4 into the first 4 bytes).
+    #[inline(always)]
+    fn addrs(&self, ev: &mut Event, v4: (u16, u16), v6: (u16, u16)) {
+        if ev.family == AF_INET6 {
+            ev.saddr = self.bytes::<16>(v6.0);
+            ev.daddr = self.bytes::<16>(v6.1);
+        } else {
+            ev.saddr = [0; 16];
+            ev.daddr = [0; 16];
+            ev.saddr[..4].copy_from_slice(&self.bytes::<4>(v4.0));
+            ev.daddr[..4].copy_from_slice(&self.bytes::<4>(v4.1));
+        }
+    }
+}
+
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    let off = OFFSETS.load();
-    if read_proto(ctx, off.ss_protocol, off.ss_protocol_size)? != IPPROTO_TCP {
+    let rec = Record::read(ctx)?;
+    if rec.proto(off!(ss_protocol), off!(ss_protocol_size)) != IPPROTO_TCP {
         return Ok(());
     }
     count(COUNTER_HITS);
-    let skaddr = read::<u64>(ctx, off.ss_skaddr)?;
-    let old = read::<i32>(ctx, off.ss_oldstate)? as u8;
-    let new = read::<i32>(ctx, off.ss_newstate)? as u8;
-    let family = read::<u16>(ctx, off.ss_family)? as u8;
-    let sport = read::<u16>(ctx, off.ss_sport)?;
+    let skaddr = rec.u64(off!(ss_skaddr));
+    let old = rec.i32(off!(ss_oldstate)) as u8;
+    let new = rec.i32(off!(ss_newstate)) as u8;
+    let family = rec.u16(off!(ss_family)) as u8;
+    let sport = rec.u16(off!(ss_sport));
 
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(COUNTER_DROPPED);
@@ -189,37 +242,28 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let ev = entry.as_mut_ptr();
     // SAFETY: the reservation is exactly one Event; every field is written below.
     let ev = unsafe { &mut *ev };
-    *ev = Event {
-        ts_ns: 0,
-        skaddr,
-        cgroup: 0,
-        pid: 0,
-        tid: 0,
-        kind: KIND_STATE,
-        oldstate: old,
-        newstate: new,
-        family,
-        sport,
-        dport: 0,
-        ret: 0,
-        flags: 0,
-        saddr: [0; 16],
-        daddr: [0; 16],
-        comm: [0; 16],
-    };
+    // Field by field: a whole Event built on the stack would not fit beside the record.
+    ev.skaddr = skaddr;
+    ev.cgroup = 0;
+    ev.pid = 0;
+    ev.tid = 0;
+    ev.kind = KIND_STATE;
+    ev.oldstate = old;
+    ev.newstate = new;
+    ev.family = family;
+    ev.sport = sport;
+    ev.ret = 0;
+    ev.flags = 0;
+    ev.comm = [0; 16];
     // SAFETY: helper without arguments.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    ev.dport = read::<u16>(ctx, off.ss_dport).unwrap_or(0);
-    let _ = read_addrs(
-        ctx,
-        ev,
-        (off.ss_saddr, off.ss_daddr),
-        (off.ss_saddr_v6, off.ss_daddr_v6),
-    );
+    ev.dport = rec.u16(off!(ss_dport));
+    rec.addrs(ev, (off!(ss_saddr), off!(ss_daddr)), (off!(ss_saddr_v6), off!(ss_daddr_v6)));
 
     let process_context = (old == tcp_state::CLOSE && new == tcp_state::SYN_SENT)
         || new == tcp_state::LISTEN
         || (old == tcp_state::CLOSE_WAIT && new == tcp_state::LAST_ACK)
+        || (old == tcp_state::LISTEN && new == tcp_state::CLOSE)
         || (old == tcp_state::ESTABLISHED && new == tcp_state::FIN_WAIT1);
 
     if new == tcp_state::SYN_SENT && old == tcp_state::CLOSE || new == tcp_state::LISTEN {
@@ -273,9 +317,8 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 
 #[tracepoint]
 pub fn sys_enter_socket(ctx: TracePointContext) -> u32 {
-    let off = OFFSETS.load();
-    let family = read::<u64>(&ctx, off.so_family).unwrap_or(0) as u32;
-    let ty = read::<u64>(&ctx, off.so_type).unwrap_or(0) as u32;
+    let family = read::<u64>(&ctx, off!(so_family)).unwrap_or(0) as u32;
+    let ty = read::<u64>(&ctx, off!(so_type)).unwrap_or(0) as u32;
     // SOCK_STREAM == 1; the high bits carry SOCK_NONBLOCK / SOCK_CLOEXEC.
     if (family == AF_INET as u32 || family == AF_INET6 as u32) && ty & 0xf == 1 {
         let tid = bpf_get_current_pid_tgid() as u32;
@@ -293,8 +336,7 @@ pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = SOCKET_CALLS.remove(&tid);
-    let off = OFFSETS.load();
-    let fd = read::<i64>(&ctx, off.sx_ret).unwrap_or(-1);
+    let fd = read::<i64>(&ctx, off!(sx_ret)).unwrap_or(-1);
     if fd >= 0 {
         let key = (id & 0xffff_ffff_0000_0000) | fd as u64;
         let _ = TCP_FDS.insert(&key, &1, 0);
@@ -309,9 +351,8 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 }
 
 fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
-    let off = OFFSETS.load();
-    let fd = read::<u64>(ctx, off.ce_fd)? as u32;
-    let uaddr = read::<u64>(ctx, off.ce_uservaddr)? as *const [u8; 16];
+    let fd = read::<u64>(ctx, off!(ce_fd))? as u32;
+    let uaddr = read::<u64>(ctx, off!(ce_uservaddr))? as *const [u8; 16];
     // SAFETY: user memory read through bpf_probe_read_user.
     let head = unsafe { bpf_probe_read_user(uaddr)? };
     let family = u16::from_ne_bytes([head[0], head[1]]) as u8;
@@ -357,8 +398,7 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     let _ = CONNECTS.remove(&tid);
-    let off = OFFSETS.load();
-    let ret = read::<i64>(ctx, off.cx_ret)?;
+    let ret = read::<i64>(ctx, off!(cx_ret))?;
     // Success is visible as SYN_SENT -> ESTABLISHED; only errors and -EINPROGRESS are sent.
     // A socket that never reached SYN_SENT is reported only when it is known to be TCP.
     if ret == 0 || (c.skaddr == 0 && c.tcp_fd == 0) {
@@ -399,26 +439,21 @@ pub fn inet_sk_error_report(ctx: TracePointContext) -> u32 {
 }
 
 fn try_error_report(ctx: &TracePointContext) -> Result<(), i32> {
-    let off = OFFSETS.load();
-    if read_proto(ctx, off.er_protocol, off.er_protocol_size)? != IPPROTO_TCP {
+    let rec = Record::read(ctx)?;
+    if rec.proto(off!(er_protocol), off!(er_protocol_size)) != IPPROTO_TCP {
         return Ok(());
     }
     let mut ev = Event {
         // SAFETY: helper without arguments.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         kind: KIND_ERROR,
-        family: read::<u16>(ctx, off.er_family)? as u8,
-        sport: read::<u16>(ctx, off.er_sport)?,
-        dport: read::<u16>(ctx, off.er_dport)?,
-        ret: read::<i32>(ctx, off.er_error)?,
+        family: rec.u16(off!(er_family)) as u8,
+        sport: rec.u16(off!(er_sport)),
+        dport: rec.u16(off!(er_dport)),
+        ret: rec.i32(off!(er_error)),
         ..Event::default()
     };
-    read_addrs(
-        ctx,
-        &mut ev,
-        (off.er_saddr, off.er_daddr),
-        (off.er_saddr_v6, off.er_daddr_v6),
-    )?;
+    rec.addrs(&mut ev, (off!(er_saddr), off!(er_daddr)), (off!(er_saddr_v6), off!(er_daddr_v6)));
     if EVENTS.output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64).is_ok() {
         count(COUNTER_SUBMITTED);
     } else {
