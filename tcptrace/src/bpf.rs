@@ -69,7 +69,7 @@ pub fn check_privileges() -> Result<(), MissingPrivilege> {
         missing.push("CAP_PERFMON");
     }
     Err(MissingPrivilege(format!(
-        "tcptrace needs root or {} to load its eBPF programs: run it with sudo",
+        "needs root (or {}) to load its eBPF programs: run it with sudo",
         missing.join(" and ")
     )))
 }

@@ -285,20 +285,20 @@ pub fn render(snap: &Snapshot, wide: bool, leak_after_ns: u64, width: usize, row
     let h = &snap.host;
     let mut lines = vec![
         format!(
-            "{}  established {}  time_wait {}  close_wait {}  listen {}  total {}  dropped {}",
-            clock(snap.ts),
+            "{} UTC  established {}  time_wait {}  close_wait {}  listen {}  total {}",
+            &clock(snap.ts)[..8],
             h.established,
             h.time_wait,
             h.close_wait,
             h.listen,
             h.total,
-            snap.dropped_events
         ),
         format!(
-            "ports {}-{}  leak after {}s  exited processes {}",
+            "dropped events {}  ports {}-{}  leak after {}s  exited processes {}",
+            snap.dropped_events,
             snap.ephemeral_port_range[0],
             snap.ephemeral_port_range[1],
-            leak_after_ns / 1_000_000_000,
+            leak_after_ns as f64 / 1e9,
             snap.exited.processes
         ),
     ];
@@ -442,7 +442,8 @@ mod tests {
     fn screen_lines_fit_80_columns() {
         let lines = render(&snap(), false, 5_000_000_000, 80, 20);
         assert!(lines.iter().all(|l| l.chars().count() <= 80), "{lines:#?}");
-        assert!(lines[0].starts_with("10:01:01.500  established 0"));
+        assert_eq!(lines[0], "10:01:01 UTC  established 0  time_wait 0  close_wait 0  listen 0  total 0");
+        assert_eq!(lines[1], "dropped events 0  ports 0-0  leak after 5s  exited processes 0");
         assert_eq!(
             lines[3],
             "   4242 a-very-long-com      3      2   1.2m     10      7 EADDRNOTAVAIL     0.0"
