@@ -216,11 +216,29 @@ struct TimeWait {
     owner: Option<ProcId>,
 }
 
-struct AsyncClosed {
+/// A connect whose socket went SYN_SENT -> CLOSE before its outcome was known: either a
+/// non-blocking connect (error report still to come) or one whose connect() has not returned
+/// yet (on loopback the refusal, the close and the error report all happen inside the call,
+/// before it returns -EINPROGRESS or the error).
+struct ClosedConnect {
     ts_ns: u64,
+    sk: u64,
     local: SocketAddr,
     remote: SocketAddr,
     owner: Option<ProcId>,
+    /// connect() returned -EINPROGRESS: the error report decides.
+    async_: bool,
+    /// An error report that arrived while connect() had not returned yet.
+    errno: Option<i32>,
+}
+
+/// A connect failure the table has just counted (for the event stream).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectFailure {
+    pub remote: SocketAddr,
+    pub errno: i32,
+    pub pid: u32,
+    pub comm: String,
 }
 
 /// Counters about the table itself (status, metrics).
@@ -278,13 +296,18 @@ pub struct Table {
     tw_index: HashMap<(SocketAddr, SocketAddr), u64>,
     procs: HashMap<ProcId, Proc>,
     by_pid: HashMap<u32, ProcId>,
+    /// pid -> the process that last exited with it.
+    exited_by_pid: HashMap<u32, ProcId>,
     next_proc: ProcId,
     /// Listening (family-less) local port -> owner, to attribute accepted sockets.
     listeners: HashMap<u16, ProcId>,
     dests: HashMap<SocketAddr, DestStats>,
-    async_closed: VecDeque<AsyncClosed>,
+    closed_connects: VecDeque<ClosedConnect>,
     exited: ExitedTotals,
     stats: TableStats,
+    /// Whether to keep the failures counted, for [`Table::take_failures`] (event stream only).
+    record_failures: bool,
+    failures: Vec<ConnectFailure>,
 }
 
 /// Keys of snapshot sockets that have no kernel address yet live above this bit.
@@ -313,12 +336,15 @@ impl Table {
             tw_index: HashMap::default(),
             procs: HashMap::default(),
             by_pid: HashMap::default(),
+            exited_by_pid: HashMap::default(),
             next_proc: 1,
             listeners: HashMap::default(),
             dests: HashMap::default(),
-            async_closed: VecDeque::new(),
+            closed_connects: VecDeque::new(),
             exited: ExitedTotals::default(),
             stats: TableStats::default(),
+            record_failures: false,
+            failures: Vec::new(),
         }
     }
 
@@ -346,10 +372,19 @@ impl Table {
                 return id;
             }
         }
+        let start_time = self.src.start_time(pid);
+        // Late events of a process that has exited belong to it, not to a new entry.
+        if let Some(&id) = self.exited_by_pid.get(&pid) {
+            if let Some(p) = self.procs.get(&id) {
+                if start_time.is_none() || start_time == Some(p.start_time) {
+                    return id;
+                }
+            }
+        }
         if self.procs.len() >= self.cfg.max_processes {
             self.evict_process();
         }
-        let start_time = self.src.start_time(pid).unwrap_or(0);
+        let start_time = start_time.unwrap_or(0);
         let mut meta = self.src.meta(pid).unwrap_or_default();
         if meta.comm.is_empty() {
             meta.comm = comm.unwrap_or("?").to_string();
@@ -401,6 +436,9 @@ impl Table {
             if self.by_pid.get(&p.pid) == Some(&id) {
                 self.by_pid.remove(&p.pid);
             }
+            if self.exited_by_pid.get(&p.pid) == Some(&id) {
+                self.exited_by_pid.remove(&p.pid);
+            }
             self.exited.processes += 1;
             self.exited.connects_ok += p.connects_ok;
             self.exited.connects_failed += p.failed.total();
@@ -427,9 +465,19 @@ impl Table {
     }
 
     fn count_connect_failed(&mut self, owner: Option<ProcId>, remote: SocketAddr, errno: i32) {
+        let mut who = None;
         if let Some(p) = owner.and_then(|id| self.procs.get_mut(&id)) {
             p.failed.add(errno, 1);
             p.dest(remote).failed.add(errno, 1);
+            who = Some((p.pid, p.meta.comm.clone()));
+        }
+        if self.record_failures {
+            self.failures.push(ConnectFailure {
+                remote,
+                errno,
+                pid: who.as_ref().map_or(0, |w| w.0),
+                comm: who.map(|w| w.1).unwrap_or_default(),
+            });
         }
         if let Some(d) = self.host_dest(remote) {
             d.failed.add(errno, 1);
@@ -637,15 +685,18 @@ impl Table {
                         self.listeners.remove(&local.port());
                     }
                 }
-                TcpState::SynSent if phase == ConnectPhase::Async => {
-                    self.async_closed.push_back(AsyncClosed {
+                TcpState::SynSent if phase != ConnectPhase::None => {
+                    self.closed_connects.push_back(ClosedConnect {
                         ts_ns: ts,
+                        sk,
                         local,
                         remote,
                         owner,
+                        async_: phase == ConnectPhase::Async,
+                        errno: None,
                     });
-                    if self.async_closed.len() > 4096 {
-                        self.async_closed.pop_front();
+                    if self.closed_connects.len() > 4096 {
+                        self.closed_connects.pop_front();
                     }
                 }
                 _ => {}
@@ -722,11 +773,28 @@ impl Table {
     fn apply_connect(&mut self, ts: u64, sk: u64, remote: SocketAddr, ret: i32, owner: &Owner) {
         let errno = -ret;
         let id = self.owner_id(owner, ts);
+        // The socket may already be closed, with or without its error reported.
+        let closed = (sk != 0)
+            .then(|| self.closed_connects.iter().position(|c| c.sk == sk && !c.async_))
+            .flatten();
         if errno == errno::EINPROGRESS {
             if let Some(s) = self.sockets.get_mut(&sk) {
                 s.connect = ConnectPhase::Async;
             }
+            if let Some(i) = closed {
+                match self.closed_connects[i].errno {
+                    Some(e) => {
+                        let c = self.closed_connects.remove(i).unwrap();
+                        self.count_connect_failed(c.owner.or(Some(id)), c.remote, e);
+                    }
+                    None => self.closed_connects[i].async_ = true,
+                }
+            }
             return;
+        }
+        if let Some(i) = closed {
+            // connect() reports the outcome itself (counted below, if a failure).
+            self.closed_connects.remove(i);
         }
         if errno <= 0 {
             return;
@@ -746,16 +814,22 @@ impl Table {
         if errno <= 0 {
             return;
         }
-        self.async_closed
-            .retain(|a| ts.saturating_sub(a.ts_ns) <= ASYNC_MATCH_NS);
+        self.closed_connects
+            .retain(|c| ts.saturating_sub(c.ts_ns) <= ASYNC_MATCH_NS);
         // The usual order: the socket closed (SYN_SENT -> CLOSE), then the error is reported.
         if let Some(i) = self
-            .async_closed
+            .closed_connects
             .iter()
-            .position(|a| a.local == local && a.remote == remote)
+            .position(|c| c.local == local && c.remote == remote && c.errno.is_none())
         {
-            let a = self.async_closed.remove(i).unwrap();
-            self.count_connect_failed(a.owner, a.remote, errno);
+            if self.closed_connects[i].async_ {
+                let c = self.closed_connects.remove(i).unwrap();
+                self.count_connect_failed(c.owner, c.remote, errno);
+            } else {
+                // connect() has not returned: its -EINPROGRESS (non-blocking) will count this;
+                // a blocking connect returns the error itself.
+                self.closed_connects[i].errno = Some(errno);
+            }
             return;
         }
         // Older kernels report first and close after: match a non-blocking connect in flight.
@@ -801,6 +875,7 @@ impl Table {
                 if self.by_pid.get(&pid) == Some(&id) {
                     self.by_pid.remove(&pid);
                 }
+                self.exited_by_pid.insert(pid, id);
             }
         }
         for id in gone {
@@ -1022,6 +1097,16 @@ impl Table {
                 )
             })
             .collect()
+    }
+
+    /// Keep the connect failures counted from now on, for [`Table::take_failures`].
+    pub fn record_failures(&mut self) {
+        self.record_failures = true;
+    }
+
+    /// The connect failures counted since the last call (needs [`Table::record_failures`]).
+    pub fn take_failures(&mut self) -> std::vec::Drain<'_, ConnectFailure> {
+        self.failures.drain(..)
     }
 
     /// Owner (pid, comm) and the time it entered its current state, of a socket by kernel address.

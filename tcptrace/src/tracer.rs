@@ -22,7 +22,9 @@ use crate::{
     bpf::{KernelCounters, ProbeOptions, Probes},
     event::{TcpEvent, TcpState, decode},
     procinfo,
-    table::{ExistingSocket, ProcMeta, ProcSource, SnapshotOptions, Table, TableConfig},
+    table::{
+        ConnectFailure, ExistingSocket, ProcMeta, ProcSource, SnapshotOptions, Table, TableConfig,
+    },
     view::Snapshot,
 };
 
@@ -85,7 +87,6 @@ pub fn existing_sockets() -> Result<Vec<ExistingSocket>> {
 }
 
 /// Called on the reader thread for every event, after the table has applied it.
-/// `prev` is (owner pid, owner comm, ns in the previous state) from before the event.
 pub type EventSink = Box<dyn FnMut(&TcpEvent, &EventContext) + Send>;
 
 /// What the table knew about an event's socket, for the event stream.
@@ -95,6 +96,9 @@ pub struct EventContext {
     pub comm: String,
     /// Time spent in the previous state, when the socket was known.
     pub prev_ns: Option<u64>,
+    /// Connect failures the table counted on this event (a failure is decided by the table:
+    /// a refused non-blocking connect shows up as an error report, not as a connect() return).
+    pub failures: Vec<ConnectFailure>,
 }
 
 #[derive(Clone, Debug)]
@@ -134,6 +138,9 @@ impl Tracer {
     pub fn start(opts: TracerOptions, sink: Option<EventSink>) -> Result<Self> {
         let probes = Probes::attach(opts.probes)?;
         let mut table = Table::new(opts.table, Box::new(SysProcs));
+        if sink.is_some() {
+            table.record_failures();
+        }
         let existing = existing_sockets()?;
         table.load_existing(&existing, monotonic_ns());
         let shared = Arc::new(Shared {
@@ -233,8 +240,9 @@ fn reader_loop(
                 match sink.as_mut() {
                     None => table.apply(ev),
                     Some(sink) => {
-                        let ctx = event_context(&table, ev);
+                        let mut ctx = event_context(&table, ev);
                         table.apply(ev);
+                        ctx.failures.extend(table.take_failures());
                         sink(ev, &ctx);
                     }
                 }
@@ -271,6 +279,7 @@ fn event_context(table: &Table, ev: &TcpEvent) -> EventContext {
                 pid,
                 comm,
                 prev_ns: known.map(|(_, since)| now.saturating_sub(since)),
+                failures: Vec::new(),
             }
         }
         TcpEvent::Connect { owner, .. } => EventContext {
@@ -279,6 +288,7 @@ fn event_context(table: &Table, ev: &TcpEvent) -> EventContext {
                 .comm_of(owner.pid)
                 .unwrap_or_else(|| owner.comm_str().into()),
             prev_ns: None,
+            failures: Vec::new(),
         },
         TcpEvent::Error { .. } => EventContext::default(),
     }

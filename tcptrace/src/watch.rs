@@ -64,18 +64,17 @@ fn event_sink(json: bool, filter: Filter) -> EventSink {
     }
     Box::new(move |ev: &TcpEvent, ctx: &EventContext| {
         let ts = offset + ev.ts_ns() as f64 / 1e9;
-        let line = match *ev {
-            TcpEvent::State {
-                old,
-                new,
-                local,
-                remote,
-                ..
-            } => {
-                if !filter.matches_event(ctx.pid, &ctx.comm, [local.port(), remote.port()]) {
-                    return;
-                }
-                EventLine {
+        let mut lines: Vec<EventLine> = Vec::new();
+        if let TcpEvent::State {
+            old,
+            new,
+            local,
+            remote,
+            ..
+        } = *ev
+        {
+            if filter.matches_event(ctx.pid, &ctx.comm, [local.port(), remote.port()]) {
+                lines.push(EventLine {
                     ts,
                     kind: "state",
                     pid: ctx.pid,
@@ -86,41 +85,44 @@ fn event_sink(json: bool, filter: Filter) -> EventSink {
                     new: Some(new.name()),
                     ms: ctx.prev_ns.map(|ns| (ns as f64 / 1e3).round() / 1e3),
                     errno: None,
-                }
+                });
             }
-            TcpEvent::Connect { remote, ret, .. } => {
-                let code = -ret;
-                if code == errno::EINPROGRESS
-                    || !filter.matches_event(ctx.pid, &ctx.comm, [0, remote.port()])
-                {
-                    return;
-                }
-                EventLine {
+        }
+        // Failures as the table counted them (a refused non-blocking connect is decided by its
+        // error report, not by connect()'s return value).
+        for f in &ctx.failures {
+            if filter.matches_event(f.pid, &f.comm, [0, f.remote.port()]) {
+                lines.push(EventLine {
                     ts,
                     kind: "connect_failed",
-                    pid: ctx.pid,
-                    comm: &ctx.comm,
+                    pid: f.pid,
+                    comm: &f.comm,
                     local: None,
-                    remote: remote.to_string(),
+                    remote: f.remote.to_string(),
                     old: None,
                     new: None,
                     ms: None,
-                    errno: Some(errno::name(code).into_owned()),
-                }
+                    errno: Some(errno::name(f.errno).into_owned()),
+                });
             }
-            TcpEvent::Error { .. } => return,
-        };
+        }
+        if lines.is_empty() {
+            return;
+        }
         let mut out = out.lock();
-        let r = if json {
-            serde_json::to_writer(&mut out, &line)
-                .map_err(std::io::Error::other)
-                .and_then(|_| out.write_all(b"\n"))
-        } else {
-            writeln!(out, "{}", text_event(&line))
-        };
-        if r.is_err() {
-            // stdout closed (e.g. `| head`): nothing more to print.
-            std::process::exit(0);
+        for line in &lines {
+            let r = if json {
+                serde_json::to_writer(&mut out, line)
+                    .map_err(std::io::Error::other)
+                    .and_then(|_| out.write_all(b"\n"))
+            } else {
+                writeln!(out, "{}", text_event(line))
+            };
+            if r.is_err() {
+                // stdout closed (e.g. `| head`): nothing more to print. Exiting closes the
+                // program and link descriptors, which detaches everything.
+                std::process::exit(0);
+            }
         }
         let _ = out.flush();
     })

@@ -221,12 +221,24 @@ fn pid_reuse_makes_a_new_process_and_keeps_the_old_totals() {
     assert_eq!((old.comm.as_str(), old.connects.ok, old.churn.closed_total), ("old", 1, 1));
     assert_eq!((new.comm.as_str(), new.connects.ok, new.churn.closed_total), ("new", 1, 0));
 
+    // A late event of a process that has exited stays with it.
+    procs.set(21, 500, "late");
+    t.apply(&st(3 * S, 3, Close, SynSent, "127.0.0.1:0", "127.0.0.1:82", owner(21, OwnerSource::Current)));
+    procs.kill(21);
+    t.tick(4 * S);
+    let r21 = owner(21, OwnerSource::Recorded);
+    t.apply(&st(4 * S, 3, SynSent, Established, "127.0.0.1:40002", "127.0.0.1:82", r21));
+    let s = snap(&t, 4 * S);
+    let late: Vec<_> = s.processes.iter().filter(|p| p.pid == 21).collect();
+    assert_eq!(late.len(), 1, "{late:#?}");
+    assert_eq!((late[0].exited, late[0].connects.ok), (true, 1));
+
     // After the linger time the exited one leaves the view; its totals stay counted.
     t.tick(40 * S);
     let s = snap(&t, 40 * S);
     assert_eq!(s.processes.iter().filter(|p| p.pid == 20).count(), 1);
-    assert_eq!(s.exited.processes, 1);
-    assert_eq!(s.exited.connects_ok, 1);
+    assert_eq!(s.exited.processes, 2);
+    assert_eq!(s.exited.connects_ok, 2);
     assert_eq!(s.exited.closed_total, 1);
 }
 
@@ -316,6 +328,39 @@ fn refused_connects_count_once_blocking_and_non_blocking() {
         assert_eq!(p.connects.failed.get("ECONNREFUSED"), Some(&1), "pid {pid}");
         assert_eq!(p.connects.failed.len(), 1);
     }
+}
+
+#[test]
+fn non_blocking_refusal_inside_the_connect_call_counts_once() {
+    // On loopback the refusal arrives before connect() returns -EINPROGRESS: close, error
+    // report, then the syscall's return.
+    let procs = FakeProcs::default();
+    procs.set(44, 1, "nb");
+    let mut t = table(&procs);
+    let dst = "127.0.0.1:9";
+    let o = owner(44, OwnerSource::Current);
+    for (i, sk) in [(0u16, 11u64), (1, 12), (2, 13)] {
+        let local = format!("127.0.0.1:{}", 40000 + i);
+        t.apply(&st(S, sk, Close, SynSent, "127.0.0.1:0", dst, o));
+        t.apply(&st(S, sk, SynSent, Close, &local, dst, o));
+        t.apply(&TcpEvent::Error {
+            ts_ns: S,
+            local: a(&local),
+            remote: a(dst),
+            errno: 111,
+        });
+        t.apply(&TcpEvent::Connect {
+            ts_ns: S,
+            sk,
+            remote: a(dst),
+            ret: -115,
+            owner: o.unwrap(),
+        });
+    }
+    let s = snap(&t, 2 * S);
+    let p = proc_view(&s, 44);
+    assert_eq!(p.connects.failed.get("ECONNREFUSED"), Some(&3));
+    assert_eq!(p.destinations[0].connects.failed.get("ECONNREFUSED"), Some(&3));
 }
 
 #[test]
