@@ -149,7 +149,11 @@ impl Alerter {
                     });
                 }
             }
-            let listed: Vec<&str> = snap.destinations.iter().map(|d| d.remote.as_str()).collect();
+            let listed: Vec<&str> = snap
+                .destinations
+                .iter()
+                .map(|d| d.remote.as_str())
+                .collect();
             for (remote, e) in self.ports.iter_mut() {
                 if e.active && !listed.contains(&remote.as_str()) {
                     e.active = false;
@@ -214,7 +218,10 @@ mod tests {
             ..Default::default()
         };
         let mut a = Alerter::default();
-        assert!(a.evaluate(&snap(5, 0, 0), 0.0, &cfg).is_empty(), "not sustained yet");
+        assert!(
+            a.evaluate(&snap(5, 0, 0), 0.0, &cfg).is_empty(),
+            "not sustained yet"
+        );
         assert!(a.evaluate(&snap(5, 0, 0), 2.0, &cfg).is_empty());
         let v = a.evaluate(&snap(5, 1, 8), 3.0, &cfg);
         assert_eq!(
@@ -233,7 +240,10 @@ mod tests {
         let v = a.evaluate(&snap(1, 3, 2), 15.0, &cfg);
         assert_eq!(
             msgs(&v),
-            vec!["CLOSE_WAIT leak recovered", "destination port use recovered"]
+            vec![
+                "CLOSE_WAIT leak recovered",
+                "destination port use recovered"
+            ]
         );
         let v = a.evaluate(&snap(1, 3, 2), 20.0, &cfg);
         assert_eq!(msgs(&v), vec!["EADDRNOTAVAIL recovered: no new failures"]);

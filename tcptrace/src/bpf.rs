@@ -3,7 +3,7 @@
 //! Dropping [`Probes`] detaches every program (the links are file descriptors owned by the
 //! `Ebpf` object), so an error at any step leaves nothing attached.
 
-use std::{fmt, path::Path};
+use std::fmt;
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
@@ -74,6 +74,18 @@ pub fn check_privileges() -> Result<(), MissingPrivilege> {
     )))
 }
 
+/// The BPF ring buffer needs Linux 5.8.
+fn check_kernel() -> Result<()> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim();
+    match tracefs::kernel_version(release) {
+        Some(v) if v < (5, 8) => {
+            bail!("Linux {release} is too old: tcptrace needs 5.8 or later (BPF ring buffer)")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it (best effort, a no-op
 /// where memory cgroups account BPF memory).
 fn raise_memlock() {
@@ -92,6 +104,7 @@ pub struct Probes {
     counters: PerCpuArray<MapData, u64>,
     _ebpf: Ebpf,
     attached: Vec<&'static str>,
+    degraded: Vec<String>,
 }
 
 /// Options for [`Probes::attach`].
@@ -115,23 +128,31 @@ impl Default for ProbeOptions {
 /// Rounds a ring buffer size to what the kernel accepts: a power of two, at least one page.
 pub fn ring_size(bytes: u32) -> u32 {
     let page = 4096u32;
-    bytes.max(page).checked_next_power_of_two().unwrap_or(1 << 31)
+    bytes
+        .max(page)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 31)
 }
 
 impl Probes {
     /// Checks privileges, reads tracepoint offsets, loads and attaches every program.
     pub fn attach(opts: ProbeOptions) -> Result<Self> {
         check_privileges()?;
+        check_kernel()?;
         raise_memlock();
         let root = tracefs::tracefs_root()?;
-        let offsets = tracefs::offsets_from(&root)?;
-        Self::attach_with(&root, offsets, opts)
+        let (offsets, degraded) = tracefs::offsets_from(&root)?;
+        let mut probes = Self::attach_with(offsets, opts, degraded.is_some())?;
+        probes.degraded.extend(degraded);
+        Ok(probes)
     }
 
-    fn attach_with(_root: &Path, offsets: Offsets, opts: ProbeOptions) -> Result<Self> {
+    fn attach_with(offsets: Offsets, opts: ProbeOptions, skip_error_report: bool) -> Result<Self> {
         let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
         if object.is_empty() {
-            bail!("this tcptrace binary was built without its eBPF programs (AYA_BUILD_SKIP): rebuild with `cargo xtask build`");
+            bail!(
+                "this tcptrace binary was built without its eBPF programs (AYA_BUILD_SKIP): rebuild with `cargo xtask build`"
+            );
         }
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
@@ -141,6 +162,9 @@ impl Probes {
             .context("loading the eBPF programs into the kernel failed")?;
         let mut attached = Vec::new();
         for (prog, cat, name) in PROGRAMS {
+            if skip_error_report && *name == "inet_sk_error_report" {
+                continue;
+            }
             let p: &mut TracePoint = ebpf
                 .program_mut(prog)
                 .with_context(|| format!("program {prog} missing from the eBPF object"))?
@@ -160,7 +184,13 @@ impl Probes {
             counters,
             _ebpf: ebpf,
             attached,
+            degraded: Vec::new(),
         })
+    }
+
+    /// What works less well on this kernel, one sentence each.
+    pub fn degraded(&self) -> &[String] {
+        &self.degraded
     }
 
     /// Names of the attached programs.

@@ -41,7 +41,8 @@ fn snapshot_report() -> Result<Report> {
 
 pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<()> {
     let mut r: Report = match daemon::request(socket, "report").await {
-        Ok(v) => serde_json::from_value(v["report"].clone()).context("malformed report from the daemon")?,
+        Ok(v) => serde_json::from_value(v["report"].clone())
+            .context("malformed report from the daemon")?,
         Err(e) if no_daemon(&e) => {
             eprintln!(
                 "tcptrace: no daemon on {}: showing the sockets that exist now; churn, connect failures and leak ages need `tcptrace daemon`",
@@ -49,15 +50,20 @@ pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<()> {
             );
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
-                eprintln!("tcptrace: not root: sockets of other users' processes are shown without owner");
+                eprintln!(
+                    "tcptrace: not root: sockets of other users' processes are shown without owner"
+                );
             }
             snapshot_report()?
         }
         Err(e) => return Err(e.context(format!("asking the daemon on {}", socket.display()))),
     };
     if !pids.is_empty() {
-        r.processes
-            .retain(|p| p["pid"].as_u64().is_some_and(|pid| pids.contains(&(pid as u32))));
+        r.processes.retain(|p| {
+            p["pid"]
+                .as_u64()
+                .is_some_and(|pid| pids.contains(&(pid as u32)))
+        });
     }
     if json {
         println!("{}", serde_json::to_string(&r)?);
@@ -82,14 +88,28 @@ pub async fn status(socket: &Path, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("tcptrace daemon pid {}, up {:.0}s", s.pid, s.uptime_secs);
-    println!("programs attached: {} ({})", s.programs_attached.len(), s.programs_attached.join(", "));
-    println!("events seen {}, dropped {}, for unknown sockets {}", s.events_seen, s.events_dropped, s.events_unknown_socket);
+    println!(
+        "programs attached: {} ({})",
+        s.programs_attached.len(),
+        s.programs_attached.join(", ")
+    );
+    println!(
+        "events seen {}, dropped {}, for unknown sockets {}",
+        s.events_seen, s.events_dropped, s.events_unknown_socket
+    );
     println!(
         "tracked: {} sockets (cap {}), {} processes (cap {})",
         s.sockets_tracked, s.max_sockets, s.processes_tracked, s.max_processes
     );
-    println!("evictions: {} sockets, {} processes", s.evictions.sockets, s.evictions.processes);
-    println!("control socket {}, metrics {}", s.socket.display(), s.metrics_addr);
+    println!(
+        "evictions: {} sockets, {} processes",
+        s.evictions.sockets, s.evictions.processes
+    );
+    println!(
+        "control socket {}, metrics {}",
+        s.socket.display(),
+        s.metrics_addr
+    );
     if let Some(c) = &s.config_file {
         println!("config {}", c.display());
     }

@@ -128,7 +128,10 @@ fn toml_error(path: &std::path::Path, text: &str, e: toml::de::Error) -> anyhow:
                 Some(s) => format!("{s}.{k}"),
                 None => k,
             };
-            anyhow!("config {} line {line_no}: key `{full}`: {msg}", path.display())
+            anyhow!(
+                "config {} line {line_no}: key `{full}`: {msg}",
+                path.display()
+            )
         }
         None => anyhow!("config {} line {line_no}: {msg}", path.display()),
     }
@@ -158,7 +161,10 @@ impl Config {
             Ok(())
         }
         secs("leak_after_secs", self.leak_after_secs)?;
-        secs("alerts.close_wait_sustain_secs", self.alerts.close_wait_sustain_secs)?;
+        secs(
+            "alerts.close_wait_sustain_secs",
+            self.alerts.close_wait_sustain_secs,
+        )?;
         secs("alerts.quiet_secs", self.alerts.quiet_secs)?;
         if !(self.alerts.port_share > 0.0 && self.alerts.port_share <= 1.0) {
             bail!(
@@ -170,7 +176,10 @@ impl Config {
             bail!("key `alerts.churn_per_sec`: must be > 0");
         }
         if self.limits.max_sockets < 1024 {
-            bail!("key `limits.max_sockets`: must be at least 1024, got {}", self.limits.max_sockets);
+            bail!(
+                "key `limits.max_sockets`: must be at least 1024, got {}",
+                self.limits.max_sockets
+            );
         }
         if self.limits.max_processes < 16 {
             bail!(
@@ -182,12 +191,19 @@ impl Config {
             bail!("keys `limits.metrics_top_*`: must be at least 1");
         }
         if self.ring_buffer_kib < 4 || self.ring_buffer_kib > 1 << 20 {
-            bail!("key `ring_buffer_kib`: must be between 4 and 1048576, got {}", self.ring_buffer_kib);
+            bail!(
+                "key `ring_buffer_kib`: must be between 4 and 1048576, got {}",
+                self.ring_buffer_kib
+            );
         }
         if self.socket.as_os_str().is_empty() || !self.socket.is_absolute() {
-            bail!("key `socket`: must be an absolute path, got {:?}", self.socket);
+            bail!(
+                "key `socket`: must be an absolute path, got {:?}",
+                self.socket
+            );
         }
-        self.metrics().map_err(|e| anyhow!("key `metrics_addr`: {e}"))?;
+        self.metrics()
+            .map_err(|e| anyhow!("key `metrics_addr`: {e}"))?;
         Ok(())
     }
 
@@ -197,7 +213,10 @@ impl Config {
             return Ok(None);
         }
         let addr: SocketAddr = self.metrics_addr.parse().map_err(|_| {
-            anyhow!("`{}` is not ADDR:PORT (e.g. 127.0.0.1:9464) or \"off\"", self.metrics_addr)
+            anyhow!(
+                "`{}` is not ADDR:PORT (e.g. 127.0.0.1:9464) or \"off\"",
+                self.metrics_addr
+            )
         })?;
         Ok(Some(addr))
     }
@@ -225,7 +244,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.socket, PathBuf::from("/tmp/x.sock"));
-        assert_eq!(c.metrics().unwrap(), Some("127.0.0.1:9999".parse().unwrap()));
+        assert_eq!(
+            c.metrics().unwrap(),
+            Some("127.0.0.1:9999".parse().unwrap())
+        );
         assert_eq!(c.leak_after_secs, 2.0);
         assert_eq!(c.limits.max_sockets, 5000);
         assert_eq!(c.limits.max_processes, 20_000);
@@ -238,12 +260,16 @@ mod tests {
         assert!(e.contains("leak_after_secs"), "{e}");
         let e = parse("[alerts]\nport_share = 3.0").unwrap_err().to_string();
         assert!(e.contains("alerts.port_share"), "{e}");
-        let e = parse("metrics_addr = \"everywhere\"").unwrap_err().to_string();
+        let e = parse("metrics_addr = \"everywhere\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("metrics_addr"), "{e}");
         let e = parse("no_such_key = 1").unwrap_err().to_string();
         assert!(e.contains("no_such_key"), "{e}");
         assert!(!e.contains('\n'), "{e}");
-        let e = parse("socket = \"/x\"\n[limits]\nmax_sockets = -3\n").unwrap_err().to_string();
+        let e = parse("socket = \"/x\"\n[limits]\nmax_sockets = -3\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 3: key `limits.max_sockets`"), "{e}");
         let e = parse("[alerts\n").unwrap_err().to_string();
         assert!(e.starts_with("config t.toml line 1:"), "{e}");

@@ -42,6 +42,8 @@ pub struct Status {
     pub pid: u32,
     pub uptime_secs: f64,
     pub programs_attached: Vec<String>,
+    /// What works less well on this kernel.
+    pub degraded: Vec<String>,
     /// Records applied to the table.
     pub events_seen: u64,
     /// Records the kernel lost (ring buffer full).
@@ -99,11 +101,17 @@ fn bind_control(path: &Path, group: Option<&str>) -> Result<(UnixListener, Socke
     let bound = UnixListener::bind(path);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
-    let listener = bound.with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    let listener =
+        bound.with_context(|| format!("cannot bind control socket {}", path.display()))?;
     let file = SocketFile(path.to_path_buf());
     if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .with_context(|| format!("cannot give {} to group {}", path.display(), group.unwrap_or("")))?;
+        std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| {
+            format!(
+                "cannot give {} to group {}",
+                path.display(),
+                group.unwrap_or("")
+            )
+        })?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     }
     Ok((listener, file))
@@ -172,7 +180,13 @@ impl State {
         Status {
             pid: std::process::id(),
             uptime_secs: (self.tracer.uptime().as_secs_f64() * 10.0).round() / 10.0,
-            programs_attached: self.tracer.attached().iter().map(|s| s.to_string()).collect(),
+            programs_attached: self
+                .tracer
+                .attached()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            degraded: self.tracer.degraded().to_vec(),
             events_seen: stats.events,
             events_dropped: k.dropped,
             events_unknown_socket: stats.unknown_socket_events,
@@ -240,7 +254,9 @@ async fn serve_control(state: Arc<State>, stream: UnixStream) {
     let read = tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await;
     let reply = match read {
         Ok(Ok(_)) => answer(&state, &line),
-        Ok(Err(e)) => serde_json::json!({"ok": false, "error": format!("cannot read request: {e}")}),
+        Ok(Err(e)) => {
+            serde_json::json!({"ok": false, "error": format!("cannot read request: {e}")})
+        }
         Err(_) => serde_json::json!({"ok": false, "error": "no request within 5 s"}),
     };
     let mut bytes = serde_json::to_vec(&reply).unwrap_or_default();
@@ -275,7 +291,11 @@ async fn serve_metrics(state: Arc<State>, mut stream: tokio::net::TcpStream) {
     let mut parts = first.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) = if method != "GET" {
-        ("405 Method Not Allowed", "text/plain", "only GET\n".to_string())
+        (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_string(),
+        )
     } else if path == "/metrics" || path.starts_with("/metrics?") {
         (
             "200 OK",
@@ -283,9 +303,17 @@ async fn serve_metrics(state: Arc<State>, mut stream: tokio::net::TcpStream) {
             state.metrics(),
         )
     } else if path == "/" {
-        ("200 OK", "text/plain", "tcptrace: metrics at /metrics\n".to_string())
+        (
+            "200 OK",
+            "text/plain",
+            "tcptrace: metrics at /metrics\n".to_string(),
+        )
     } else {
-        ("404 Not Found", "text/plain", "not found; metrics are at /metrics\n".to_string())
+        (
+            "404 Not Found",
+            "text/plain",
+            "not found; metrics are at /metrics\n".to_string(),
+        )
     };
     let resp = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -342,6 +370,9 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<()> {
             ("leak_after_secs", cfg.leak_after_secs.to_string()),
         ],
     );
+    for d in state.tracer.degraded() {
+        log("warn", "degraded", &[("reason", d.clone())]);
+    }
     notify_ready();
 
     let mut alerter = Alerter::default();
@@ -393,22 +424,38 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<()> {
 /// SIGHUP: re-reads the config file; thresholds and caps apply at once, addresses need a restart.
 fn reload(state: &State, file: Option<&Path>) {
     let Some(file) = file else {
-        log("info", "SIGHUP: no config file to reload (started without --config)", &[]);
+        log(
+            "info",
+            "SIGHUP: no config file to reload (started without --config)",
+            &[],
+        );
         return;
     };
     match Config::load(file) {
-        Err(e) => log("error", "config reload failed; keeping the running config", &[("error", format!("{e:#}"))]),
+        Err(e) => log(
+            "error",
+            "config reload failed; keeping the running config",
+            &[("error", format!("{e:#}"))],
+        ),
         Ok(new) => {
             let mut cur = state.cfg.lock().unwrap();
             if new.socket != cur.socket || new.metrics_addr != state.metrics_configured {
-                log("warn", "socket and metrics address changes take effect after a restart", &[]);
+                log(
+                    "warn",
+                    "socket and metrics address changes take effect after a restart",
+                    &[],
+                );
             }
             let table = table_config(&new);
             state.tracer.with_table(|t| t.set_config(table));
             cur.leak_after_secs = new.leak_after_secs;
             cur.limits = new.limits;
             cur.alerts = new.alerts;
-            log("info", "config reloaded", &[("file", file.display().to_string())]);
+            log(
+                "info",
+                "config reloaded",
+                &[("file", file.display().to_string())],
+            );
         }
     }
 }
@@ -420,12 +467,19 @@ pub async fn request(socket: &Path, cmd: &str) -> Result<serde_json::Value> {
     req.push(b'\n');
     s.write_all(&req).await?;
     let mut reply = String::new();
-    tokio::time::timeout(Duration::from_secs(30), BufReader::new(s).read_line(&mut reply))
-        .await
-        .context("the daemon did not answer within 30 s")??;
-    let v: serde_json::Value = serde_json::from_str(&reply).context("malformed reply from the daemon")?;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        BufReader::new(s).read_line(&mut reply),
+    )
+    .await
+    .context("the daemon did not answer within 30 s")??;
+    let v: serde_json::Value =
+        serde_json::from_str(&reply).context("malformed reply from the daemon")?;
     if v["ok"].as_bool() != Some(true) {
-        bail!("the daemon refused: {}", v["error"].as_str().unwrap_or("unknown error"));
+        bail!(
+            "the daemon refused: {}",
+            v["error"].as_str().unwrap_or("unknown error")
+        );
     }
     Ok(v)
 }

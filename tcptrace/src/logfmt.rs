@@ -5,7 +5,9 @@ use std::fmt::Write as _;
 
 /// Quotes a value when it needs it.
 fn push_value(out: &mut String, v: &str) {
-    if !v.is_empty() && !v.contains(|c: char| c.is_whitespace() || c == '"' || c == '=' || c == '\\') {
+    if !v.is_empty()
+        && !v.contains(|c: char| c.is_whitespace() || c == '"' || c == '=' || c == '\\')
+    {
         out.push_str(v);
         return;
     }
@@ -47,7 +49,15 @@ mod tests {
     #[test]
     fn quoting() {
         assert_eq!(
-            line("warn", "CLOSE_WAIT leak", &[("pid", "42".into()), ("cmdline", "a \"b\"".into()), ("x", "".into())]),
+            line(
+                "warn",
+                "CLOSE_WAIT leak",
+                &[
+                    ("pid", "42".into()),
+                    ("cmdline", "a \"b\"".into()),
+                    ("x", "".into())
+                ]
+            ),
             "level=warn msg=\"CLOSE_WAIT leak\" pid=42 cmdline=\"a \\\"b\\\"\" x=\"\""
         );
     }

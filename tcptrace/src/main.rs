@@ -178,7 +178,8 @@ fn daemon_config(a: &DaemonArgs) -> anyhow::Result<Config> {
     if let Some(l) = a.leak_after {
         cfg.leak_after_secs = l;
     }
-    cfg.validate().map_err(|e| anyhow::anyhow!("invalid setting: {e}"))?;
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("invalid setting: {e}"))?;
     Ok(cfg)
 }
 

@@ -39,7 +39,12 @@ fn l(pairs: &[(&str, &str)]) -> Labels {
 }
 
 /// The exposition text for one scrape.
-pub fn render(snap: &Snapshot, status: &Status, top_processes: usize, top_destinations: usize) -> String {
+pub fn render(
+    snap: &Snapshot,
+    status: &Status,
+    top_processes: usize,
+    top_destinations: usize,
+) -> String {
     let mut reg = Registry::default();
     let f = Families {
         cw: Family::default(),
@@ -54,7 +59,11 @@ pub fn render(snap: &Snapshot, status: &Status, top_processes: usize, top_destin
         dest_failures: Family::default(),
         host: Family::default(),
     };
-    reg.register("tcptrace_close_wait_sockets", "Sockets in CLOSE_WAIT owned by the process", f.cw.clone());
+    reg.register(
+        "tcptrace_close_wait_sockets",
+        "Sockets in CLOSE_WAIT owned by the process",
+        f.cw.clone(),
+    );
     reg.register(
         "tcptrace_close_wait_leaked_sockets",
         "Sockets of the process in CLOSE_WAIT for longer than the leak threshold",
@@ -65,11 +74,31 @@ pub fn render(snap: &Snapshot, status: &Status, top_processes: usize, top_destin
         "Age of the process's oldest CLOSE_WAIT socket",
         f.oldest.clone(),
     );
-    reg.register("tcptrace_connects", "Successful outbound TCP connects", f.connects.clone());
-    reg.register("tcptrace_connect_failures", "Failed TCP connects by errno", f.failures.clone());
-    reg.register("tcptrace_connections_closed", "Established TCP connections closed", f.closed.clone());
-    reg.register("tcptrace_time_wait_entered", "Sockets that entered TIME_WAIT (active closes)", f.tw_entered.clone());
-    reg.register("tcptrace_time_wait_sockets", "Sockets of the process in TIME_WAIT now", f.tw_now.clone());
+    reg.register(
+        "tcptrace_connects",
+        "Successful outbound TCP connects",
+        f.connects.clone(),
+    );
+    reg.register(
+        "tcptrace_connect_failures",
+        "Failed TCP connects by errno",
+        f.failures.clone(),
+    );
+    reg.register(
+        "tcptrace_connections_closed",
+        "Established TCP connections closed",
+        f.closed.clone(),
+    );
+    reg.register(
+        "tcptrace_time_wait_entered",
+        "Sockets that entered TIME_WAIT (active closes)",
+        f.tw_entered.clone(),
+    );
+    reg.register(
+        "tcptrace_time_wait_sockets",
+        "Sockets of the process in TIME_WAIT now",
+        f.tw_now.clone(),
+    );
     reg.register(
         "tcptrace_destination_ports_in_use",
         "Local ports held by sockets (TIME_WAIT included) to this remote endpoint",
@@ -80,7 +109,11 @@ pub fn render(snap: &Snapshot, status: &Status, top_processes: usize, top_destin
         "Failed connects to this remote endpoint by errno",
         f.dest_failures.clone(),
     );
-    reg.register("tcptrace_sockets", "TCP sockets on the host by state", f.host.clone());
+    reg.register(
+        "tcptrace_sockets",
+        "TCP sockets on the host by state",
+        f.host.clone(),
+    );
 
     let range = snap.ephemeral_port_range;
     let range_size = if range[1] >= range[0] && range[1] > 0 {
@@ -90,21 +123,45 @@ pub fn render(snap: &Snapshot, status: &Status, top_processes: usize, top_destin
     };
     let g = Gauge::<i64>::default();
     g.set(range_size);
-    reg.register("tcptrace_ephemeral_port_range_size", "Ports in net.ipv4.ip_local_port_range", g);
+    reg.register(
+        "tcptrace_ephemeral_port_range_size",
+        "Ports in net.ipv4.ip_local_port_range",
+        g,
+    );
     let c = |name: &str, help: &str, v: u64, reg: &mut Registry| {
         let c = Counter::<u64>::default();
         c.inc_by(v);
         reg.register(name.to_string(), help.to_string(), c);
     };
-    c("tcptrace_dropped_events", "Kernel records lost because the ring buffer was full", snap.dropped_events, &mut reg);
-    c("tcptrace_events", "Kernel records applied to the table", status.events_seen, &mut reg);
+    c(
+        "tcptrace_dropped_events",
+        "Kernel records lost because the ring buffer was full",
+        snap.dropped_events,
+        &mut reg,
+    );
+    c(
+        "tcptrace_events",
+        "Kernel records applied to the table",
+        status.events_seen,
+        &mut reg,
+    );
     let ev: Family<Labels, Counter> = Family::default();
-    ev.get_or_create(&l(&[("kind", "socket")])).inc_by(status.evictions.sockets);
-    ev.get_or_create(&l(&[("kind", "process")])).inc_by(status.evictions.processes);
-    reg.register("tcptrace_evictions", "Table entries evicted to respect the caps", ev);
+    ev.get_or_create(&l(&[("kind", "socket")]))
+        .inc_by(status.evictions.sockets);
+    ev.get_or_create(&l(&[("kind", "process")]))
+        .inc_by(status.evictions.processes);
+    reg.register(
+        "tcptrace_evictions",
+        "Table entries evicted to respect the caps",
+        ev,
+    );
     let tracked: Family<Labels, Gauge> = Family::default();
-    tracked.get_or_create(&l(&[("kind", "socket")])).set(status.sockets_tracked as i64);
-    tracked.get_or_create(&l(&[("kind", "process")])).set(status.processes_tracked as i64);
+    tracked
+        .get_or_create(&l(&[("kind", "socket")]))
+        .set(status.sockets_tracked as i64);
+    tracked
+        .get_or_create(&l(&[("kind", "process")]))
+        .set(status.processes_tracked as i64);
     reg.register("tcptrace_tracked", "Table entries tracked now", tracked);
 
     let h = &snap.host;
@@ -130,8 +187,11 @@ pub fn render(snap: &Snapshot, status: &Status, top_processes: usize, top_destin
         } else {
             other.clone()
         };
-        f.cw.get_or_create(&labels).inc_by(p.close_wait.count as i64);
-        f.leaked.get_or_create(&labels).inc_by(p.close_wait.leaked as i64);
+        f.cw.get_or_create(&labels)
+            .inc_by(p.close_wait.count as i64);
+        f.leaked
+            .get_or_create(&labels)
+            .inc_by(p.close_wait.leaked as i64);
         let oldest = f.oldest.get_or_create(&labels);
         if p.close_wait.oldest_secs > oldest.get() {
             oldest.set(p.close_wait.oldest_secs);
@@ -143,11 +203,19 @@ pub fn render(snap: &Snapshot, status: &Status, top_processes: usize, top_destin
             f.failures.get_or_create(&el).inc_by(*n);
         }
         f.closed.get_or_create(&labels).inc_by(p.churn.closed_total);
-        f.tw_entered.get_or_create(&labels).inc_by(p.churn.time_wait_total);
-        f.tw_now.get_or_create(&labels).inc_by(p.churn.time_wait as i64);
+        f.tw_entered
+            .get_or_create(&labels)
+            .inc_by(p.churn.time_wait_total);
+        f.tw_now
+            .get_or_create(&labels)
+            .inc_by(p.churn.time_wait as i64);
     }
     for (i, d) in snap.destinations.iter().enumerate() {
-        let remote = if i < top_destinations { d.remote.as_str() } else { "other" };
+        let remote = if i < top_destinations {
+            d.remote.as_str()
+        } else {
+            "other"
+        };
         f.dest_ports
             .get_or_create(&l(&[("remote", remote)]))
             .inc_by(d.ports_in_use as i64);
@@ -191,11 +259,22 @@ mod tests {
             ..Default::default()
         };
         let text = render(&snap, &Status::default(), 1, 10);
-        assert!(text.contains("tcptrace_close_wait_sockets{pid=\"1\",comm=\"p1\",container=\"\"} 5"), "{text}");
-        assert!(text.contains("tcptrace_close_wait_sockets{pid=\"other\",comm=\"other\",container=\"\"} 4"), "{text}");
+        assert!(
+            text.contains("tcptrace_close_wait_sockets{pid=\"1\",comm=\"p1\",container=\"\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "tcptrace_close_wait_sockets{pid=\"other\",comm=\"other\",container=\"\"} 4"
+            ),
+            "{text}"
+        );
         assert!(text.contains("tcptrace_close_wait_oldest_seconds{pid=\"other\",comm=\"other\",container=\"\"} 3.0"), "{text}");
         assert!(text.contains("tcptrace_connect_failures_total{pid=\"other\",comm=\"other\",container=\"\",errno=\"ECONNREFUSED\"} 4"), "{text}");
-        assert!(text.contains("tcptrace_ephemeral_port_range_size 28232"), "{text}");
+        assert!(
+            text.contains("tcptrace_ephemeral_port_range_size 28232"),
+            "{text}"
+        );
         assert!(text.contains("tcptrace_dropped_events_total 0"), "{text}");
         assert!(!text.contains("pid=\"2\""));
     }

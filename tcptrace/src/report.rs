@@ -51,8 +51,7 @@ pub fn findings(p: &ProcessView, range_size: u64, alerts: &Alerts) -> Vec<String
         f.push(CONNECTION_CHURN.to_string());
     }
     let near_full = range_size > 0
-        && p
-            .destinations
+        && p.destinations
             .iter()
             .any(|d| d.ports_in_use as f64 >= alerts.port_share * range_size as f64);
     if p.connects.failed.contains_key("EADDRNOTAVAIL") || near_full {
@@ -73,7 +72,10 @@ fn range_size(r: [u16; 2]) -> u64 {
 pub fn host_thresholds(h: &HostCounts, alerts: &Alerts) -> Vec<String> {
     let mut v = Vec::new();
     if h.close_wait > alerts.close_wait {
-        v.push(format!("close_wait {} > {}", h.close_wait, alerts.close_wait));
+        v.push(format!(
+            "close_wait {} > {}",
+            h.close_wait, alerts.close_wait
+        ));
     }
     if h.time_wait > alerts.time_wait {
         v.push(format!("time_wait {} > {}", h.time_wait, alerts.time_wait));
@@ -216,10 +218,14 @@ fn fmt_counts(m: &serde_json::Map<String, serde_json::Value>) -> String {
 pub fn render_text(r: &Report) -> String {
     let mut o = String::new();
     let h = &r.host;
-    let _ = writeln!(o, "tcptrace report ({})", match r.source.as_str() {
-        "daemon" => "from the running daemon",
-        _ => "snapshot of the sockets now; churn and connect failures need `tcptrace daemon`",
-    });
+    let _ = writeln!(
+        o,
+        "tcptrace report ({})",
+        match r.source.as_str() {
+            "daemon" => "from the running daemon",
+            _ => "snapshot of the sockets now; churn and connect failures need `tcptrace daemon`",
+        }
+    );
     let _ = writeln!(
         o,
         "host: established {}  time_wait {}  close_wait {}  listen {}  total {}  dropped events {}",
@@ -244,13 +250,20 @@ pub fn render_text(r: &Report) -> String {
             format!(
                 "{}{} {} ports",
                 d["remote"].as_str().unwrap_or("?"),
-                d["service"].as_str().map(|s| format!(" ({s})")).unwrap_or_default(),
+                d["service"]
+                    .as_str()
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default(),
                 d["ports_in_use"]
             )
         })
         .collect();
     if !busiest.is_empty() {
-        let _ = writeln!(o, "destinations nearest to exhausting the range: {}", busiest.join(", "));
+        let _ = writeln!(
+            o,
+            "destinations nearest to exhausting the range: {}",
+            busiest.join(", ")
+        );
     }
     if r.processes.is_empty() {
         let _ = writeln!(o, "\nno process with TCP problems or activity seen");
@@ -262,8 +275,15 @@ pub fn render_text(r: &Report) -> String {
             "\nPID {} {}{}{}",
             p["pid"],
             p["comm"].as_str().unwrap_or("?"),
-            if p["exited"].as_bool() == Some(true) { " (exited)" } else { "" },
-            p["container"].as_str().map(|c| format!("  container {c}")).unwrap_or_default(),
+            if p["exited"].as_bool() == Some(true) {
+                " (exited)"
+            } else {
+                ""
+            },
+            p["container"]
+                .as_str()
+                .map(|c| format!("  container {c}"))
+                .unwrap_or_default(),
         );
         if let Some(c) = p["cmdline"].as_str().filter(|c| !c.is_empty()) {
             let _ = writeln!(o, "  command: {c}");
@@ -274,7 +294,10 @@ pub fn render_text(r: &Report) -> String {
         let _ = writeln!(
             o,
             "  CLOSE_WAIT {} (leaked {}), oldest {:.1}s, {} new in the last minute",
-            cw["count"], cw["leaked"], cw["oldest_secs"].as_f64().unwrap_or(0.0), cw["new_per_min"]
+            cw["count"],
+            cw["leaked"],
+            cw["oldest_secs"].as_f64().unwrap_or(0.0),
+            cw["new_per_min"]
         );
         if let Some(rs) = cw["remotes"].as_array().filter(|a| !a.is_empty()) {
             let rs: Vec<String> = rs
@@ -283,14 +306,19 @@ pub fn render_text(r: &Report) -> String {
                     let remote = x["remote"].as_str().unwrap_or("?");
                     format!(
                         "{remote}{} x{}",
-                        service_of(remote).map(|s| format!(" ({s})")).unwrap_or_default(),
+                        service_of(remote)
+                            .map(|s| format!(" ({s})"))
+                            .unwrap_or_default(),
                         x["count"]
                     )
                 })
                 .collect();
             let _ = writeln!(o, "    to: {}", rs.join(", "));
         }
-        let failed = p["connects"]["failed"].as_object().cloned().unwrap_or_default();
+        let failed = p["connects"]["failed"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
         let _ = writeln!(
             o,
             "  connects: ok {}, failed: {}",
@@ -305,11 +333,16 @@ pub fn render_text(r: &Report) -> String {
         );
         for d in p["destinations"].as_array().into_iter().flatten().take(5) {
             let remote = d["remote"].as_str().unwrap_or("?");
-            let failed = d["connects"]["failed"].as_object().cloned().unwrap_or_default();
+            let failed = d["connects"]["failed"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
             let _ = writeln!(
                 o,
                 "    {remote}{}: ok {}, failed {}, ports in use {}",
-                service_of(remote).map(|s| format!(" ({s})")).unwrap_or_default(),
+                service_of(remote)
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default(),
                 d["connects"]["ok"],
                 fmt_counts(&failed),
                 d["ports_in_use"]
@@ -350,12 +383,14 @@ mod tests {
             findings(&p, 28232, &a),
             vec![CLOSE_WAIT_LEAK, CONNECTION_CHURN, PORT_EXHAUSTION]
         );
-        let mut q = ProcessView::default();
-        q.destinations = vec![ProcDestView {
-            remote: "10.0.0.1:443".into(),
-            ports_in_use: 90,
+        let q = ProcessView {
+            destinations: vec![ProcDestView {
+                remote: "10.0.0.1:443".into(),
+                ports_in_use: 90,
+                ..Default::default()
+            }],
             ..Default::default()
-        }];
+        };
         assert_eq!(findings(&q, 100, &a), vec![PORT_EXHAUSTION]);
     }
 

@@ -17,8 +17,8 @@ use crate::{
     errno,
     event::{Owner, TcpEvent, TcpState},
     view::{
-        ChurnView, CloseWaitView, ConnectsView, DestView, ExitedTotals, HostCounts,
-        ProcDestView, ProcessView, RemoteCount, Snapshot, SocketView,
+        ChurnView, CloseWaitView, ConnectsView, DestView, ExitedTotals, HostCounts, ProcDestView,
+        ProcessView, RemoteCount, Snapshot, SocketView,
     },
 };
 
@@ -366,20 +366,19 @@ impl Table {
 
     /// The process entry for `pid`, created (with its start time and description) if new.
     fn proc_for_pid(&mut self, pid: u32, comm: Option<&str>, now_ns: u64) -> ProcId {
-        if let Some(&id) = self.by_pid.get(&pid) {
-            if let Some(p) = self.procs.get_mut(&id) {
-                p.last_seen_ns = now_ns;
-                return id;
-            }
+        if let Some(&id) = self.by_pid.get(&pid)
+            && let Some(p) = self.procs.get_mut(&id)
+        {
+            p.last_seen_ns = now_ns;
+            return id;
         }
         let start_time = self.src.start_time(pid);
         // Late events of a process that has exited belong to it, not to a new entry.
-        if let Some(&id) = self.exited_by_pid.get(&pid) {
-            if let Some(p) = self.procs.get(&id) {
-                if start_time.is_none() || start_time == Some(p.start_time) {
-                    return id;
-                }
-            }
+        if let Some(&id) = self.exited_by_pid.get(&pid)
+            && let Some(p) = self.procs.get(&id)
+            && (start_time.is_none() || start_time == Some(p.start_time))
+        {
+            return id;
         }
         if self.procs.len() >= self.cfg.max_processes {
             self.evict_process();
@@ -494,15 +493,15 @@ impl Table {
             }
             let key = self.next_synthetic;
             self.next_synthetic += 1;
-            if s.state == TcpState::Listen {
-                if let Some(o) = owner {
-                    self.listeners.insert(s.local.port(), o);
-                }
+            if s.state == TcpState::Listen
+                && let Some(o) = owner
+            {
+                self.listeners.insert(s.local.port(), o);
             }
-            if s.state == TcpState::CloseWait {
-                if let Some(p) = owner.and_then(|id| self.procs.get_mut(&id)) {
-                    p.cw_entries.push_back(now_ns);
-                }
+            if s.state == TcpState::CloseWait
+                && let Some(p) = owner.and_then(|id| self.procs.get_mut(&id))
+            {
+                p.cw_entries.push_back(now_ns);
             }
             self.sockets.insert(
                 key,
@@ -535,10 +534,10 @@ impl Table {
             let id = self.proc_for_pid(pid, None, now_ns);
             if let Some(s) = self.sockets.get_mut(&k) {
                 s.owner = Some(id);
-                if s.state == TcpState::CloseWait {
-                    if let Some(p) = self.procs.get_mut(&id) {
-                        p.cw_entries.push_back(s.since_ns);
-                    }
+                if s.state == TcpState::CloseWait
+                    && let Some(p) = self.procs.get_mut(&id)
+                {
+                    p.cw_entries.push_back(s.since_ns);
                 }
             }
         }
@@ -568,11 +567,11 @@ impl Table {
             remote,
             owner,
         });
-        if self.sockets.len() + self.time_wait.len() > self.cfg.max_sockets {
-            if let Some(tw) = self.time_wait.pop_front() {
-                self.drop_tw_index(&tw);
-                self.stats.evicted_sockets += 1;
-            }
+        if self.sockets.len() + self.time_wait.len() > self.cfg.max_sockets
+            && let Some(tw) = self.time_wait.pop_front()
+        {
+            self.drop_tw_index(&tw);
+            self.stats.evicted_sockets += 1;
         }
     }
 
@@ -680,10 +679,10 @@ impl Table {
         if new == TcpState::Close {
             self.sockets.remove(&sk);
             match old {
-                TcpState::Listen => {
-                    if owner.is_some() && self.listeners.get(&local.port()) == owner.as_ref() {
-                        self.listeners.remove(&local.port());
-                    }
+                TcpState::Listen
+                    if owner.is_some() && self.listeners.get(&local.port()) == owner.as_ref() =>
+                {
+                    self.listeners.remove(&local.port());
                 }
                 TcpState::SynSent if phase != ConnectPhase::None => {
                     self.closed_connects.push_back(ClosedConnect {
@@ -725,11 +724,11 @@ impl Table {
         remote: SocketAddr,
         ts: u64,
     ) {
-        if let Some(key) = self.existing.remove(&(local, remote)) {
-            if let Some(s) = self.sockets.remove(&key) {
-                self.sockets.insert(sk, s);
-                return;
-            }
+        if let Some(key) = self.existing.remove(&(local, remote))
+            && let Some(s) = self.sockets.remove(&key)
+        {
+            self.sockets.insert(sk, s);
+            return;
         }
         if !matches!(old, TcpState::Close | TcpState::Listen) {
             self.stats.unknown_socket_events += 1;
@@ -775,7 +774,11 @@ impl Table {
         let id = self.owner_id(owner, ts);
         // The socket may already be closed, with or without its error reported.
         let closed = (sk != 0)
-            .then(|| self.closed_connects.iter().position(|c| c.sk == sk && !c.async_))
+            .then(|| {
+                self.closed_connects
+                    .iter()
+                    .position(|c| c.sk == sk && !c.async_)
+            })
             .flatten();
         if errno == errno::EINPROGRESS {
             if let Some(s) = self.sockets.get_mut(&sk) {

@@ -93,15 +93,44 @@ fn get(fields: &HashMap<String, Field>, tp: &str, name: &str) -> Result<Field> {
         .ok_or_else(|| anyhow!("tracepoint {tp} has no field `{name}`: unsupported kernel"))
 }
 
-/// Builds the offsets from the format files under `root`.
-pub fn offsets_from(root: &std::path::Path) -> Result<Offsets> {
+/// Builds the offsets from the format files under `root`. `sock:inet_sk_error_report` (Linux
+/// 5.14) is optional: without it the second value says what is lost.
+pub fn offsets_from(root: &std::path::Path) -> Result<(Offsets, Option<String>)> {
     let ss = read_event(root, "sock", "inet_sock_set_state")?;
-    let er = read_event(root, "sock", "inet_sk_error_report")?;
+    let (er, degraded) = match read_event(root, "sock", "inet_sk_error_report") {
+        Ok(er) => (er, None),
+        Err(_) => (
+            ERROR_REPORT_FALLBACK.iter().map(|(n, o, sz)| (n.to_string(), Field { offset: *o, size: *sz })).collect(),
+            Some(
+                "tracepoint sock:inet_sk_error_report is missing (Linux < 5.14): failures of non-blocking connects are not counted"
+                    .to_string(),
+            ),
+        ),
+    };
     let ce = read_event(root, "syscalls", "sys_enter_connect")?;
     let cx = read_event(root, "syscalls", "sys_exit_connect")?;
     let so = read_event(root, "syscalls", "sys_enter_socket")?;
     let sx = read_event(root, "syscalls", "sys_exit_socket")?;
-    offsets_from_fields(&ss, &er, &ce, &cx, &so, &sx)
+    Ok((offsets_from_fields(&ss, &er, &ce, &cx, &so, &sx)?, degraded))
+}
+
+/// Placeholder layout for a kernel without `inet_sk_error_report` (its program is not attached).
+const ERROR_REPORT_FALLBACK: &[(&str, u16, u16)] = &[
+    ("error", 8, 4),
+    ("sport", 12, 2),
+    ("dport", 14, 2),
+    ("family", 16, 2),
+    ("protocol", 18, 2),
+    ("saddr", 20, 4),
+    ("daddr", 24, 4),
+    ("saddr_v6", 28, 16),
+    ("daddr_v6", 44, 16),
+];
+
+/// (major, minor) of a kernel release string such as "6.1.0-56-amd64".
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
 
 /// Pure part of [`offsets_from`]: maps parsed fields to [`Offsets`].
@@ -178,10 +207,35 @@ print fmt: \"family=%s\"
     fn parses_fields_with_arrays_and_pointers() {
         let f = parse_format(SET_STATE_5_4);
         assert_eq!(f["skaddr"], Field { offset: 8, size: 8 });
-        assert_eq!(f["protocol"], Field { offset: 30, size: 1 });
-        assert_eq!(f["saddr"], Field { offset: 31, size: 4 });
-        assert_eq!(f["daddr_v6"], Field { offset: 55, size: 16 });
+        assert_eq!(
+            f["protocol"],
+            Field {
+                offset: 30,
+                size: 1
+            }
+        );
+        assert_eq!(
+            f["saddr"],
+            Field {
+                offset: 31,
+                size: 4
+            }
+        );
+        assert_eq!(
+            f["daddr_v6"],
+            Field {
+                offset: 55,
+                size: 16
+            }
+        );
         assert_eq!(f["common_pid"], Field { offset: 4, size: 4 });
+    }
+
+    #[test]
+    fn kernel_versions() {
+        assert_eq!(kernel_version("6.18.44-fc-v669"), Some((6, 18)));
+        assert_eq!(kernel_version("5.4.0-150-generic"), Some((5, 4)));
+        assert_eq!(kernel_version("garbage"), None);
     }
 
     #[test]

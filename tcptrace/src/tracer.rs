@@ -125,6 +125,7 @@ struct Shared {
     stop: AtomicBool,
     started: Instant,
     attached: Vec<&'static str>,
+    degraded: Vec<String>,
 }
 
 /// A running tracer. Dropping it stops the reader and detaches every program.
@@ -149,6 +150,7 @@ impl Tracer {
             stop: AtomicBool::new(false),
             started: Instant::now(),
             attached: probes.attached().to_vec(),
+            degraded: probes.degraded().to_vec(),
         });
         let reader_shared = shared.clone();
         let every = opts.drain_every;
@@ -197,6 +199,11 @@ impl Tracer {
 
     pub fn attached(&self) -> &[&'static str] {
         &self.shared.attached
+    }
+
+    /// What works less well on this kernel (missing optional tracepoints), one sentence each.
+    pub fn degraded(&self) -> &[String] {
+        &self.shared.degraded
     }
 
     /// Stops the reader and detaches every program.
@@ -271,7 +278,10 @@ fn event_context(table: &Table, ev: &TcpEvent) -> EventContext {
         TcpEvent::State { sk, owner, .. } => {
             let known = table.socket_context(sk);
             let (pid, comm) = match (owner, &known) {
-                (Some(o), _) => (o.pid, table.comm_of(o.pid).unwrap_or_else(|| o.comm_str().into())),
+                (Some(o), _) => (
+                    o.pid,
+                    table.comm_of(o.pid).unwrap_or_else(|| o.comm_str().into()),
+                ),
                 (None, Some((Some((pid, comm)), _))) => (*pid, comm.clone()),
                 _ => (0, String::new()),
             };
@@ -302,10 +312,7 @@ fn resolve_owners(
     unowned: Vec<(SocketAddr, SocketAddr)>,
     tried: &mut HashSet<(SocketAddr, SocketAddr)>,
 ) {
-    let fresh: Vec<_> = unowned
-        .into_iter()
-        .filter(|k| tried.insert(*k))
-        .collect();
+    let fresh: Vec<_> = unowned.into_iter().filter(|k| tried.insert(*k)).collect();
     if fresh.is_empty() {
         return;
     }

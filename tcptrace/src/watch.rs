@@ -58,8 +58,12 @@ fn event_sink(json: bool, filter: Filter) -> EventSink {
     if !json {
         let _ = writeln!(
             out.lock(),
-            "{:<12} {:>7} {:<15} {:<26} {:<26} {}",
-            "TIME", "PID", "COMM", "LOCAL", "REMOTE", "TRANSITION"
+            "{:<12} {:>7} {:<15} {:<26} {:<26} TRANSITION",
+            "TIME",
+            "PID",
+            "COMM",
+            "LOCAL",
+            "REMOTE"
         );
     }
     Box::new(move |ev: &TcpEvent, ctx: &EventContext| {
@@ -72,21 +76,20 @@ fn event_sink(json: bool, filter: Filter) -> EventSink {
             remote,
             ..
         } = *ev
+            && filter.matches_event(ctx.pid, &ctx.comm, [local.port(), remote.port()])
         {
-            if filter.matches_event(ctx.pid, &ctx.comm, [local.port(), remote.port()]) {
-                lines.push(EventLine {
-                    ts,
-                    kind: "state",
-                    pid: ctx.pid,
-                    comm: &ctx.comm,
-                    local: Some(local.to_string()),
-                    remote: remote.to_string(),
-                    old: Some(old.name()),
-                    new: Some(new.name()),
-                    ms: ctx.prev_ns.map(|ns| (ns as f64 / 1e3).round() / 1e3),
-                    errno: None,
-                });
-            }
+            lines.push(EventLine {
+                ts,
+                kind: "state",
+                pid: ctx.pid,
+                comm: &ctx.comm,
+                local: Some(local.to_string()),
+                remote: remote.to_string(),
+                old: Some(old.name()),
+                new: Some(new.name()),
+                ms: ctx.prev_ns.map(|ns| (ns as f64 / 1e3).round() / 1e3),
+                errno: None,
+            });
         }
         // Failures as the table counted them (a refused non-blocking connect is decided by its
         // error report, not by connect()'s return value).
@@ -171,6 +174,9 @@ pub async fn run(opts: WatchOptions) -> Result<()> {
         .then(|| event_sink(opts.json, opts.filter.clone()));
     let mut signals = Signals::new()?;
     let tracer = Tracer::start(opts.tracer.clone(), sink)?;
+    for d in tracer.degraded() {
+        eprintln!("tcptrace: warning: {d}");
+    }
     let deadline = opts.duration.map(|d| Instant::now() + d);
     let mode = if opts.events {
         Mode::Events
@@ -211,10 +217,10 @@ pub async fn run(opts: WatchOptions) -> Result<()> {
                 Some(d) if d <= next => d,
                 _ => next,
             };
-            if let Some(d) = deadline {
-                if now >= d {
-                    return Ok(());
-                }
+            if let Some(d) = deadline
+                && now >= d
+            {
+                return Ok(());
             }
             let sleep = wake.saturating_duration_since(now);
             tokio::select! {
@@ -243,7 +249,9 @@ enum Mode {
 
 fn print_json(snap: &Snapshot) -> bool {
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer(&mut out, snap).is_ok() && out.write_all(b"\n").is_ok() && out.flush().is_ok()
+    serde_json::to_writer(&mut out, snap).is_ok()
+        && out.write_all(b"\n").is_ok()
+        && out.flush().is_ok()
 }
 
 fn print_text(snap: &Snapshot, wide: bool, leak_after_ns: u64) -> bool {
@@ -283,7 +291,13 @@ fn top_error(p: &ProcessView) -> String {
 
 /// The lines of one screen: a host summary, then processes worst first (at most `rows`).
 /// Lines are cut to `width` characters.
-pub fn render(snap: &Snapshot, wide: bool, leak_after_ns: u64, width: usize, rows: usize) -> Vec<String> {
+pub fn render(
+    snap: &Snapshot,
+    wide: bool,
+    leak_after_ns: u64,
+    width: usize,
+    rows: usize,
+) -> Vec<String> {
     let h = &snap.host;
     let mut lines = vec![
         format!(
@@ -387,10 +401,7 @@ impl Screen {
             let _ = crossterm::queue!(out, crossterm::cursor::MoveTo(0, i as u16));
             let _ = write!(out, "{l}");
         }
-        let _ = crossterm::queue!(
-            out,
-            crossterm::cursor::MoveTo(0, rows.saturating_sub(1))
-        );
+        let _ = crossterm::queue!(out, crossterm::cursor::MoveTo(0, rows.saturating_sub(1)));
         let _ = write!(out, "tcptrace watch: Ctrl-C to quit");
         let _ = out.flush();
     }
@@ -444,8 +455,14 @@ mod tests {
     fn screen_lines_fit_80_columns() {
         let lines = render(&snap(), false, 5_000_000_000, 80, 20);
         assert!(lines.iter().all(|l| l.chars().count() <= 80), "{lines:#?}");
-        assert_eq!(lines[0], "10:01:01 UTC  established 0  time_wait 0  close_wait 0  listen 0  total 0");
-        assert_eq!(lines[1], "dropped events 0  ports 0-0  leak after 5s  exited processes 0");
+        assert_eq!(
+            lines[0],
+            "10:01:01 UTC  established 0  time_wait 0  close_wait 0  listen 0  total 0"
+        );
+        assert_eq!(
+            lines[1],
+            "dropped events 0  ports 0-0  leak after 5s  exited processes 0"
+        );
         assert_eq!(
             lines[3],
             "   4242 a-very-long-com      3      2   1.2m     10      7 EADDRNOTAVAIL     0.0"
@@ -466,7 +483,9 @@ mod tests {
             ms: None,
             errno: Some("ECONNREFUSED".into()),
         };
-        assert!(text_event(&l).ends_with("127.0.0.1:1                connect failed: ECONNREFUSED"));
+        assert!(
+            text_event(&l).ends_with("127.0.0.1:1                connect failed: ECONNREFUSED")
+        );
         let j = serde_json::to_value(&l).unwrap();
         assert_eq!(j["type"], "connect_failed");
         assert_eq!(j["errno"], "ECONNREFUSED");

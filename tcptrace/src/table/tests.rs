@@ -134,14 +134,25 @@ fn leak_appears_after_threshold_and_disappears_when_the_app_closes() {
     let cur = owner(10, OwnerSource::Recorded);
     for sk in [100, 101] {
         let cli = format!("127.0.0.1:{}", 40000 + sk - 100);
-        t.apply(&st(8 * S, sk, CloseWait, LastAck, "127.0.0.1:8080", &cli, cur));
+        t.apply(&st(
+            8 * S,
+            sk,
+            CloseWait,
+            LastAck,
+            "127.0.0.1:8080",
+            &cli,
+            cur,
+        ));
         t.apply(&st(8 * S, sk, LastAck, Close, "127.0.0.1:8080", &cli, cur));
     }
     let s = snap(&t, 9 * S);
     let p = proc_view(&s, 10);
     assert_eq!((p.close_wait.count, p.close_wait.leaked), (1, 1));
     assert_eq!(p.churn.closed_total, 2);
-    assert_eq!(p.churn.time_wait_total, 0, "passive close leaves no TIME_WAIT");
+    assert_eq!(
+        p.churn.time_wait_total, 0,
+        "passive close leaves no TIME_WAIT"
+    );
     assert_eq!(s.host.close_wait, 1);
 }
 
@@ -160,9 +171,33 @@ fn accepted_socket_without_kernel_owner_takes_the_listeners_owner() {
         owner(10, OwnerSource::Current),
     ));
     // The kernel lost the owner (e.g. LRU eviction): no owner on any event.
-    t.apply(&st(S, 2, Listen, SynRecv, "[::1]:9000", "[::1]:50000", None));
-    t.apply(&st(S, 2, SynRecv, Established, "[::1]:9000", "[::1]:50000", None));
-    t.apply(&st(S, 2, Established, CloseWait, "[::1]:9000", "[::1]:50000", None));
+    t.apply(&st(
+        S,
+        2,
+        Listen,
+        SynRecv,
+        "[::1]:9000",
+        "[::1]:50000",
+        None,
+    ));
+    t.apply(&st(
+        S,
+        2,
+        SynRecv,
+        Established,
+        "[::1]:9000",
+        "[::1]:50000",
+        None,
+    ));
+    t.apply(&st(
+        S,
+        2,
+        Established,
+        CloseWait,
+        "[::1]:9000",
+        "[::1]:50000",
+        None,
+    ));
     assert_eq!(
         t.close_wait_sockets(),
         vec![(a("[::1]:9000"), a("[::1]:50000"), Some(10))]
@@ -203,14 +238,46 @@ fn pid_reuse_makes_a_new_process_and_keeps_the_old_totals() {
     let o = owner(20, OwnerSource::Current);
     let r = owner(20, OwnerSource::Recorded);
     t.apply(&st(0, 1, Close, SynSent, "127.0.0.1:0", "127.0.0.1:80", o));
-    t.apply(&st(0, 1, SynSent, Established, "127.0.0.1:40000", "127.0.0.1:80", r));
-    t.apply(&st(0, 1, Established, Close, "127.0.0.1:40000", "127.0.0.1:80", r));
+    t.apply(&st(
+        0,
+        1,
+        SynSent,
+        Established,
+        "127.0.0.1:40000",
+        "127.0.0.1:80",
+        r,
+    ));
+    t.apply(&st(
+        0,
+        1,
+        Established,
+        Close,
+        "127.0.0.1:40000",
+        "127.0.0.1:80",
+        r,
+    ));
 
     // pid 20 exits and is reused by another program.
     procs.set(20, 2000, "new");
     t.tick(S);
-    t.apply(&st(2 * S, 2, Close, SynSent, "127.0.0.1:0", "127.0.0.1:81", o));
-    t.apply(&st(2 * S, 2, SynSent, Established, "127.0.0.1:40001", "127.0.0.1:81", r));
+    t.apply(&st(
+        2 * S,
+        2,
+        Close,
+        SynSent,
+        "127.0.0.1:0",
+        "127.0.0.1:81",
+        o,
+    ));
+    t.apply(&st(
+        2 * S,
+        2,
+        SynSent,
+        Established,
+        "127.0.0.1:40001",
+        "127.0.0.1:81",
+        r,
+    ));
 
     let s = snap(&t, 3 * S);
     let ps: Vec<_> = s.processes.iter().filter(|p| p.pid == 20).collect();
@@ -218,16 +285,38 @@ fn pid_reuse_makes_a_new_process_and_keeps_the_old_totals() {
     let old = ps.iter().find(|p| p.start_time == 1000).unwrap();
     let new = ps.iter().find(|p| p.start_time == 2000).unwrap();
     assert!(old.exited && !new.exited);
-    assert_eq!((old.comm.as_str(), old.connects.ok, old.churn.closed_total), ("old", 1, 1));
-    assert_eq!((new.comm.as_str(), new.connects.ok, new.churn.closed_total), ("new", 1, 0));
+    assert_eq!(
+        (old.comm.as_str(), old.connects.ok, old.churn.closed_total),
+        ("old", 1, 1)
+    );
+    assert_eq!(
+        (new.comm.as_str(), new.connects.ok, new.churn.closed_total),
+        ("new", 1, 0)
+    );
 
     // A late event of a process that has exited stays with it.
     procs.set(21, 500, "late");
-    t.apply(&st(3 * S, 3, Close, SynSent, "127.0.0.1:0", "127.0.0.1:82", owner(21, OwnerSource::Current)));
+    t.apply(&st(
+        3 * S,
+        3,
+        Close,
+        SynSent,
+        "127.0.0.1:0",
+        "127.0.0.1:82",
+        owner(21, OwnerSource::Current),
+    ));
     procs.kill(21);
     t.tick(4 * S);
     let r21 = owner(21, OwnerSource::Recorded);
-    t.apply(&st(4 * S, 3, SynSent, Established, "127.0.0.1:40002", "127.0.0.1:82", r21));
+    t.apply(&st(
+        4 * S,
+        3,
+        SynSent,
+        Established,
+        "127.0.0.1:40002",
+        "127.0.0.1:82",
+        r21,
+    ));
     let s = snap(&t, 4 * S);
     let late: Vec<_> = s.processes.iter().filter(|p| p.pid == 21).collect();
     assert_eq!(late.len(), 1, "{late:#?}");
@@ -265,10 +354,19 @@ fn eaddrnotavail_is_counted_for_the_pid_and_destination() {
     let p = proc_view(&s, 30);
     assert_eq!(p.connects.failed.get("EADDRNOTAVAIL"), Some(&3));
     assert_eq!(p.connects.ok, 0);
-    assert_eq!(p.churn.closed_total, 0, "a failed connect is not a closed connection");
+    assert_eq!(
+        p.churn.closed_total, 0,
+        "a failed connect is not a closed connection"
+    );
     assert_eq!(p.destinations[0].remote, dst);
-    assert_eq!(p.destinations[0].connects.failed.get("EADDRNOTAVAIL"), Some(&3));
-    assert_eq!(s.destinations[0].connects_failed.get("EADDRNOTAVAIL"), Some(&3));
+    assert_eq!(
+        p.destinations[0].connects.failed.get("EADDRNOTAVAIL"),
+        Some(&3)
+    );
+    assert_eq!(
+        s.destinations[0].connects_failed.get("EADDRNOTAVAIL"),
+        Some(&3)
+    );
 }
 
 #[test]
@@ -360,7 +458,10 @@ fn non_blocking_refusal_inside_the_connect_call_counts_once() {
     let s = snap(&t, 2 * S);
     let p = proc_view(&s, 44);
     assert_eq!(p.connects.failed.get("ECONNREFUSED"), Some(&3));
-    assert_eq!(p.destinations[0].connects.failed.get("ECONNREFUSED"), Some(&3));
+    assert_eq!(
+        p.destinations[0].connects.failed.get("ECONNREFUSED"),
+        Some(&3)
+    );
 }
 
 #[test]
@@ -402,7 +503,10 @@ fn early_failure_without_state_change_is_counted() {
         owner: owner(43, OwnerSource::Current).unwrap(),
     });
     let s = snap(&t, 2 * S);
-    assert_eq!(proc_view(&s, 43).connects.failed.get("ENETUNREACH"), Some(&1));
+    assert_eq!(
+        proc_view(&s, 43).connects.failed.get("ENETUNREACH"),
+        Some(&1)
+    );
 }
 
 #[test]
@@ -441,7 +545,10 @@ fn churn_counts_closes_time_wait_and_rate() {
     assert_eq!(p.churn.time_wait, 30);
     assert_eq!(p.churn.closed_per_sec, 10.0);
     assert_eq!(s.host.time_wait, 30);
-    assert_eq!(p.destinations[0].ports_in_use, 30, "TIME_WAIT holds the port");
+    assert_eq!(
+        p.destinations[0].ports_in_use, 30,
+        "TIME_WAIT holds the port"
+    );
     assert_eq!(s.destinations[0].remote, dst);
     assert_eq!(s.destinations[0].ports_in_use, 30);
     assert_eq!(s.destinations[0].connects_ok, 60);
@@ -503,7 +610,15 @@ fn existing_sockets_are_reported_at_once_and_adopted_by_address() {
 
     // The application closes one: the event carries a kernel address we never saw.
     let cur = owner(60, OwnerSource::Current);
-    t.apply(&st(17 * S, 0xabc, CloseWait, LastAck, "127.0.0.1:7000", "127.0.0.1:45000", cur));
+    t.apply(&st(
+        17 * S,
+        0xabc,
+        CloseWait,
+        LastAck,
+        "127.0.0.1:7000",
+        "127.0.0.1:45000",
+        cur,
+    ));
     let s = snap(&t, 17 * S);
     assert_eq!(proc_view(&s, 60).close_wait.count, 1);
     assert_eq!(s.host.total, 4, "adopted, not duplicated");
@@ -529,8 +644,24 @@ fn events_for_unknown_sockets_create_them() {
     let s = snap(&t, 7 * S);
     assert_eq!(proc_view(&s, 70).close_wait.leaked, 1);
     // Unknown and ownerless: counted on the host, not attributed.
-    t.apply(&st(S, 0x78, FinWait1, FinWait2, "10.1.1.1:81", "10.1.1.2:5001", None));
-    t.apply(&st(S, 0x78, FinWait2, Close, "10.1.1.1:81", "10.1.1.2:5001", None));
+    t.apply(&st(
+        S,
+        0x78,
+        FinWait1,
+        FinWait2,
+        "10.1.1.1:81",
+        "10.1.1.2:5001",
+        None,
+    ));
+    t.apply(&st(
+        S,
+        0x78,
+        FinWait2,
+        Close,
+        "10.1.1.1:81",
+        "10.1.1.2:5001",
+        None,
+    ));
     let s = snap(&t, 7 * S);
     assert_eq!(s.host.time_wait, 1);
     assert_eq!(s.host.close_wait, 1);
@@ -566,10 +697,34 @@ fn filters_select_processes() {
         .collect()
     };
     assert_eq!(pids(Filter::default()), vec![11, 10]);
-    assert_eq!(pids(Filter { pids: vec![10], ..Default::default() }), vec![10]);
-    assert_eq!(pids(Filter { comms: vec!["other".into()], ..Default::default() }), vec![11]);
-    assert_eq!(pids(Filter { ports: vec![8080], ..Default::default() }), vec![10]);
-    assert_eq!(pids(Filter { ports: vec![9], ..Default::default() }), vec![11]);
+    assert_eq!(
+        pids(Filter {
+            pids: vec![10],
+            ..Default::default()
+        }),
+        vec![10]
+    );
+    assert_eq!(
+        pids(Filter {
+            comms: vec!["other".into()],
+            ..Default::default()
+        }),
+        vec![11]
+    );
+    assert_eq!(
+        pids(Filter {
+            ports: vec![8080],
+            ..Default::default()
+        }),
+        vec![10]
+    );
+    assert_eq!(
+        pids(Filter {
+            ports: vec![9],
+            ..Default::default()
+        }),
+        vec![11]
+    );
 }
 
 #[test]
@@ -621,7 +776,15 @@ fn table_apply_rate() {
         let cl = SocketAddr::from(([127, 0, 0, 1], lp));
         let sv = SocketAddr::from(([127, 0, 0, 1], 80));
         let z = SocketAddr::from(([127, 0, 0, 1], 0));
-        let ev = |sk, old, new, local, remote, owner| TcpEvent::State { ts_ns: ts, sk, old, new, local, remote, owner };
+        let ev = |sk, old, new, local, remote, owner| TcpEvent::State {
+            ts_ns: ts,
+            sk,
+            old,
+            new,
+            local,
+            remote,
+            owner,
+        };
         evs.push(ev(csk, Close, SynSent, z, sv, c));
         evs.push(ev(ssk, Listen, SynRecv, sv, cl, s));
         evs.push(ev(csk, SynSent, Established, cl, sv, cr));
