@@ -383,7 +383,10 @@ impl Screen {
     }
 
     fn draw(&mut self, snap: &Snapshot, wide: bool, leak_after_ns: u64) {
-        let (cols, rows) = crossterm::terminal::size().unwrap_or((80, 24));
+        let (cols, rows) = match crossterm::terminal::size() {
+            Ok((c, r)) if c > 0 && r > 0 => (c, r),
+            _ => (80, 24),
+        };
         let lines = render(
             snap,
             wide,
