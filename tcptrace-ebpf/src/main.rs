@@ -258,7 +258,11 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     // SAFETY: helper without arguments.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.dport = rec.u16(off!(ss_dport));
-    rec.addrs(ev, (off!(ss_saddr), off!(ss_daddr)), (off!(ss_saddr_v6), off!(ss_daddr_v6)));
+    rec.addrs(
+        ev,
+        (off!(ss_saddr), off!(ss_daddr)),
+        (off!(ss_saddr_v6), off!(ss_daddr_v6)),
+    );
 
     let process_context = (old == tcp_state::CLOSE && new == tcp_state::SYN_SENT)
         || new == tcp_state::LISTEN
@@ -453,7 +457,11 @@ fn try_error_report(ctx: &TracePointContext) -> Result<(), i32> {
         ret: rec.i32(off!(er_error)),
         ..Event::default()
     };
-    rec.addrs(&mut ev, (off!(er_saddr), off!(er_daddr)), (off!(er_saddr_v6), off!(er_daddr_v6)));
+    rec.addrs(
+        &mut ev,
+        (off!(er_saddr), off!(er_daddr)),
+        (off!(er_saddr_v6), off!(er_daddr_v6)),
+    );
     if EVENTS.output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64).is_ok() {
         count(COUNTER_SUBMITTED);
     } else {

@@ -47,7 +47,12 @@ pub fn findings(p: &ProcessView, range_size: u64, alerts: &Alerts) -> Vec<String
     }
     // A fifth of the host TIME_WAIT rule of thumb in one process is churn too.
     let many_tw = p.churn.time_wait > 0 && p.churn.time_wait >= alerts.time_wait / 5;
-    if p.churn.closed_per_sec >= alerts.churn_per_sec || many_tw {
+    // Churning now, or on average over the last minute (a report often comes after the burst).
+    let per_sec_1m = p.churn.closed_last_min as f64 / 60.0;
+    if p.churn.closed_per_sec >= alerts.churn_per_sec
+        || per_sec_1m >= alerts.churn_per_sec
+        || many_tw
+    {
         f.push(CONNECTION_CHURN.to_string());
     }
     let near_full = range_size > 0
@@ -328,8 +333,12 @@ pub fn render_text(r: &Report) -> String {
         let ch = &p["churn"];
         let _ = writeln!(
             o,
-            "  churn: {} closed ({}/s), TIME_WAIT now {} (total {})",
-            ch["closed_total"], ch["closed_per_sec"], ch["time_wait"], ch["time_wait_total"]
+            "  churn: {} closed ({}/s now, {} in the last minute), TIME_WAIT now {} (total {})",
+            ch["closed_total"],
+            ch["closed_per_sec"],
+            ch["closed_last_min"],
+            ch["time_wait"],
+            ch["time_wait_total"]
         );
         for d in p["destinations"].as_array().into_iter().flatten().take(5) {
             let remote = d["remote"].as_str().unwrap_or("?");

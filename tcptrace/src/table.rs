@@ -26,7 +26,7 @@ const NS: u64 = 1_000_000_000;
 /// TCP_TIMEWAIT_LEN: a socket stays in TIME_WAIT for 60 s (unless its port is reused first).
 pub const TIME_WAIT_NS: u64 = 60 * NS;
 /// Seconds of close history kept per process for the closes-per-second rate.
-const RATE_BUCKETS: usize = 8;
+const RATE_BUCKETS: usize = 64;
 /// Window of the closes-per-second rate, in seconds.
 const RATE_WINDOW: u64 = 5;
 /// Per-process destinations kept; further ones are summed under "other".
@@ -148,6 +148,8 @@ struct Sock {
     connect: ConnectPhase,
     /// Reached a synchronized state: its close counts as a closed connection.
     connected: bool,
+    /// Accepted from a listener (its remote is a client, not a destination).
+    inbound: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -190,14 +192,19 @@ impl Proc {
     /// Closes per second over the last RATE_WINDOW seconds, the current one included, so that a
     /// burst shows at once.
     fn close_rate(&self, now_ns: u64) -> f64 {
+        self.closes_in(now_ns, RATE_WINDOW) as f64 / RATE_WINDOW as f64
+    }
+
+    /// Closes in the last `secs` seconds (at most RATE_BUCKETS), the current one included.
+    fn closes_in(&self, now_ns: u64, secs: u64) -> u64 {
         let now_sec = now_ns / NS;
         let mut sum = 0u64;
-        for s in (now_sec + 1).saturating_sub(RATE_WINDOW)..=now_sec {
+        for s in (now_sec + 1).saturating_sub(secs)..=now_sec {
             if s <= self.bucket_sec && self.bucket_sec - s < RATE_BUCKETS as u64 {
                 sum += self.close_buckets[(s % RATE_BUCKETS as u64) as usize] as u64;
             }
         }
-        sum as f64 / RATE_WINDOW as f64
+        sum
     }
 
     fn dest(&mut self, remote: SocketAddr) -> &mut DestStats {
@@ -214,6 +221,7 @@ struct TimeWait {
     local: SocketAddr,
     remote: SocketAddr,
     owner: Option<ProcId>,
+    inbound: bool,
 }
 
 /// A connect whose socket went SYN_SENT -> CLOSE before its outcome was known: either a
@@ -485,10 +493,16 @@ impl Table {
 
     /// Loads the sockets that existed before tracing started.
     pub fn load_existing(&mut self, socks: &[ExistingSocket], now_ns: u64) {
+        let listen_ports: std::collections::HashSet<u16> = socks
+            .iter()
+            .filter(|s| s.state == TcpState::Listen)
+            .map(|s| s.local.port())
+            .collect();
         for s in socks {
             let owner = s.pid.map(|pid| self.proc_for_pid(pid, None, now_ns));
+            let inbound = s.state != TcpState::Listen && listen_ports.contains(&s.local.port());
             if s.state == TcpState::TimeWait {
-                self.push_time_wait(now_ns, s.local, s.remote, owner);
+                self.push_time_wait(now_ns, s.local, s.remote, owner, inbound);
                 continue;
             }
             let key = self.next_synthetic;
@@ -514,6 +528,7 @@ impl Table {
                     owner,
                     connect: ConnectPhase::None,
                     connected: is_connected_state(s.state),
+                    inbound,
                 },
             );
             self.existing.insert((s.local, s.remote), key);
@@ -558,6 +573,7 @@ impl Table {
         local: SocketAddr,
         remote: SocketAddr,
         owner: Option<ProcId>,
+        inbound: bool,
     ) {
         let expiry_ns = now_ns + TIME_WAIT_NS;
         self.tw_index.insert((local, remote), expiry_ns);
@@ -566,6 +582,7 @@ impl Table {
             local,
             remote,
             owner,
+            inbound,
         });
         if self.sockets.len() + self.time_wait.len() > self.cfg.max_sockets
             && let Some(tw) = self.time_wait.pop_front()
@@ -645,8 +662,17 @@ impl Table {
         }
         s.state = new;
         s.since_ns = ts;
-        let (owner, local, remote, phase, connected) =
-            (s.owner, s.local, s.remote, s.connect, s.connected);
+        if new == TcpState::SynRecv {
+            s.inbound = true;
+        }
+        let (owner, local, remote, phase, connected, inbound) = (
+            s.owner,
+            s.local,
+            s.remote,
+            s.connect,
+            s.connected,
+            s.inbound,
+        );
 
         match (old, new) {
             (TcpState::Close, TcpState::SynSent) => {
@@ -708,7 +734,7 @@ impl Table {
                     }
                 }
                 if matches!(old, TcpState::FinWait2 | TcpState::Closing) {
-                    self.push_time_wait(ts, local, remote, owner);
+                    self.push_time_wait(ts, local, remote, owner, inbound);
                 }
             }
         }
@@ -746,6 +772,8 @@ impl Table {
                 owner: None,
                 connect: ConnectPhase::None,
                 connected: is_connected_state(old),
+                inbound: old == TcpState::Listen
+                    || (old != TcpState::Close && self.listeners.contains_key(&local.port())),
             },
         );
     }
@@ -916,7 +944,8 @@ impl Table {
                 _ => {}
             }
             host.total += 1;
-            let uses_port = !matches!(s.state, TcpState::Listen | TcpState::Close)
+            let uses_port = !s.inbound
+                && !matches!(s.state, TcpState::Listen | TcpState::Close)
                 && s.local.port() != 0
                 && s.remote.port() != 0;
             if uses_port {
@@ -936,14 +965,17 @@ impl Table {
         for tw in &self.time_wait {
             host.time_wait += 1;
             host.total += 1;
-            *dest_ports.entry(tw.remote).or_default() += 1;
+            if !tw.inbound {
+                *dest_ports.entry(tw.remote).or_default() += 1;
+            }
             if let Some(id) = tw.owner {
                 let acc = per_proc.entry(id).or_default();
                 acc.tw_now += 1;
-                *acc.ports.entry(tw.remote).or_default() += 1;
+                if !tw.inbound {
+                    *acc.ports.entry(tw.remote).or_default() += 1;
+                }
             }
         }
-
         let leak_ns = self.cfg.leak_after_ns;
         let mut processes = Vec::new();
         for (id, p) in &self.procs {
@@ -1031,6 +1063,7 @@ impl Table {
                 churn: ChurnView {
                     closed_total: p.closed_total,
                     closed_per_sec: round3(p.close_rate(now_ns)),
+                    closed_last_min: p.closes_in(now_ns, 60),
                     time_wait_total: p.time_wait_total,
                     time_wait: acc.tw_now,
                 },

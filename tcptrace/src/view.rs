@@ -58,7 +58,10 @@ impl ConnectsView {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ChurnView {
     pub closed_total: u64,
+    /// Average over the last 5 seconds.
     pub closed_per_sec: f64,
+    /// Closes in the last 60 seconds.
+    pub closed_last_min: u64,
     pub time_wait_total: u64,
     /// Sockets of this process in TIME_WAIT now.
     pub time_wait: u64,

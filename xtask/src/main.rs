@@ -43,7 +43,8 @@ enum Cmd {
 }
 
 /// Debian packages: the first four build bpf-linker; the rest are used by the tests and the
-/// benchmark (ip, sysctl, ss, setpriv, bpftool, bpftrace, prometheus).
+/// benchmark (ip, sysctl, ss, setpriv, bpftool, bpftrace, prometheus, and QEMU with busybox to
+/// boot Debian's 6.1 kernel for the old-kernel test).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -55,6 +56,8 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "bpftrace",
     "prometheus",
+    "qemu-system-x86",
+    "busybox-static",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -118,6 +118,11 @@ fn leak_appears_after_threshold_and_disappears_when_the_app_closes() {
         accepted_then_peer_closes(&mut t, 100 + i, S, "127.0.0.1:8080", &cli);
     }
     let s = snap(&t, 3 * S);
+    assert!(
+        s.destinations.is_empty(),
+        "clients are not destinations: {:?}",
+        s.destinations
+    );
     let p = proc_view(&s, 10);
     assert_eq!((p.close_wait.count, p.close_wait.leaked), (3, 0));
     assert_eq!(p.close_wait.oldest_secs, 2.0);
