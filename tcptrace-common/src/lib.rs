@@ -83,12 +83,8 @@ pub struct Offsets {
     pub er_daddr: u16,
     pub er_saddr_v6: u16,
     pub er_daddr_v6: u16,
-    pub ce_fd: u16,
     pub ce_uservaddr: u16,
     pub cx_ret: u16,
-    pub so_family: u16,
-    pub so_type: u16,
-    pub sx_ret: u16,
 }
 
 impl Offsets {
@@ -117,22 +113,14 @@ impl Offsets {
         er_daddr: 24,
         er_saddr_v6: 28,
         er_daddr_v6: 44,
-        ce_fd: 16,
         ce_uservaddr: 24,
         cx_ret: 16,
-        so_family: 16,
-        so_type: 24,
-        sx_ret: 16,
     };
 }
 
-/// Index into the per-CPU `COUNTERS` array: records submitted to the ring buffer.
-pub const COUNTER_SUBMITTED: u32 = 0;
 /// Index into the per-CPU `COUNTERS` array: records lost because the ring buffer was full.
-pub const COUNTER_DROPPED: u32 = 1;
-/// Index into the per-CPU `COUNTERS` array: tracepoint hits seen (TCP only).
-pub const COUNTER_HITS: u32 = 2;
-pub const COUNTERS_LEN: u32 = 4;
+pub const COUNTER_DROPPED: u32 = 0;
+pub const COUNTERS_LEN: u32 = 1;
 
 /// Default ring buffer size in bytes (power of two, multiple of the page size).
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;

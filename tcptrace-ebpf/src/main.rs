@@ -5,16 +5,18 @@
 //!   (connect, listen, the application's close) and inherited by accepted sockets from their
 //!   listener; softirq transitions never take whatever task happened to be on the CPU.
 //! * `syscalls:sys_enter_connect` / `sys_exit_connect`: destination and return value of every
-//!   TCP `connect()` that does not succeed at once (errors and -EINPROGRESS).
-//! * `syscalls:sys_enter_socket` / `sys_exit_socket`: which file descriptors are TCP sockets, so
-//!   that a connect failing before the socket changes state (ENETUNREACH) is known to be TCP.
-//! * `sock:inet_sk_error_report` (TCP only): asynchronous errors, e.g. a non-blocking connect
-//!   refused.
+//!   IPv4/IPv6 `connect()` that does not succeed at once (errors and -EINPROGRESS).
+//! * `sock:inet_sk_error_report` (TCP only, connect-phase errors only): asynchronous errors,
+//!   e.g. a non-blocking connect refused.
 //!
 //! Field offsets come from userspace (`OFFSETS`, read from tracefs at start-up). Records go to
 //! userspace through one ring buffer, submitted without wake-up: the reader drains it on a
 //! timer, which costs far less than one wake-up per record. A record that cannot be reserved is
 //! counted in the per-CPU `COUNTERS[COUNTER_DROPPED]`.
+//!
+//! Cost matters: these programs run in the workload's own context on every connection. Maps
+//! whose entries are always removed use plain hashes; the LRU maps use per-CPU LRU lists
+//! (BPF_F_NO_COMMON_LRU) so that inserts on different CPUs do not contend.
 #![no_std]
 #![no_main]
 
@@ -26,13 +28,13 @@ use aya_ebpf::{
         bpf_ktime_get_ns, bpf_probe_read_kernel_buf, bpf_probe_read_user,
     },
     macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use tcptrace_common::{
-    AF_INET, AF_INET6, COUNTER_DROPPED, COUNTER_HITS, COUNTER_SUBMITTED, COUNTERS_LEN,
-    DEFAULT_RING_BYTES, Event, FLAG_OWNER_CURRENT, FLAG_OWNER_INHERITED, FLAG_OWNER_RECORDED,
-    IPPROTO_TCP, KIND_CONNECT, KIND_ERROR, KIND_STATE, Offsets, TP_RECORD_MAX, tcp_state,
+    AF_INET, AF_INET6, COUNTER_DROPPED, COUNTERS_LEN, DEFAULT_RING_BYTES, Event,
+    FLAG_OWNER_CURRENT, FLAG_OWNER_INHERITED, FLAG_OWNER_RECORDED, IPPROTO_TCP, KIND_CONNECT,
+    KIND_ERROR, KIND_STATE, Offsets, TP_RECORD_MAX, tcp_state,
 };
 
 /// Overridden at load time with the offsets tracefs gives (read-only data: the verifier knows
@@ -74,9 +76,11 @@ struct ConnectCtx {
     daddr: [u8; 16],
     dport: u16,
     family: u8,
-    tcp_fd: u8,
-    _pad: u32,
+    _pad: [u8; 5],
 }
+
+/// BPF_F_NO_COMMON_LRU: each CPU keeps its own LRU list (cheaper inserts under load).
+const NO_COMMON_LRU: u32 = 2;
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
@@ -91,23 +95,15 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 
 /// skaddr -> owner. LRU and bounded: a socket whose entry was evicted is reported without owner
 /// and userspace falls back to its own table.
 #[map]
-static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(131072, 0);
+static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(131072, NO_COMMON_LRU);
 
 /// (family << 16 | port) -> owner of the listening socket, inherited by accepted sockets.
 #[map]
-static LISTENERS: LruHashMap<u32, Listener> = LruHashMap::with_max_entries(8192, 0);
+static LISTENERS: LruHashMap<u32, Listener> = LruHashMap::with_max_entries(8192, NO_COMMON_LRU);
 
-/// thread id -> connect() in flight.
+/// thread id -> connect() in flight. Every entry is removed when the syscall returns.
 #[map]
-static CONNECTS: LruHashMap<u32, ConnectCtx> = LruHashMap::with_max_entries(16384, 0);
-
-/// thread id -> socket(AF_INET*, SOCK_STREAM) in flight.
-#[map]
-static SOCKET_CALLS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(4096, 0);
-
-/// (tgid << 32 | fd) -> 1 for file descriptors created as TCP sockets.
-#[map]
-static TCP_FDS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+static CONNECTS: HashMap<u32, ConnectCtx> = HashMap::with_max_entries(16384, 0);
 
 #[inline(always)]
 fn count(index: u32) {
@@ -224,7 +220,6 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     if rec.proto(off!(ss_protocol), off!(ss_protocol_size)) != IPPROTO_TCP {
         return Ok(());
     }
-    count(COUNTER_HITS);
     let skaddr = rec.u64(off!(ss_skaddr));
     let old = rec.i32(off!(ss_oldstate)) as u8;
     let new = rec.i32(off!(ss_newstate)) as u8;
@@ -315,37 +310,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
     }
     entry.submit(BPF_RB_NO_WAKEUP as u64);
-    count(COUNTER_SUBMITTED);
     Ok(())
-}
-
-#[tracepoint]
-pub fn sys_enter_socket(ctx: TracePointContext) -> u32 {
-    let family = read::<u64>(&ctx, off!(so_family)).unwrap_or(0) as u32;
-    let ty = read::<u64>(&ctx, off!(so_type)).unwrap_or(0) as u32;
-    // SOCK_STREAM == 1; the high bits carry SOCK_NONBLOCK / SOCK_CLOEXEC.
-    if (family == AF_INET as u32 || family == AF_INET6 as u32) && ty & 0xf == 1 {
-        let tid = bpf_get_current_pid_tgid() as u32;
-        let _ = SOCKET_CALLS.insert(&tid, &1, 0);
-    }
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let tid = id as u32;
-    // SAFETY: presence check only.
-    if unsafe { SOCKET_CALLS.get(&tid) }.is_none() {
-        return 0;
-    }
-    let _ = SOCKET_CALLS.remove(&tid);
-    let fd = read::<i64>(&ctx, off!(sx_ret)).unwrap_or(-1);
-    if fd >= 0 {
-        let key = (id & 0xffff_ffff_0000_0000) | fd as u64;
-        let _ = TCP_FDS.insert(&key, &1, 0);
-    }
-    0
 }
 
 #[tracepoint]
@@ -355,7 +320,6 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 }
 
 fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
-    let fd = read::<u64>(ctx, off!(ce_fd))? as u32;
     let uaddr = read::<u64>(ctx, off!(ce_uservaddr))? as *const [u8; 16];
     // SAFETY: user memory read through bpf_probe_read_user.
     let head = unsafe { bpf_probe_read_user(uaddr)? };
@@ -368,8 +332,7 @@ fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
         daddr: [0; 16],
         dport: u16::from_be_bytes([head[2], head[3]]),
         family,
-        tcp_fd: 0,
-        _pad: 0,
+        _pad: [0; 5],
     };
     if family == AF_INET {
         c.daddr[..4].copy_from_slice(&head[4..8]);
@@ -380,11 +343,6 @@ fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
         c.daddr.copy_from_slice(&full[8..24]);
     }
     let id = bpf_get_current_pid_tgid();
-    let key = (id & 0xffff_ffff_0000_0000) | fd as u64;
-    // SAFETY: presence check only.
-    if unsafe { TCP_FDS.get(&key) }.is_some() {
-        c.tcp_fd = 1;
-    }
     let _ = CONNECTS.insert(&(id as u32), &c, 0);
     Ok(())
 }
@@ -404,8 +362,9 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
     let _ = CONNECTS.remove(&tid);
     let ret = read::<i64>(ctx, off!(cx_ret))?;
     // Success is visible as SYN_SENT -> ESTABLISHED; only errors and -EINPROGRESS are sent.
-    // A socket that never reached SYN_SENT is reported only when it is known to be TCP.
-    if ret == 0 || (c.skaddr == 0 && c.tcp_fd == 0) {
+    // A call that failed before any TCP state change (no route) may be on a datagram socket
+    // too: userspace counts those as failures to reach the destination.
+    if ret == 0 {
         return Ok(());
     }
     let o = current_owner();
@@ -428,9 +387,10 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
         daddr: c.daddr,
         comm: o.comm,
     };
-    if EVENTS.output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64).is_ok() {
-        count(COUNTER_SUBMITTED);
-    } else {
+    if EVENTS
+        .output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64)
+        .is_err()
+    {
         count(COUNTER_DROPPED);
     }
     Ok(())
@@ -443,6 +403,12 @@ pub fn inet_sk_error_report(ctx: TracePointContext) -> u32 {
 }
 
 fn try_error_report(ctx: &TracePointContext) -> Result<(), i32> {
+    // Only errors a connect can end with; ECONNRESET, EPIPE and the like (established
+    // connections, one or two per closed-by-RST connection) are filtered here, cheaply.
+    let error = read::<i32>(ctx, off!(er_error))?;
+    if !matches!(error, 1 | 13 | 100 | 101 | 110 | 111 | 112 | 113) {
+        return Ok(());
+    }
     let rec = Record::read(ctx)?;
     if rec.proto(off!(er_protocol), off!(er_protocol_size)) != IPPROTO_TCP {
         return Ok(());
@@ -454,7 +420,7 @@ fn try_error_report(ctx: &TracePointContext) -> Result<(), i32> {
         family: rec.u16(off!(er_family)) as u8,
         sport: rec.u16(off!(er_sport)),
         dport: rec.u16(off!(er_dport)),
-        ret: rec.i32(off!(er_error)),
+        ret: error,
         ..Event::default()
     };
     rec.addrs(
@@ -462,9 +428,10 @@ fn try_error_report(ctx: &TracePointContext) -> Result<(), i32> {
         (off!(er_saddr), off!(er_daddr)),
         (off!(er_saddr_v6), off!(er_daddr_v6)),
     );
-    if EVENTS.output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64).is_ok() {
-        count(COUNTER_SUBMITTED);
-    } else {
+    if EVENTS
+        .output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64)
+        .is_err()
+    {
         count(COUNTER_DROPPED);
     }
     Ok(())

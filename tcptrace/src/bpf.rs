@@ -11,14 +11,12 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
-use tcptrace_common::{COUNTER_DROPPED, COUNTER_HITS, COUNTER_SUBMITTED, Event, Offsets};
+use tcptrace_common::{COUNTER_DROPPED, Event, Offsets};
 
 use crate::tracefs;
 
 /// The programs, in attach order: (program name, tracepoint category, tracepoint name).
 pub const PROGRAMS: &[(&str, &str, &str)] = &[
-    ("sys_enter_socket", "syscalls", "sys_enter_socket"),
-    ("sys_exit_socket", "syscalls", "sys_exit_socket"),
     ("sys_enter_connect", "syscalls", "sys_enter_connect"),
     ("sys_exit_connect", "syscalls", "sys_exit_connect"),
     ("inet_sk_error_report", "sock", "inet_sk_error_report"),
@@ -215,26 +213,20 @@ impl Probes {
 
     /// Kernel-side counters summed over CPUs.
     pub fn counters(&self) -> KernelCounters {
-        let sum = |i: u32| {
-            self.counters
-                .get(&i, 0)
-                .map(|v| v.iter().sum::<u64>())
-                .unwrap_or(0)
-        };
-        KernelCounters {
-            submitted: sum(COUNTER_SUBMITTED),
-            dropped: sum(COUNTER_DROPPED),
-            hits: sum(COUNTER_HITS),
-        }
+        let dropped = self
+            .counters
+            .get(&COUNTER_DROPPED, 0)
+            .map(|v| v.iter().sum::<u64>())
+            .unwrap_or(0);
+        KernelCounters { dropped }
     }
 }
 
 /// Per-CPU kernel counters, summed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounters {
-    pub submitted: u64,
+    /// Records lost because the ring buffer was full.
     pub dropped: u64,
-    pub hits: u64,
 }
 
 #[cfg(test)]

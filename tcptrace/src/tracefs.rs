@@ -109,9 +109,7 @@ pub fn offsets_from(root: &std::path::Path) -> Result<(Offsets, Option<String>)>
     };
     let ce = read_event(root, "syscalls", "sys_enter_connect")?;
     let cx = read_event(root, "syscalls", "sys_exit_connect")?;
-    let so = read_event(root, "syscalls", "sys_enter_socket")?;
-    let sx = read_event(root, "syscalls", "sys_exit_socket")?;
-    Ok((offsets_from_fields(&ss, &er, &ce, &cx, &so, &sx)?, degraded))
+    Ok((offsets_from_fields(&ss, &er, &ce, &cx)?, degraded))
 }
 
 /// Placeholder layout for a kernel without `inet_sk_error_report` (its program is not attached).
@@ -139,8 +137,6 @@ pub fn offsets_from_fields(
     er: &HashMap<String, Field>,
     ce: &HashMap<String, Field>,
     cx: &HashMap<String, Field>,
-    so: &HashMap<String, Field>,
-    sx: &HashMap<String, Field>,
 ) -> Result<Offsets> {
     let s = "sock:inet_sock_set_state";
     let e = "sock:inet_sk_error_report";
@@ -169,12 +165,8 @@ pub fn offsets_from_fields(
         er_daddr: get(er, e, "daddr")?.offset,
         er_saddr_v6: get(er, e, "saddr_v6")?.offset,
         er_daddr_v6: get(er, e, "daddr_v6")?.offset,
-        ce_fd: get(ce, "syscalls:sys_enter_connect", "fd")?.offset,
         ce_uservaddr: get(ce, "syscalls:sys_enter_connect", "uservaddr")?.offset,
         cx_ret: get(cx, "syscalls:sys_exit_connect", "ret")?.offset,
-        so_family: get(so, "syscalls:sys_enter_socket", "family")?.offset,
-        so_type: get(so, "syscalls:sys_enter_socket", "type")?.offset,
-        sx_ret: get(sx, "syscalls:sys_exit_socket", "ret")?.offset,
     })
 }
 
@@ -242,7 +234,7 @@ print fmt: \"family=%s\"
     fn missing_field_names_the_tracepoint() {
         let ss = parse_format(SET_STATE_5_4);
         let empty = HashMap::new();
-        let err = offsets_from_fields(&ss, &empty, &empty, &empty, &empty, &empty).unwrap_err();
+        let err = offsets_from_fields(&ss, &empty, &empty, &empty).unwrap_err();
         assert_eq!(
             err.to_string(),
             "tracepoint sock:inet_sk_error_report has no field `protocol`: unsupported kernel"
