@@ -396,7 +396,7 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<()> {
             }
             _ = tick.tick() => {
                 let alerts_cfg = state.cfg.lock().unwrap().alerts.clone();
-                let snap = state.tracer.snapshot(&SnapshotOptions { detail: true, ..Default::default() });
+                let snap = state.tracer.snapshot(&SnapshotOptions::default());
                 for a in alerter.evaluate(&snap, unix_now(), &alerts_cfg) {
                     log(a.level, a.msg, &a.fields);
                 }

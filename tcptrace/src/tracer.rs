@@ -234,25 +234,36 @@ fn reader_loop(
     let mut last_tick = Instant::now();
     let mut tried_owners: HashSet<(SocketAddr, SocketAddr)> = HashSet::new();
     let mut batch: Vec<TcpEvent> = Vec::with_capacity(4096);
+    // Beyond this many waiting events the reader waits for the table instead.
+    const MAX_PENDING: usize = 200_000;
     while !shared.stop.load(Ordering::Relaxed) {
-        batch.clear();
+        // Drain the ring buffer first, whatever the table is doing: a view computing a snapshot
+        // holds the table for a few milliseconds, and the kernel must not find the buffer full
+        // meanwhile. Events wait in `batch` until the table is free.
         probes.drain(|raw| {
             if let Some(ev) = decode(raw) {
                 batch.push(ev);
             }
         });
         if !batch.is_empty() {
-            let mut table = shared.table.lock().unwrap();
-            for ev in &batch {
-                match sink.as_mut() {
-                    None => table.apply(ev),
-                    Some(sink) => {
-                        let mut ctx = event_context(&table, ev);
-                        table.apply(ev);
-                        ctx.failures.extend(table.take_failures());
-                        sink(ev, &ctx);
+            let table = if batch.len() < MAX_PENDING {
+                shared.table.try_lock().ok()
+            } else {
+                Some(shared.table.lock().unwrap())
+            };
+            if let Some(mut table) = table {
+                for ev in &batch {
+                    match sink.as_mut() {
+                        None => table.apply(ev),
+                        Some(sink) => {
+                            let mut ctx = event_context(&table, ev);
+                            table.apply(ev);
+                            ctx.failures.extend(table.take_failures());
+                            sink(ev, &ctx);
+                        }
                     }
                 }
+                batch.clear();
             }
         }
         if last_tick.elapsed() >= Duration::from_secs(1) {

@@ -194,9 +194,17 @@ pub async fn run(opts: WatchOptions) -> Result<()> {
     };
     let leak_after = opts.tracer.table.leak_after_ns;
     let mut next = Instant::now();
+    let mut dropped_seen = 0;
     let result: Result<()> = async {
         loop {
-            if mode != Mode::Events {
+            if mode == Mode::Events {
+                // No silent loss: say when the kernel could not hand over events.
+                let dropped = tracer.kernel_counters().dropped;
+                if dropped > dropped_seen {
+                    print_dropped(opts.json, dropped - dropped_seen, dropped);
+                    dropped_seen = dropped;
+                }
+            } else {
                 let snap = tracer.snapshot(&snap_opts);
                 let ok = match mode {
                     Mode::Json => print_json(&snap),
@@ -245,6 +253,24 @@ enum Mode {
     Json,
     Screen,
     Text,
+}
+
+fn print_dropped(json: bool, new: u64, total: u64) {
+    let mut out = std::io::stdout().lock();
+    let _ = if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"ts": unix_now(), "type": "dropped", "count": new, "dropped_events": total})
+        )
+    } else {
+        writeln!(
+            out,
+            "{} {new} events dropped: the ring buffer was full (raise --ring-buffer-kib or filter less)",
+            clock(unix_now())
+        )
+    };
+    let _ = out.flush();
 }
 
 fn print_json(snap: &Snapshot) -> bool {
