@@ -277,8 +277,6 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             // SAFETY: entry of this thread, written only by this thread.
             unsafe { (*c).skaddr = skaddr };
         }
-    } else if let Some(o) = unsafe { OWNERS.get(&skaddr) } {
-        set_owner(ev, o, FLAG_OWNER_RECORDED);
     } else if new == tcp_state::SYN_RECV {
         // A connection on its way to accept(): it belongs to the listener's owner.
         let key = (family as u32) << 16 | sport as u32;
@@ -288,14 +286,19 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             set_owner(ev, &o, FLAG_OWNER_INHERITED);
             let _ = OWNERS.insert(&skaddr, &o, 0);
         }
+    } else if new == tcp_state::CLOSE_WAIT {
+        // Runs in softirq, on whatever task was on the CPU: the recorded owner is the truth.
+        // SAFETY: value copied out by set_owner.
+        if let Some(o) = unsafe { OWNERS.get(&skaddr) } {
+            set_owner(ev, o, FLAG_OWNER_RECORDED);
+        }
     } else if process_context {
-        // An application close of a socket we never saw opened (it predates tcptrace).
+        // The application itself (close, shutdown, listen socket closed).
         let o = current_owner();
         set_owner(ev, &o, FLAG_OWNER_CURRENT);
-        if new != tcp_state::CLOSE {
-            let _ = OWNERS.insert(&skaddr, &o, 0);
-        }
     }
+    // Other transitions carry no owner: userspace has the socket's owner from its creation,
+    // and skipping the lookup keeps the common path cheap.
 
     if new == tcp_state::CLOSE {
         let _ = OWNERS.remove(&skaddr);
