@@ -237,5 +237,18 @@ fn test(args: &[String]) -> Result<()> {
         .env("TCPTRACE_BIN", &bin)
         .args(["test", "--release", "--workspace", "--exclude", "tcptrace-ebpf"])
         .arg("--")
-        .args(args))
+        .args(args))?;
+    if !args.is_empty() {
+        // A filtered run: the caller wants those tests only.
+        return Ok(());
+    }
+    // The benchmark harness, briefly, so that it cannot rot (figures are not asserted).
+    if is_root() {
+        println!("xtask test: benchmark smoke run (cargo xtask bench --smoke)");
+        bench::run(&bin, bench::BenchArgs::smoke())?;
+        println!("xtask test: benchmark smoke run ok");
+    } else {
+        println!("SKIP benchmark smoke run: needs root (run cargo xtask test as root)");
+    }
+    Ok(())
 }
