@@ -22,7 +22,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_RB_NO_WAKEUP,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_ktime_get_ns, bpf_probe_read_kernel_buf, bpf_probe_read_user,
@@ -42,6 +42,24 @@ use tcptrace_common::{
 /// the stack.
 #[unsafe(no_mangle)]
 static OFFSETS: Offsets = Offsets::DEFAULT;
+
+/// Unread bytes in the ring buffer beyond which a record wakes the reader at once (set by
+/// userspace to a quarter of the ring). Below it, records are submitted without wake-up and
+/// the reader drains them on its timer.
+#[unsafe(no_mangle)]
+static WAKE_AT: u64 = 1 << 20;
+
+/// Submit flags for the next record: wake the reader only when the buffer is filling up.
+#[inline(always)]
+fn submit_flags() -> u64 {
+    // SAFETY: aligned read of a static; volatile so the load-time value is used.
+    let wake_at = unsafe { core::ptr::read_volatile(&raw const WAKE_AT) };
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > wake_at {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
 
 macro_rules! off {
     ($field:ident) => {
@@ -312,7 +330,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             }
         }
     }
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    entry.submit(submit_flags());
     Ok(())
 }
 

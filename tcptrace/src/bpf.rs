@@ -154,6 +154,7 @@ impl Probes {
         }
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
+            .override_global("WAKE_AT", &(ring_size(opts.ring_bytes) as u64 / 4), true)
             .map_max_entries("EVENTS", ring_size(opts.ring_bytes))
             .map_max_entries("OWNERS", opts.owner_entries.max(1024))
             .load(object)
@@ -194,6 +195,25 @@ impl Probes {
     /// Names of the attached programs.
     pub fn attached(&self) -> &[&'static str] {
         &self.attached
+    }
+
+    /// Waits until the kernel wakes the reader (the ring buffer is a quarter full) or `timeout`
+    /// passes, whichever is first.
+    pub fn wait(&self, timeout: std::time::Duration) {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let mut pfd = libc::pollfd {
+            fd: self.ring.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; the result only decides whether to drain now or later.
+        unsafe {
+            libc::poll(
+                &mut pfd,
+                1,
+                timeout.as_millis().min(i32::MAX as u128) as i32,
+            )
+        };
     }
 
     /// Calls `f` with every record waiting in the ring buffer; returns how many were read.

@@ -105,7 +105,8 @@ pub struct EventContext {
 pub struct TracerOptions {
     pub probes: ProbeOptions,
     pub table: TableConfig,
-    /// How often the reader drains the ring buffer (records are submitted without wake-up).
+    /// How often the reader drains the ring buffer at least (records are submitted without
+    /// wake-up until the buffer is a quarter full).
     pub drain_every: Duration,
 }
 
@@ -276,7 +277,7 @@ fn reader_loop(
             };
             resolve_owners(&shared, unowned, &mut tried_owners);
         }
-        std::thread::sleep(every);
+        probes.wait(every);
     }
     // Records still in the buffer are not applied: the tracer is going away.
     drop(probes);
