@@ -184,7 +184,19 @@ impl Record {
         let rec = unsafe { &*self.0 };
         let o = off as usize;
         let mut out = [0u8; N];
-        if o + N <= TP_RECORD_MAX {
+        if o + N > TP_RECORD_MAX {
+            return out;
+        }
+        if N % 8 == 0 && o % 8 == 0 {
+            // Word copies where the layout allows (the usual case for the address arrays).
+            let mut i = 0;
+            while i < N {
+                // SAFETY: in bounds (checked above) and 8-byte aligned (map values are).
+                let w = unsafe { core::ptr::read(rec.as_ptr().add(o + i) as *const u64) };
+                out[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+                i += 8;
+            }
+        } else {
             let mut i = 0;
             while i < N {
                 out[i] = rec[o + i];
