@@ -160,6 +160,8 @@ fn table_config(cfg: &Config) -> TableConfig {
         leak_after_ns: (cfg.leak_after_secs * 1e9) as u64,
         max_sockets: cfg.limits.max_sockets,
         max_processes: cfg.limits.max_processes,
+        max_time_wait: crate::procinfo::max_tw_buckets()
+            .unwrap_or(TableConfig::default().max_time_wait),
         ..Default::default()
     }
 }

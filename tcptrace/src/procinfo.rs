@@ -360,6 +360,15 @@ pub fn boot_time_unix() -> Option<u64> {
         .ok()
 }
 
+/// /proc/sys/net/ipv4/tcp_max_tw_buckets: most TIME_WAIT sockets the kernel keeps.
+pub fn max_tw_buckets() -> Option<usize> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_max_tw_buckets")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

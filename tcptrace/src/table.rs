@@ -47,6 +47,8 @@ pub struct TableConfig {
     pub max_processes: usize,
     /// How long an exited process stays in the live view.
     pub exited_linger_ns: u64,
+    /// Most TIME_WAIT sockets modelled: the kernel's net.ipv4.tcp_max_tw_buckets.
+    pub max_time_wait: usize,
 }
 
 impl Default for TableConfig {
@@ -56,6 +58,7 @@ impl Default for TableConfig {
             max_sockets: 1_000_000,
             max_processes: 20_000,
             exited_linger_ns: 30 * NS,
+            max_time_wait: 262_144,
         }
     }
 }
@@ -300,8 +303,9 @@ pub struct Table {
     existing: HashMap<(SocketAddr, SocketAddr), u64>,
     next_synthetic: u64,
     time_wait: VecDeque<TimeWait>,
-    /// (local, remote) -> expiry of the TIME_WAIT entry, to drop reused ones.
-    tw_index: HashMap<(SocketAddr, SocketAddr), u64>,
+    /// hash of (local, remote) -> expiry of the live TIME_WAIT entry for that pair; an entry of
+    /// `time_wait` whose expiry differs was reused by a new connection (tcp_tw_reuse) and is dead.
+    tw_index: HashMap<u64, u64>,
     procs: HashMap<ProcId, Proc>,
     by_pid: HashMap<u32, ProcId>,
     /// pid -> the process that last exited with it.
@@ -576,7 +580,13 @@ impl Table {
         inbound: bool,
     ) {
         let expiry_ns = now_ns + TIME_WAIT_NS;
-        self.tw_index.insert((local, remote), expiry_ns);
+        if self.time_wait.len() >= self.cfg.max_time_wait
+            && let Some(tw) = self.time_wait.pop_front()
+        {
+            // The kernel holds at most tcp_max_tw_buckets TIME_WAIT sockets.
+            self.drop_tw_index(&tw);
+        }
+        self.tw_index.insert(tuple_key(&local, &remote), expiry_ns);
         self.time_wait.push_back(TimeWait {
             expiry_ns,
             local,
@@ -592,9 +602,15 @@ impl Table {
         }
     }
 
+    /// Whether a TIME_WAIT entry still stands (its pair was not reused by a new connection).
+    fn tw_live(&self, tw: &TimeWait) -> bool {
+        self.tw_index.get(&tuple_key(&tw.local, &tw.remote)) == Some(&tw.expiry_ns)
+    }
+
     fn drop_tw_index(&mut self, tw: &TimeWait) {
-        if self.tw_index.get(&(tw.local, tw.remote)) == Some(&tw.expiry_ns) {
-            self.tw_index.remove(&(tw.local, tw.remote));
+        let key = tuple_key(&tw.local, &tw.remote);
+        if self.tw_index.get(&key) == Some(&tw.expiry_ns) {
+            self.tw_index.remove(&key);
         }
     }
 
@@ -677,13 +693,13 @@ impl Table {
         match (old, new) {
             (TcpState::Close, TcpState::SynSent) => {
                 self.sockets.get_mut(&sk).unwrap().connect = ConnectPhase::Syscall;
-                self.tw_index.remove(&(local, remote));
+                self.tw_index.remove(&tuple_key(&local, &remote));
             }
             (TcpState::SynSent, TcpState::Established) => {
                 let s = self.sockets.get_mut(&sk).unwrap();
                 s.connect = ConnectPhase::None;
                 s.connected = true;
-                self.tw_index.remove(&(local, remote));
+                self.tw_index.remove(&tuple_key(&local, &remote));
                 self.count_connect_ok(owner, remote);
             }
             (_, TcpState::Established) => {
@@ -963,6 +979,9 @@ impl Table {
             }
         }
         for tw in &self.time_wait {
+            if !self.tw_live(tw) {
+                continue;
+            }
             host.time_wait += 1;
             host.total += 1;
             if !tw.inbound {
@@ -1169,6 +1188,15 @@ impl Table {
         }
         all
     }
+}
+
+/// A 64-bit key for a (local, remote) pair.
+fn tuple_key(local: &SocketAddr, remote: &SocketAddr) -> u64 {
+    use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+    let mut h = rustc_hash::FxBuildHasher.build_hasher();
+    local.hash(&mut h);
+    remote.hash(&mut h);
+    h.finish()
 }
 
 fn round3(v: f64) -> f64 {

@@ -448,9 +448,11 @@ impl Drop for Screen {
 
 /// The table settings `watch` and `daemon` share.
 pub fn table_config(leak_after: f64) -> TableConfig {
+    let d = TableConfig::default();
     TableConfig {
         leak_after_ns: (leak_after * 1e9) as u64,
-        ..Default::default()
+        max_time_wait: crate::procinfo::max_tw_buckets().unwrap_or(d.max_time_wait),
+        ..d
     }
 }
 

@@ -558,6 +558,15 @@ fn churn_counts_closes_time_wait_and_rate() {
     assert_eq!(s.destinations[0].ports_in_use, 30);
     assert_eq!(s.destinations[0].connects_ok, 60);
 
+    // A new connection on a pair in TIME_WAIT (tcp_tw_reuse) ends that TIME_WAIT.
+    let local = format!("127.0.0.1:{}", 30000 + 1002);
+    t.apply(&st(6 * S, 9999, Close, SynSent, "127.0.0.1:0", dst, o));
+    t.apply(&st(6 * S, 9999, SynSent, Established, &local, dst, r));
+    let s = snap(&t, 6 * S);
+    assert_eq!(s.host.time_wait, 29);
+    assert_eq!(proc_view(&s, 50).churn.time_wait, 29);
+    t.apply(&st(6 * S, 9999, Established, Close, &local, dst, o));
+
     // TIME_WAIT lasts 60 s.
     t.tick(70 * S);
     let s = snap(&t, 70 * S);
@@ -729,6 +738,36 @@ fn filters_select_processes() {
             ..Default::default()
         }),
         vec![11]
+    );
+}
+
+#[test]
+fn time_wait_is_capped_like_the_kernel() {
+    let procs = FakeProcs::default();
+    procs.set(1, 1, "c");
+    let mut t = Table::new(
+        TableConfig {
+            max_time_wait: 10,
+            ..Default::default()
+        },
+        Box::new(procs.clone()),
+    );
+    let o = owner(1, OwnerSource::Current);
+    for i in 0..25u64 {
+        let local = format!("127.0.0.1:{}", 20000 + i);
+        t.apply(&st(S, i, Close, SynSent, "127.0.0.1:0", "127.0.0.1:80", o));
+        t.apply(&st(S, i, SynSent, Established, &local, "127.0.0.1:80", o));
+        t.apply(&st(S, i, Established, FinWait1, &local, "127.0.0.1:80", o));
+        t.apply(&st(S, i, FinWait1, FinWait2, &local, "127.0.0.1:80", o));
+        t.apply(&st(S, i, FinWait2, Close, &local, "127.0.0.1:80", o));
+    }
+    let s = snap(&t, 2 * S);
+    assert_eq!(s.host.time_wait, 10);
+    assert_eq!(proc_view(&s, 1).churn.time_wait_total, 25);
+    assert_eq!(
+        t.stats().evicted_sockets,
+        0,
+        "the kernel's own limit, not an eviction"
     );
 }
 
