@@ -1145,3 +1145,86 @@ fn daemon_works_with_unit_capabilities() {
     assert_eq!(p["close_wait"]["count"], 2, "close_wait.count: {p}");
     assert!(has_finding(&p, "close_wait_leak"), "findings: {p}");
 }
+
+#[test]
+fn sighup_reloads_thresholds() {
+    if !root_or_skip("sighup_reloads_thresholds") {
+        return;
+    }
+    let dir = TempDir::new("sighup");
+    let cfg = dir.write("tcptrace.toml", "leak_after_secs = 3600\n");
+    let cfg_arg = cfg.to_str().expect("utf-8 path");
+    let daemon = Daemon::start("sighup", &["--config", cfg_arg]);
+    let (server, _port, _clients) = leak(2);
+    let pid = server.pid();
+    // With a one-hour threshold nothing is leaked yet.
+    let p = daemon.wait_process(pid, 20, "2 CLOSE_WAIT", |p| p["close_wait"]["count"] == 2);
+    assert_eq!(p["close_wait"]["leaked"], 0, "before reload: {p}");
+    // Lower the threshold and reload: the same sockets now count as leaked.
+    fs::write(&cfg, "leak_after_secs = 1\n").expect("rewrite config");
+    signal(daemon.pid(), libc::SIGHUP);
+    let p = daemon.wait_process(pid, 20, "2 leaked after SIGHUP", |p| {
+        p["close_wait"]["leaked"] == 2
+    });
+    assert_eq!(p["close_wait"]["count"], 2, "after reload: {p}");
+    assert!(
+        daemon.stderr().contains("msg=\"config reloaded\""),
+        "no reload line:\n{}",
+        daemon.stderr()
+    );
+    // A broken file on reload keeps the running config and says so.
+    fs::write(&cfg, "leak_after_secs = \"soon\"\n").expect("rewrite config");
+    signal(daemon.pid(), libc::SIGHUP);
+    poll(10, || {
+        if daemon.stderr().contains("config reload failed") {
+            Ok(())
+        } else {
+            Err(daemon.stderr())
+        }
+    })
+    .unwrap_or_else(|e| panic!("no reload failure line: {e}"));
+    let st = daemon.status();
+    assert!(
+        st["uptime_secs"].as_f64().is_some(),
+        "daemon still serving: {st}"
+    );
+}
+
+#[test]
+fn report_without_daemon_shows_sockets_now() {
+    if !root_or_skip("report_without_daemon_shows_sockets_now") {
+        return;
+    }
+    let (server, port, _clients) = leak(3);
+    let pid = server.pid();
+    let socket = format!("/tmp/tcptrace-test-nodaemon-{}.sock", std::process::id());
+    let out = Command::new(tcptrace_bin())
+        .args(["report", "--json", "--socket", &socket])
+        .output()
+        .expect("run tcptrace report");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "report failed: {stderr}");
+    assert!(
+        stderr.contains("no daemon") && stderr.contains("need `tcptrace daemon`"),
+        "stderr should say history needs the daemon: {stderr}"
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("report --json is JSON");
+    assert_eq!(r["source"], "snapshot", "{r}");
+    let p = process(&r, pid).unwrap_or_else(|| panic!("pid {pid} missing: {r}"));
+    assert_eq!(p["close_wait"]["count"], 3, "{p}");
+    let socks = p["close_wait"]["sockets"]
+        .as_array()
+        .expect("sockets listed");
+    assert_eq!(socks.len(), 3, "{p}");
+    assert!(
+        socks
+            .iter()
+            .all(|s| s["local"] == format!("127.0.0.1:{port}")),
+        "{p}"
+    );
+    assert!(
+        r["host"]["ephemeral_port_range"]
+            .as_array()
+            .is_some_and(|a| a.len() == 2)
+    );
+}
