@@ -29,6 +29,7 @@ use std::{
 };
 
 use serde_json::Value;
+use tcptrace_tests::{Netns, is_root, tcptrace_bin};
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
 
@@ -46,28 +47,9 @@ const CAP_SYS_ADMIN: u32 = 21;
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// `$TCPTRACE_BIN`, else `<workspace>/target/release/tcptrace`.
-fn tcptrace_bin() -> PathBuf {
-    let fallback = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/tcptrace");
-    let from_env = std::env::var_os("TCPTRACE_BIN").map(PathBuf::from);
-    from_env
-        .iter()
-        .chain([&fallback])
-        .find(|p| p.is_file())
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!(
-                "no tcptrace binary: TCPTRACE_BIN={from_env:?} and {} do not exist \
-                 (build it with `cargo build --release -p tcptrace`)",
-                fallback.display()
-            )
-        })
-}
-
 /// True as root; otherwise prints the SKIP line.
 fn root_or_skip(name: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if is_root() {
         return true;
     }
     println!("SKIP {name}: needs root (run cargo xtask test as root)");
@@ -293,29 +275,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A network namespace with lo up, deleted when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Netns {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let name = format!("tctestd-{}-{nanos}", std::process::id());
-        run_ok("ip", &["netns", "add", &name]);
-        let ns = Netns(name);
-        run_ok("ip", &["-n", &ns.0, "link", "set", "lo", "up"]);
-        ns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
 
@@ -668,23 +627,15 @@ fn eaddrnotavail_reported_and_alerted_once() {
     if !root_or_skip("eaddrnotavail_reported_and_alerted_once") {
         return;
     }
-    let ns = Netns::new();
-    run_ok(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &ns.0,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_local_port_range=40000 40001",
-        ],
-    );
+    let ns = Netns::create();
+    ns.sysctl("net.ipv4.ip_local_port_range=40000 40001");
     let daemon = Daemon::start("eaddrnotavail", &[]);
     // `ip netns exec` execs the command: the scenario keeps the child's pid.
     let mut ex = Proc::spawn(
         "scenario exhaust in netns",
-        Command::new("ip").args(["netns", "exec", &ns.0, SCENARIO, "exhaust", "--count", "3"]),
+        Command::new("ip").args([
+            "netns", "exec", &ns.name, SCENARIO, "exhaust", "--count", "3",
+        ]),
     );
     assert_eq!(ex.expect("DONE ", 20), "3");
     let pid = ex.pid();
