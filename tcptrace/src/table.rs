@@ -100,19 +100,8 @@ impl ErrCounts {
             None => self.0.push((errno, n)),
         }
     }
-    pub fn get(&self, errno: i32) -> u64 {
-        self.0
-            .iter()
-            .find(|(e, _)| *e == errno)
-            .map_or(0, |(_, c)| *c)
-    }
     pub fn total(&self) -> u64 {
         self.0.iter().map(|(_, c)| c).sum()
-    }
-    fn merge(&mut self, other: &ErrCounts) {
-        for &(e, n) in &other.0 {
-            self.add(e, n);
-        }
     }
     fn by_name(&self) -> BTreeMap<String, u64> {
         self.0
@@ -358,10 +347,6 @@ impl Table {
             record_failures: false,
             failures: Vec::new(),
         }
-    }
-
-    pub fn config(&self) -> &TableConfig {
-        &self.cfg
     }
 
     pub fn set_config(&mut self, cfg: TableConfig) {
@@ -1178,15 +1163,6 @@ impl Table {
     pub fn comm_of(&self, pid: u32) -> Option<String> {
         let id = self.by_pid.get(&pid)?;
         self.procs.get(id).map(|p| p.meta.comm.clone())
-    }
-
-    /// Host-wide connect failures by errno (for metrics of processes beyond the top N).
-    pub fn host_failures(&self) -> ErrCounts {
-        let mut all = ErrCounts::default();
-        for d in self.dests.values() {
-            all.merge(&d.failed);
-        }
-        all
     }
 }
 

@@ -124,6 +124,8 @@ struct Shared {
     table: Mutex<Table>,
     kernel: Mutex<KernelCounters>,
     stop: AtomicBool,
+    /// Drain rounds the reader has completed.
+    drains: std::sync::atomic::AtomicU64,
     started: Instant,
     attached: Vec<&'static str>,
     degraded: Vec<String>,
@@ -149,6 +151,7 @@ impl Tracer {
             table: Mutex::new(table),
             kernel: Mutex::new(KernelCounters::default()),
             stop: AtomicBool::new(false),
+            drains: std::sync::atomic::AtomicU64::new(0),
             started: Instant::now(),
             attached: probes.attached().to_vec(),
             degraded: probes.degraded().to_vec(),
@@ -168,9 +171,13 @@ impl Tracer {
         Ok(tracer)
     }
 
-    /// Waits until the reader has drained at least once more.
+    /// Waits (at most a second) until the reader has finished one more drain.
     fn wait_drained(&self) {
-        std::thread::sleep(Duration::from_millis(30));
+        let start = self.shared.drains.load(Ordering::Acquire);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.shared.drains.load(Ordering::Acquire) < start + 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     pub fn snapshot(&self, opts: &SnapshotOptions) -> Snapshot {
@@ -267,6 +274,7 @@ fn reader_loop(
                 batch.clear();
             }
         }
+        shared.drains.fetch_add(1, Ordering::Release);
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
             *shared.kernel.lock().unwrap() = probes.counters();
