@@ -1009,13 +1009,22 @@ impl Table {
                 }
                 cw.oldest_secs = cw.oldest_secs.max(age as f64 / NS as f64);
                 *remotes.entry(s.remote).or_default() += 1;
-                if opts.detail {
-                    sockets.push(SocketView {
-                        local: s.local.to_string(),
-                        remote: s.remote.to_string(),
-                        age_secs: round3(age as f64 / NS as f64),
-                    });
-                }
+            }
+            // The oldest CLOSE_WAIT sockets with their ages: all of them in reports, the 10
+            // oldest in live views.
+            let mut oldest: Vec<&&Sock> = acc.cw.iter().collect();
+            let keep = if opts.detail { oldest.len() } else { 10 };
+            if oldest.len() > keep {
+                oldest.select_nth_unstable_by_key(keep, |s| s.since_ns);
+                oldest.truncate(keep);
+            }
+            for s in oldest {
+                let age = now_ns.saturating_sub(s.since_ns);
+                sockets.push(SocketView {
+                    local: s.local.to_string(),
+                    remote: s.remote.to_string(),
+                    age_secs: round3(age as f64 / NS as f64),
+                });
             }
             cw.oldest_secs = round3(cw.oldest_secs);
             let mut remotes: Vec<RemoteCount> = remotes
@@ -1029,10 +1038,12 @@ impl Table {
             remotes.truncate(if opts.detail { 20 } else { 5 });
             cw.remotes = remotes;
             cw.new_per_min = p.cw_entries.len() as f64;
-            if opts.detail {
-                sockets.sort_by(|a, b| b.age_secs.total_cmp(&a.age_secs));
-                cw.sockets = Some(sockets);
-            }
+            sockets.sort_by(|a, b| {
+                b.age_secs
+                    .total_cmp(&a.age_secs)
+                    .then_with(|| a.remote.cmp(&b.remote))
+            });
+            cw.sockets = Some(sockets);
             let mut destinations: Vec<ProcDestView> = p
                 .dests
                 .iter()

@@ -31,7 +31,8 @@ pub struct CloseWaitView {
     pub new_per_min: f64,
     /// Remote endpoints of the CLOSE_WAIT sockets, most frequent first.
     pub remotes: Vec<RemoteCount>,
-    /// Every CLOSE_WAIT socket (reports only).
+    /// CLOSE_WAIT sockets with their ages, oldest first: every one in reports, the 10 oldest in
+    /// live views.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sockets: Option<Vec<SocketView>>,
 }

@@ -849,3 +849,41 @@ fn table_apply_rate() {
         evs.len() as f64 / el.as_secs_f64() / 1e6
     );
 }
+
+#[test]
+fn live_views_list_the_ten_oldest_close_wait_sockets() {
+    let procs = FakeProcs::default();
+    procs.set(10, 111, "server");
+    let mut t = table(&procs);
+    for i in 0..15u64 {
+        let cli = format!("127.0.0.1:{}", 41000 + i);
+        accepted_then_peer_closes(&mut t, 300 + i, i * S, "127.0.0.1:8080", &cli);
+    }
+    let s = snap(&t, 20 * S);
+    let socks = proc_view(&s, 10).close_wait.sockets.clone().unwrap();
+    assert_eq!(socks.len(), 10);
+    assert_eq!(
+        (socks[0].remote.as_str(), socks[0].age_secs),
+        ("127.0.0.1:41000", 20.0)
+    );
+    assert_eq!(
+        (socks[9].remote.as_str(), socks[9].age_secs),
+        ("127.0.0.1:41009", 11.0)
+    );
+    let all = t.snapshot(
+        20 * S,
+        &SnapshotOptions {
+            detail: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        proc_view(&all, 10)
+            .close_wait
+            .sockets
+            .as_ref()
+            .unwrap()
+            .len(),
+        15
+    );
+}
