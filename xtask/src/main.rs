@@ -67,9 +67,13 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Cmd::Setup => setup(),
         Cmd::Build => setup().and_then(|_| build()).map(|_| ()),
-        Cmd::Run { args } => setup().and_then(|_| build()).and_then(|bin| run(&bin, &args)),
+        Cmd::Run { args } => setup()
+            .and_then(|_| build())
+            .and_then(|bin| run(&bin, &args)),
         Cmd::Test { args } => setup().and_then(|_| test(&args)),
-        Cmd::Bench(a) => setup().and_then(|_| build()).and_then(|bin| bench::run(&bin, a)),
+        Cmd::Bench(a) => setup()
+            .and_then(|_| build())
+            .and_then(|bin| bench::run(&bin, a)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -140,7 +144,10 @@ fn setup() -> Result<()> {
         .filter(|p| !apt_installed(p))
         .collect();
     if !missing.is_empty() {
-        println!("xtask setup: installing Debian packages: {}", missing.join(" "));
+        println!(
+            "xtask setup: installing Debian packages: {}",
+            missing.join(" ")
+        );
         sh(as_root("apt-get").args(["update", "-qq"]))?;
         sh(as_root("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
@@ -162,7 +169,13 @@ fn setup() -> Result<()> {
         .any(|l| l.trim() == "rust-src" || l.starts_with("rust-src"))
     {
         println!("xtask setup: installing rust-src for the nightly toolchain");
-        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        sh(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
     let linker_ok = Command::new("bpf-linker")
@@ -189,7 +202,14 @@ fn setup() -> Result<()> {
     // The Kubernetes manifest is checked against the API schemas in the tests.
     if !quiet_ok(Command::new("kubernetes-validate").arg("--version")) {
         println!("xtask setup: installing kubernetes-validate (PyPI) to check deploy/kubernetes");
-        sh(Command::new("python3").args(["-m", "pip", "install", "-q", "--root-user-action=ignore", "kubernetes-validate"]))?;
+        sh(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--root-user-action=ignore",
+            "kubernetes-validate",
+        ]))?;
     }
 
     if !Path::new("/sys/kernel/tracing/events").is_dir()
@@ -235,7 +255,13 @@ fn test(args: &[String]) -> Result<()> {
     }
     sh(cargo()
         .env("TCPTRACE_BIN", &bin)
-        .args(["test", "--release", "--workspace", "--exclude", "tcptrace-ebpf"])
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "tcptrace-ebpf",
+        ])
         .arg("--")
         .args(args))?;
     if !args.is_empty() {
