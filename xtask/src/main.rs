@@ -138,6 +138,15 @@ fn apt_installed(pkg: &str) -> bool {
 }
 
 fn setup() -> Result<()> {
+    // The old-kernel test downloads Debian's 6.1 kernel package: apt must know it.
+    let knows_6_1 = Command::new("apt-cache")
+        .args(["search", "--names-only", r"^linux-image-6\.1\.0-[0-9]+-amd64$"])
+        .output()
+        .is_ok_and(|o| !o.stdout.is_empty());
+    if !knows_6_1 {
+        println!("xtask setup: refreshing apt package lists (apt-get update)");
+        sh(as_root("apt-get").args(["update", "-qq"]))?;
+    }
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .copied()
