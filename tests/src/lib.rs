@@ -492,8 +492,8 @@ pub fn ss_count(state: &str, pid: u32) -> (usize, String) {
     (mine.len(), mine.join("\n"))
 }
 
-/// Runs a command that must succeed.
-pub fn run(prog: &str, args: &[&str]) {
+/// Runs a command that must succeed; returns its stdout.
+pub fn run(prog: &str, args: &[&str]) -> String {
     let out = Command::new(prog)
         .args(args)
         .output()
@@ -506,6 +506,7 @@ pub fn run(prog: &str, args: &[&str]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A network namespace made for one test and deleted when dropped.

@@ -29,7 +29,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tcptrace_tests::{Netns, is_root, tcptrace_bin};
+use tcptrace_tests::{Netns, is_root, run, tcptrace_bin};
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
 
@@ -71,22 +71,6 @@ fn poll<T>(secs: u64, mut check: impl FnMut() -> Result<T, String>) -> Result<T,
             Err(_) => thread::sleep(Duration::from_millis(100)),
         }
     }
-}
-
-/// Runs a command to its end; panics with its stderr if it fails.
-fn run_ok(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
-    assert!(
-        out.status.success(),
-        "`{prog} {}` failed ({}): {}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn signal(pid: u32, sig: libc::c_int) {
@@ -476,7 +460,7 @@ fn bpf_prog_ids_of(pid: u32) -> BTreeSet<u64> {
 
 /// (id, name) of every loaded BPF program.
 fn bpftool_progs() -> Vec<(u64, String)> {
-    let out = run_ok("bpftool", &["prog", "show", "-j"]);
+    let out = run("bpftool", &["prog", "show", "-j"]);
     let v: Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("bpftool JSON ({e}): {out}"));
     v.as_array()

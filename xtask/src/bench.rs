@@ -1951,10 +1951,11 @@ fn process_entry(snap: &Value, pid: u32) -> Option<&Value> {
         .find(|p| p["pid"].as_u64() == Some(pid as u64))
 }
 
-/// `tcptrace status --json --socket DAEMON_SOCKET`, when it answers.
-fn daemon_status(bin: &Path) -> Option<Value> {
+/// `tcptrace <args> --json --socket DAEMON_SOCKET`, parsed, when the daemon answers.
+fn daemon_json(bin: &Path, args: &[&str]) -> Option<Value> {
     let o = Command::new(bin)
-        .args(["status", "--json", "--socket", DAEMON_SOCKET])
+        .args(args)
+        .args(["--json", "--socket", DAEMON_SOCKET])
         .stderr(Stdio::null())
         .output()
         .ok()?;
@@ -1964,24 +1965,14 @@ fn daemon_status(bin: &Path) -> Option<Value> {
     serde_json::from_slice(&o.stdout).ok()
 }
 
-/// `tcptrace report --json --pid PID` from the daemon, when it answers.
+/// `tcptrace status`, when the daemon answers.
+fn daemon_status(bin: &Path) -> Option<Value> {
+    daemon_json(bin, &["status"])
+}
+
+/// `tcptrace report --pid PID` from the daemon, when it answers.
 fn daemon_report(bin: &Path, pid: u32) -> Option<Value> {
-    let o = Command::new(bin)
-        .args([
-            "report",
-            "--json",
-            "--socket",
-            DAEMON_SOCKET,
-            "--pid",
-            &pid.to_string(),
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !o.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&o.stdout).ok()
+    daemon_json(bin, &["report", "--pid", &pid.to_string()])
 }
 
 /// Leaked CLOSE_WAIT sockets of `pid` in a snapshot or report.

@@ -140,7 +140,11 @@ fn apt_installed(pkg: &str) -> bool {
 fn setup() -> Result<()> {
     // The old-kernel test downloads Debian's 6.1 kernel package: apt must know it.
     let knows_6_1 = Command::new("apt-cache")
-        .args(["search", "--names-only", r"^linux-image-6\.1\.0-[0-9]+-amd64$"])
+        .args([
+            "search",
+            "--names-only",
+            r"^linux-image-6\.1\.0-[0-9]+-amd64$",
+        ])
         .output()
         .is_ok_and(|o| !o.stdout.is_empty());
     if !knows_6_1 {
