@@ -2,7 +2,7 @@ use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
 /// Builds the kernel programs (`tcptrace-ebpf`) for the BPF target with the nightly toolchain and
-/// bpf-linker, into OUT_DIR, where `src/bpf.rs` embeds the object. `cargo xtask setup` installs
+/// bpf-linker, into OUT_DIR, where `src/kernel/probes.rs` embeds the object. `cargo xtask setup` installs
 /// what this needs.
 fn main() -> anyhow::Result<()> {
     let meta = cargo_metadata::MetadataCommand::new()

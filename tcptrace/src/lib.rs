@@ -1,25 +1,17 @@
 //! tcptrace: kernel programs -> ring buffer -> typed events -> one state table -> views.
 //!
-//! * [`bpf`]: loads and attaches the kernel programs, drains the ring buffer.
-//! * [`event`]: decodes raw records into [`event::TcpEvent`].
-//! * [`table`]: the one state table of sockets and processes.
-//! * [`tracer`]: the running pipeline (probes, reader thread, table).
-//! * [`view`]: what views show, computed from the table; [`watch`] shows it.
-//! * [`procinfo`]: sockets and processes that exist already, from /proc.
-pub mod alerts;
-pub mod bpf;
-pub mod client;
-pub mod config;
+//! Data flows one way, one folder per stage; a stage imports only the stages before it:
+//!
+//! * [`kernel`]: loads and attaches the kernel programs, reads tracefs offsets, drains the ring
+//!   buffer and decodes its records into [`kernel::event::TcpEvent`]s.
+//! * [`host`]: what already exists on the host: /proc (sockets, processes, sysctls), signals.
+//! * [`state`]: the one table of sockets and processes, and the snapshots it gives the views.
+//! * [`tracer`]: the running pipeline: kernel -> decode -> state, and the periodic upkeep.
+//! * [`views`]: what people read: `watch` and `report`, from snapshots.
+//! * [`daemon`]: the long-running service: control socket, metrics, alerts, config, logging.
 pub mod daemon;
-pub mod errno;
-pub mod event;
-pub mod logfmt;
-pub mod metrics;
-pub mod procinfo;
-pub mod report;
-pub mod signals;
-pub mod table;
-pub mod tracefs;
+pub mod host;
+pub mod kernel;
+pub mod state;
 pub mod tracer;
-pub mod view;
-pub mod watch;
+pub mod views;

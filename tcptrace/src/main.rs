@@ -4,13 +4,13 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use tcptrace::{
-    bpf::ProbeOptions,
-    client,
-    config::{Config, DEFAULT_SOCKET},
-    daemon,
-    table::Filter,
+    daemon::client,
+    daemon::config::{Config, DEFAULT_SOCKET},
+    daemon::server as daemon,
+    kernel::probes::ProbeOptions,
+    state::table::Filter,
     tracer::TracerOptions,
-    watch::{self, WatchOptions},
+    views::watch::{self, WatchOptions},
 };
 
 /// Names the process behind CLOSE_WAIT leaks, connection churn and connect failures, live.

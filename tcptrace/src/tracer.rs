@@ -19,13 +19,13 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
-    bpf::{KernelCounters, ProbeOptions, Probes},
-    event::{TcpEvent, TcpState, decode},
-    procinfo,
-    table::{
+    host::procfs,
+    kernel::event::{TcpEvent, TcpState, decode},
+    kernel::probes::{KernelCounters, ProbeOptions, Probes},
+    state::snapshot::Snapshot,
+    state::table::{
         ConnectFailure, ExistingSocket, ProcMeta, ProcSource, SnapshotOptions, Table, TableConfig,
     },
-    view::Snapshot,
 };
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
@@ -52,10 +52,10 @@ pub struct SysProcs;
 
 impl ProcSource for SysProcs {
     fn start_time(&mut self, pid: u32) -> Option<u64> {
-        procinfo::start_time(pid)
+        procfs::start_time(pid)
     }
     fn meta(&mut self, pid: u32) -> Option<ProcMeta> {
-        procinfo::process_info(pid).map(|p| ProcMeta {
+        procfs::process_info(pid).map(|p| ProcMeta {
             comm: p.comm,
             cmdline: p.cmdline,
             cgroup: p.cgroup,
@@ -66,13 +66,13 @@ impl ProcSource for SysProcs {
 
 /// The sockets of this network namespace now, with owners, as the table takes them.
 pub fn existing_sockets() -> Result<Vec<ExistingSocket>> {
-    let records = procinfo::read_tcp_sockets().context("reading /proc/net/tcp")?;
+    let records = procfs::read_tcp_sockets().context("reading /proc/net/tcp")?;
     let wanted: HashSet<u64> = records
         .iter()
         .map(|r| r.inode)
         .filter(|&i| i != 0)
         .collect();
-    let owners = procinfo::socket_owners(Some(&wanted));
+    let owners = procfs::socket_owners(Some(&wanted));
     Ok(records
         .into_iter()
         .filter_map(|r| {
@@ -186,7 +186,7 @@ impl Tracer {
         opts.dropped_events = kernel.dropped;
         opts.unix_now = unix_now();
         if opts.port_range == (0, 0) {
-            opts.port_range = procinfo::ephemeral_port_range().unwrap_or((0, 0));
+            opts.port_range = procfs::ephemeral_port_range().unwrap_or((0, 0));
         }
         let table = self.shared.table.lock().unwrap();
         table.snapshot(monotonic_ns(), &opts)
@@ -339,7 +339,7 @@ fn resolve_owners(
     if tried.len() > 100_000 {
         tried.clear();
     }
-    let Ok(records) = procinfo::read_tcp_sockets() else {
+    let Ok(records) = procfs::read_tcp_sockets() else {
         return;
     };
     let wanted: HashSet<(SocketAddr, SocketAddr)> = fresh.into_iter().collect();
@@ -352,7 +352,7 @@ fn resolve_owners(
         return;
     }
     let inodes: HashSet<u64> = by_inode.iter().map(|x| x.0).collect();
-    let owners = procinfo::socket_owners(Some(&inodes));
+    let owners = procfs::socket_owners(Some(&inodes));
     let found: Vec<(SocketAddr, SocketAddr, u32)> = by_inode
         .into_iter()
         .filter_map(|(i, l, r)| owners.get(&i).map(|&pid| (l, r, pid)))

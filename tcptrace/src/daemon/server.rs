@@ -20,14 +20,15 @@ use tokio::{
 };
 
 use crate::{
-    alerts::Alerter,
-    bpf::{ProbeOptions, check_privileges},
-    config::Config,
-    logfmt::log,
-    metrics, report,
-    signals::{Received, Signals},
-    table::{SnapshotOptions, TableConfig},
+    daemon::alerts::Alerter,
+    daemon::config::Config,
+    daemon::logfmt::log,
+    daemon::metrics,
+    host::signals::{Received, Signals},
+    kernel::probes::{ProbeOptions, check_privileges},
+    state::table::{SnapshotOptions, TableConfig},
     tracer::{Tracer, TracerOptions, unix_now},
+    views::report,
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -160,7 +161,7 @@ fn table_config(cfg: &Config) -> TableConfig {
         leak_after_ns: (cfg.leak_after_secs * 1e9) as u64,
         max_sockets: cfg.limits.max_sockets,
         max_processes: cfg.limits.max_processes,
-        max_time_wait: crate::procinfo::max_tw_buckets()
+        max_time_wait: crate::host::procfs::max_tw_buckets()
             .unwrap_or(TableConfig::default().max_time_wait),
         ..Default::default()
     }

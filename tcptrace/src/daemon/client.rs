@@ -5,11 +5,11 @@ use std::path::Path;
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    config::Alerts,
-    daemon::{self, Status},
-    report::{self, Report},
-    table::{SnapshotOptions, Table, TableConfig},
+    daemon::config::Alerts,
+    daemon::server::{self, Status},
+    state::table::{SnapshotOptions, Table, TableConfig},
     tracer::{SysProcs, existing_sockets, monotonic_ns, unix_now},
+    views::report::{self, Report},
 };
 
 /// Whether an error means "no daemon listens there" (as opposed to a daemon that failed).
@@ -32,7 +32,7 @@ fn snapshot_report() -> Result<Report> {
         &SnapshotOptions {
             detail: true,
             unix_now: unix_now(),
-            port_range: crate::procinfo::ephemeral_port_range().unwrap_or((0, 0)),
+            port_range: crate::host::procfs::ephemeral_port_range().unwrap_or((0, 0)),
             ..Default::default()
         },
     );
@@ -40,7 +40,7 @@ fn snapshot_report() -> Result<Report> {
 }
 
 pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<()> {
-    let mut r: Report = match daemon::request(socket, "report").await {
+    let mut r: Report = match server::request(socket, "report").await {
         Ok(v) => serde_json::from_value(v["report"].clone())
             .context("malformed report from the daemon")?,
         Err(e) if no_daemon(&e) => {
@@ -74,7 +74,7 @@ pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<()> {
 }
 
 pub async fn status(socket: &Path, json: bool) -> Result<()> {
-    let v = match daemon::request(socket, "status").await {
+    let v = match server::request(socket, "status").await {
         Ok(v) => v,
         Err(e) if no_daemon(&e) => bail!(
             "no tcptrace daemon on {}: start one with `tcptrace daemon` (or pass --socket)",

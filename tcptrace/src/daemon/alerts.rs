@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use crate::{config::Alerts, view::Snapshot};
+use crate::{daemon::config::Alerts, state::snapshot::Snapshot};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Alert {
@@ -173,7 +173,7 @@ impl Alerter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::{CloseWaitView, ConnectsView, DestView, ProcessView};
+    use crate::state::snapshot::{CloseWaitView, ConnectsView, DestView, ProcessView};
 
     fn snap(cw: u64, eaddr: u64, ports: u64) -> Snapshot {
         Snapshot {

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::*;
-use crate::event::OwnerSource;
+use crate::kernel::event::OwnerSource;
 
 const S: u64 = NS;
 

@@ -7,8 +7,8 @@ use std::{collections::HashMap, fmt::Write as _, sync::OnceLock};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::Alerts,
-    view::{DestView, HostCounts, ProcessView, Snapshot},
+    daemon::config::Alerts,
+    state::snapshot::{DestView, HostCounts, ProcessView, Snapshot},
 };
 
 pub const CLOSE_WAIT_LEAK: &str = "close_wait_leak";
@@ -368,7 +368,7 @@ pub fn render_text(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::{ChurnView, CloseWaitView, ConnectsView, ProcDestView};
+    use crate::state::snapshot::{ChurnView, CloseWaitView, ConnectsView, ProcDestView};
 
     #[test]
     fn findings_follow_the_thresholds() {

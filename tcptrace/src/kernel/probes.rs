@@ -13,7 +13,7 @@ use aya::{
 };
 use tcptrace_common::{COUNTER_DROPPED, Event, Offsets};
 
-use crate::tracefs;
+use crate::kernel::tracefs;
 
 /// The programs, in attach order: (program name, tracepoint category, tracepoint name).
 pub const PROGRAMS: &[(&str, &str, &str)] = &[

@@ -12,7 +12,7 @@ use prometheus_client::{
 };
 use std::sync::atomic::AtomicU64;
 
-use crate::{daemon::Status, view::Snapshot};
+use crate::{daemon::server::Status, state::snapshot::Snapshot};
 
 type Labels = Vec<(String, String)>;
 type FGauge = Gauge<f64, AtomicU64>;
@@ -234,7 +234,7 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::{CloseWaitView, ConnectsView, ProcessView};
+    use crate::state::snapshot::{CloseWaitView, ConnectsView, ProcessView};
 
     #[test]
     fn top_n_and_other() {

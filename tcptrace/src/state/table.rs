@@ -14,9 +14,9 @@ use std::{
 use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
-    errno,
-    event::{Owner, TcpEvent, TcpState},
-    view::{
+    kernel::errno,
+    kernel::event::{Owner, TcpEvent, TcpState},
+    state::snapshot::{
         ChurnView, CloseWaitView, ConnectsView, DestView, ExitedTotals, HostCounts, ProcDestView,
         ProcessView, RemoteCount, Snapshot, SocketView,
     },

@@ -10,12 +10,12 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::{
-    errno,
-    event::TcpEvent,
-    signals::{Received, Signals},
-    table::{Filter, SnapshotOptions, TableConfig},
+    host::signals::{Received, Signals},
+    kernel::errno,
+    kernel::event::TcpEvent,
+    state::snapshot::{ProcessView, Snapshot},
+    state::table::{Filter, SnapshotOptions, TableConfig},
     tracer::{EventContext, EventSink, Tracer, TracerOptions, monotonic_ns, unix_now},
-    view::{ProcessView, Snapshot},
 };
 
 #[derive(Clone, Debug)]
@@ -451,7 +451,7 @@ pub fn table_config(leak_after: f64) -> TableConfig {
     let d = TableConfig::default();
     TableConfig {
         leak_after_ns: (leak_after * 1e9) as u64,
-        max_time_wait: crate::procinfo::max_tw_buckets().unwrap_or(d.max_time_wait),
+        max_time_wait: crate::host::procfs::max_tw_buckets().unwrap_or(d.max_time_wait),
         ..d
     }
 }
@@ -459,7 +459,7 @@ pub fn table_config(leak_after: f64) -> TableConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::{CloseWaitView, ConnectsView};
+    use crate::state::snapshot::{CloseWaitView, ConnectsView};
 
     fn snap() -> Snapshot {
         let mut failed = std::collections::BTreeMap::new();
