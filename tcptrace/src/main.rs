@@ -8,7 +8,7 @@ use tcptrace::{
     daemon::config::{Config, DEFAULT_SOCKET},
     daemon::server as daemon,
     kernel::probes::ProbeOptions,
-    state::table::Filter,
+    state::Filter,
     tracer::TracerOptions,
     views::watch::{self, WatchOptions},
 };

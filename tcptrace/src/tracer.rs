@@ -23,7 +23,7 @@ use crate::{
     kernel::event::{TcpEvent, TcpState, decode},
     kernel::probes::{KernelCounters, ProbeOptions, Probes},
     state::snapshot::Snapshot,
-    state::table::{
+    state::{
         ConnectFailure, ExistingSocket, ProcMeta, ProcSource, SnapshotOptions, Table, TableConfig,
     },
 };

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{
     daemon::config::Alerts,
     daemon::server::{self, Status},
-    state::table::{SnapshotOptions, Table, TableConfig},
+    state::{SnapshotOptions, Table, TableConfig},
     tracer::{SysProcs, existing_sockets, monotonic_ns, unix_now},
     views::report::{self, Report},
 };

@@ -26,7 +26,7 @@ use crate::{
     daemon::metrics,
     host::signals::{Received, Signals},
     kernel::probes::{ProbeOptions, check_privileges},
-    state::table::{SnapshotOptions, TableConfig},
+    state::{SnapshotOptions, TableConfig},
     tracer::{Tracer, TracerOptions, unix_now},
     views::report,
 };

@@ -1,4 +1,21 @@
-//! The one state table: every socket and process tcptrace knows. `Table::apply`, `tick` and
-//! `snapshot` are its doors; views only read the snapshots it hands out.
+//! The one state table: every socket and process tcptrace knows, split by what it tracks.
+//! [`Table::apply`], [`Table::tick`] and [`Table::snapshot`] are its doors (plus
+//! [`Table::load_existing`] and [`Table::assign_owners`] for what /proc tells at start-up and
+//! later); views only read the [`Snapshot`]s it hands out.
+mod connects;
+mod destinations;
+mod processes;
 pub mod snapshot;
-pub mod table;
+mod sockets;
+mod table;
+mod time_wait;
+
+pub use connects::ConnectFailure;
+pub use processes::{ProcMeta, ProcSource};
+pub use snapshot::{Filter, Snapshot, SnapshotOptions, sort_processes};
+pub use sockets::ExistingSocket;
+pub use table::{Table, TableConfig, TableStats};
+pub use time_wait::TIME_WAIT_NS;
+
+#[cfg(test)]
+mod tests;

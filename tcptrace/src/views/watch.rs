@@ -14,7 +14,7 @@ use crate::{
     kernel::errno,
     kernel::event::TcpEvent,
     state::snapshot::{ProcessView, Snapshot},
-    state::table::{Filter, SnapshotOptions, TableConfig},
+    state::{Filter, SnapshotOptions, TableConfig},
     tracer::{EventContext, EventSink, Tracer, TracerOptions, monotonic_ns, unix_now},
 };
 

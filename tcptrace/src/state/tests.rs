@@ -4,6 +4,11 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::kernel::event::OwnerSource;
+use crate::kernel::event::{Owner, TcpEvent, TcpState};
+use rustc_hash::FxHashMap as HashMap;
+use snapshot::ProcessView;
+use std::net::SocketAddr;
+use table::NS;
 
 const S: u64 = NS;
 

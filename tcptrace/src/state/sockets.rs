@@ -1,0 +1,304 @@
+//! Sockets by kernel address: state transitions, owners, sockets that existed before tracing
+//! started (adopted by address at their first event), eviction under the socket cap.
+
+use std::net::SocketAddr;
+
+use rustc_hash::FxHashMap as HashMap;
+
+use super::{connects::ClosedConnect, processes::ProcId, table::Table, time_wait::tuple_key};
+use crate::kernel::event::{Owner, TcpState};
+
+/// A socket that existed before tracing started (from /proc/net/tcp and /proc/PID/fd).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExistingSocket {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: TcpState,
+    pub pid: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ConnectPhase {
+    /// Not an outbound connect, or one that has completed.
+    None,
+    /// Inside a connect() syscall (blocking): the syscall's return value tells the outcome.
+    Syscall,
+    /// connect() returned -EINPROGRESS: an error comes as an error report.
+    Async,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Sock {
+    pub(super) state: TcpState,
+    pub(super) since_ns: u64,
+    pub(super) local: SocketAddr,
+    pub(super) remote: SocketAddr,
+    pub(super) owner: Option<ProcId>,
+    pub(super) connect: ConnectPhase,
+    /// Reached a synchronized state: its close counts as a closed connection.
+    pub(super) connected: bool,
+    /// Accepted from a listener (its remote is a client, not a destination).
+    pub(super) inbound: bool,
+}
+
+/// Keys of snapshot sockets that have no kernel address yet live above this bit.
+pub(super) const SYNTHETIC: u64 = 1 << 63;
+
+pub(super) fn is_connected_state(s: TcpState) -> bool {
+    !matches!(
+        s,
+        TcpState::SynSent
+            | TcpState::SynRecv
+            | TcpState::NewSynRecv
+            | TcpState::Listen
+            | TcpState::Close
+    )
+}
+
+impl Table {
+    /// Loads the sockets that existed before tracing started.
+    pub fn load_existing(&mut self, socks: &[ExistingSocket], now_ns: u64) {
+        let listen_ports: std::collections::HashSet<u16> = socks
+            .iter()
+            .filter(|s| s.state == TcpState::Listen)
+            .map(|s| s.local.port())
+            .collect();
+        for s in socks {
+            let owner = s.pid.map(|pid| self.proc_for_pid(pid, None, now_ns));
+            let inbound = s.state != TcpState::Listen && listen_ports.contains(&s.local.port());
+            if s.state == TcpState::TimeWait {
+                self.push_time_wait(now_ns, s.local, s.remote, owner, inbound);
+                continue;
+            }
+            let key = self.next_synthetic;
+            self.next_synthetic += 1;
+            if s.state == TcpState::Listen
+                && let Some(o) = owner
+            {
+                self.listeners.insert(s.local.port(), o);
+            }
+            if s.state == TcpState::CloseWait
+                && let Some(p) = owner.and_then(|id| self.procs.get_mut(&id))
+            {
+                p.cw_entries.push_back(now_ns);
+            }
+            self.sockets.insert(
+                key,
+                Sock {
+                    state: s.state,
+                    // Unknown: the socket is at least as old as tracing; its age counts from now.
+                    since_ns: now_ns,
+                    local: s.local,
+                    remote: s.remote,
+                    owner,
+                    connect: ConnectPhase::None,
+                    connected: is_connected_state(s.state),
+                    inbound,
+                },
+            );
+            self.existing.insert((s.local, s.remote), key);
+        }
+    }
+
+    /// Gives owners to sockets that have none (found later from /proc), by address.
+    pub fn assign_owners(&mut self, owners: &[(SocketAddr, SocketAddr, u32)], now_ns: u64) {
+        let wanted: HashMap<(SocketAddr, SocketAddr), u32> =
+            owners.iter().map(|&(l, r, pid)| ((l, r), pid)).collect();
+        let keys: Vec<(u64, u32)> = self
+            .sockets
+            .iter()
+            .filter(|(_, s)| s.owner.is_none())
+            .filter_map(|(&k, s)| wanted.get(&(s.local, s.remote)).map(|&pid| (k, pid)))
+            .collect();
+        for (k, pid) in keys {
+            let id = self.proc_for_pid(pid, None, now_ns);
+            if let Some(s) = self.sockets.get_mut(&k) {
+                s.owner = Some(id);
+                if s.state == TcpState::CloseWait
+                    && let Some(p) = self.procs.get_mut(&id)
+                {
+                    p.cw_entries.push_back(s.since_ns);
+                }
+            }
+        }
+    }
+
+    /// (local, remote) of CLOSE_WAIT sockets with no known owner.
+    pub fn unowned_close_wait(&self) -> Vec<(SocketAddr, SocketAddr)> {
+        self.sockets
+            .values()
+            .filter(|s| s.owner.is_none() && s.state == TcpState::CloseWait)
+            .map(|s| (s.local, s.remote))
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn apply_state(
+        &mut self,
+        ts: u64,
+        sk: u64,
+        old: TcpState,
+        new: TcpState,
+        local: SocketAddr,
+        remote: SocketAddr,
+        owner: Option<Owner>,
+    ) {
+        let owner_id = owner.map(|o| self.owner_id(&o, ts));
+        if !self.sockets.contains_key(&sk) {
+            self.adopt_or_create(sk, old, local, remote, ts);
+        }
+        let listeners = &self.listeners;
+        let Some(s) = self.sockets.get_mut(&sk) else {
+            return;
+        };
+        // The kernel's recorded owner wins; then what we already knew; then, for an accepted
+        // socket, the listener's owner.
+        if let Some(id) = owner_id {
+            s.owner = Some(id);
+        } else if s.owner.is_none() && matches!(new, TcpState::SynRecv) {
+            s.owner = listeners.get(&local.port()).copied();
+        }
+        // The local port is chosen after CLOSE -> SYN_SENT; keep the address up to date.
+        if local.port() != 0 || s.local.port() == 0 {
+            s.local = local;
+        }
+        if remote.port() != 0 {
+            s.remote = remote;
+        }
+        s.state = new;
+        s.since_ns = ts;
+        if new == TcpState::SynRecv {
+            s.inbound = true;
+        }
+        let (owner, local, remote, phase, connected, inbound) = (
+            s.owner,
+            s.local,
+            s.remote,
+            s.connect,
+            s.connected,
+            s.inbound,
+        );
+
+        match (old, new) {
+            (TcpState::Close, TcpState::SynSent) => {
+                self.sockets.get_mut(&sk).unwrap().connect = ConnectPhase::Syscall;
+                self.tw_index.remove(&tuple_key(&local, &remote));
+            }
+            (TcpState::SynSent, TcpState::Established) => {
+                let s = self.sockets.get_mut(&sk).unwrap();
+                s.connect = ConnectPhase::None;
+                s.connected = true;
+                self.tw_index.remove(&tuple_key(&local, &remote));
+                self.count_connect_ok(owner, remote);
+            }
+            (_, TcpState::Established) => {
+                self.sockets.get_mut(&sk).unwrap().connected = true;
+            }
+            (_, TcpState::Listen) => {
+                if let Some(o) = owner {
+                    self.listeners.insert(local.port(), o);
+                }
+            }
+            (_, TcpState::CloseWait) => {
+                if let Some(p) = owner.and_then(|id| self.procs.get_mut(&id)) {
+                    p.cw_entries.push_back(ts);
+                }
+            }
+            _ => {}
+        }
+
+        if new == TcpState::Close {
+            self.sockets.remove(&sk);
+            match old {
+                TcpState::Listen
+                    if owner.is_some() && self.listeners.get(&local.port()) == owner.as_ref() =>
+                {
+                    self.listeners.remove(&local.port());
+                }
+                TcpState::SynSent if phase != ConnectPhase::None => {
+                    self.closed_connects.push_back(ClosedConnect {
+                        ts_ns: ts,
+                        sk,
+                        local,
+                        remote,
+                        owner,
+                        async_: phase == ConnectPhase::Async,
+                        errno: None,
+                    });
+                    if self.closed_connects.len() > 4096 {
+                        self.closed_connects.pop_front();
+                    }
+                }
+                _ => {}
+            }
+            if connected || is_connected_state(old) {
+                if let Some(p) = owner.and_then(|id| self.procs.get_mut(&id)) {
+                    p.count_close(ts);
+                    if matches!(old, TcpState::FinWait2 | TcpState::Closing) {
+                        p.time_wait_total += 1;
+                    }
+                }
+                if matches!(old, TcpState::FinWait2 | TcpState::Closing) {
+                    self.push_time_wait(ts, local, remote, owner, inbound);
+                }
+            }
+        }
+    }
+
+    /// A transition for a socket we hold no entry for: either one from the start-up snapshot
+    /// (matched by address) or one we never saw begin.
+    pub(super) fn adopt_or_create(
+        &mut self,
+        sk: u64,
+        old: TcpState,
+        local: SocketAddr,
+        remote: SocketAddr,
+        ts: u64,
+    ) {
+        if let Some(key) = self.existing.remove(&(local, remote))
+            && let Some(s) = self.sockets.remove(&key)
+        {
+            self.sockets.insert(sk, s);
+            return;
+        }
+        if !matches!(old, TcpState::Close | TcpState::Listen) {
+            self.stats.unknown_socket_events += 1;
+        }
+        if self.sockets.len() + self.time_wait.len() >= self.cfg.max_sockets {
+            self.evict_socket();
+        }
+        self.sockets.insert(
+            sk,
+            Sock {
+                state: old,
+                since_ns: ts,
+                local,
+                remote,
+                owner: None,
+                connect: ConnectPhase::None,
+                connected: is_connected_state(old),
+                inbound: old == TcpState::Listen
+                    || (old != TcpState::Close && self.listeners.contains_key(&local.port())),
+            },
+        );
+    }
+
+    /// Makes room for one socket: the oldest TIME_WAIT entry if any, else any socket that is not
+    /// in CLOSE_WAIT (those are what the tool is for), else any socket.
+    pub(super) fn evict_socket(&mut self) {
+        self.stats.evicted_sockets += 1;
+        if let Some(tw) = self.time_wait.pop_front() {
+            self.drop_tw_index(&tw);
+            return;
+        }
+        let victim = self
+            .sockets
+            .iter()
+            .find(|(_, s)| s.state != TcpState::CloseWait)
+            .or_else(|| self.sockets.iter().next())
+            .map(|(&k, _)| k);
+        if let Some(k) = victim {
+            self.sockets.remove(&k);
+        }
+    }
+}
