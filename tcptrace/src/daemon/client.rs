@@ -5,10 +5,11 @@ use std::path::Path;
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    daemon::config::Alerts,
     daemon::server::{self, Status},
+    host::clock::{monotonic_ns, unix_now},
     state::{SnapshotOptions, Table, TableConfig},
-    tracer::{SysProcs, existing_sockets, monotonic_ns, unix_now},
+    tracer::{SysProcs, existing_sockets},
+    views::findings::Thresholds,
     views::report::{self, Report},
 };
 
@@ -36,7 +37,7 @@ fn snapshot_report() -> Result<Report> {
             ..Default::default()
         },
     );
-    Ok(report::build(&snap, "snapshot", &Alerts::default()))
+    Ok(report::build(&snap, "snapshot", &Thresholds::default()))
 }
 
 pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<()> {

@@ -27,6 +27,8 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::views::findings::Thresholds;
+
 pub const DEFAULT_SOCKET: &str = "/run/tcptrace/tcptrace.sock";
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
 
@@ -84,6 +86,18 @@ impl Default for Limits {
             max_processes: 20_000,
             metrics_top_processes: 50,
             metrics_top_destinations: 50,
+        }
+    }
+}
+
+impl Alerts {
+    /// The thresholds findings and reports are judged by.
+    pub fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            close_wait: self.close_wait,
+            port_share: self.port_share,
+            churn_per_sec: self.churn_per_sec,
+            time_wait: self.time_wait,
         }
     }
 }
@@ -224,6 +238,14 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn report_thresholds_default_to_the_alert_defaults() {
+        assert_eq!(
+            Alerts::default().thresholds(),
+            crate::views::findings::Thresholds::default()
+        );
+    }
+
     use super::*;
     use std::path::Path;
 

@@ -24,10 +24,11 @@ use crate::{
     daemon::config::Config,
     daemon::logfmt::log,
     daemon::metrics,
+    host::clock::unix_now,
     host::signals::{Received, Signals},
     kernel::probes::{ProbeOptions, check_privileges},
     state::{SnapshotOptions, TableConfig},
-    tracer::{Tracer, TracerOptions, unix_now},
+    tracer::{Tracer, TracerOptions},
     views::report,
 };
 
@@ -213,7 +214,7 @@ impl State {
             detail: true,
             ..Default::default()
         });
-        report::build(&snap, "daemon", &alerts)
+        report::build(&snap, "daemon", &alerts.thresholds())
     }
 
     fn metrics(&self) -> String {

@@ -1,4 +1,6 @@
 //! What already exists on the host, read on demand: /proc (sockets, processes, sysctls) and
 //! process signals.
+pub mod clock;
 pub mod procfs;
+pub mod services;
 pub mod signals;

@@ -2,18 +2,15 @@
 //! and what to change. Built from a detailed [`Snapshot`] (daemon) or from the sockets that
 //! exist right now (no daemon).
 
-use std::{collections::HashMap, fmt::Write as _, sync::OnceLock};
+use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use super::findings::{Thresholds, advice, findings, host_thresholds, range_size};
 use crate::{
-    daemon::config::Alerts,
-    state::snapshot::{DestView, HostCounts, ProcessView, Snapshot},
+    host::services::service_of,
+    state::snapshot::{DestView, Snapshot},
 };
-
-pub const CLOSE_WAIT_LEAK: &str = "close_wait_leak";
-pub const CONNECTION_CHURN: &str = "connection_churn";
-pub const PORT_EXHAUSTION: &str = "port_exhaustion";
 
 /// Host counts plus the port range, as `report --json` shows them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -38,65 +35,15 @@ pub struct Report {
     pub processes: Vec<serde_json::Value>,
     pub destinations: Vec<serde_json::Value>,
 }
-
-/// The findings of one process under `alerts`' thresholds.
-pub fn findings(p: &ProcessView, range_size: u64, alerts: &Alerts) -> Vec<String> {
-    let mut f = Vec::new();
-    if p.close_wait.leaked > 0 {
-        f.push(CLOSE_WAIT_LEAK.to_string());
-    }
-    // A fifth of the host TIME_WAIT rule of thumb in one process is churn too.
-    let many_tw = p.churn.time_wait > 0 && p.churn.time_wait >= alerts.time_wait / 5;
-    // Churning now, or on average over the last minute (a report often comes after the burst).
-    let per_sec_1m = p.churn.closed_last_min as f64 / 60.0;
-    if p.churn.closed_per_sec >= alerts.churn_per_sec
-        || per_sec_1m >= alerts.churn_per_sec
-        || many_tw
-    {
-        f.push(CONNECTION_CHURN.to_string());
-    }
-    let near_full = range_size > 0
-        && p.destinations
-            .iter()
-            .any(|d| d.ports_in_use as f64 >= alerts.port_share * range_size as f64);
-    if p.connects.failed.contains_key("EADDRNOTAVAIL") || near_full {
-        f.push(PORT_EXHAUSTION.to_string());
-    }
-    f
-}
-
-fn range_size(r: [u16; 2]) -> u64 {
-    if r[1] >= r[0] && r[1] > 0 {
-        (r[1] - r[0]) as u64 + 1
-    } else {
-        0
-    }
-}
-
-/// Host rules of thumb: CLOSE_WAIT above 10, TIME_WAIT above 5000 (configurable).
-pub fn host_thresholds(h: &HostCounts, alerts: &Alerts) -> Vec<String> {
-    let mut v = Vec::new();
-    if h.close_wait > alerts.close_wait {
-        v.push(format!(
-            "close_wait {} > {}",
-            h.close_wait, alerts.close_wait
-        ));
-    }
-    if h.time_wait > alerts.time_wait {
-        v.push(format!("time_wait {} > {}", h.time_wait, alerts.time_wait));
-    }
-    v
-}
-
 /// Builds the report from a detailed snapshot.
-pub fn build(snap: &Snapshot, source: &str, alerts: &Alerts) -> Report {
+pub fn build(snap: &Snapshot, source: &str, thresholds: &Thresholds) -> Report {
     let size = range_size(snap.ephemeral_port_range);
     let processes = snap
         .processes
         .iter()
         .map(|p| {
             let mut p = p.clone();
-            p.findings = Some(findings(&p, size, alerts));
+            p.findings = Some(findings(&p, size, thresholds));
             serde_json::to_value(&p).unwrap_or_default()
         })
         .collect();
@@ -118,7 +65,7 @@ pub fn build(snap: &Snapshot, source: &str, alerts: &Alerts) -> Report {
             ephemeral_port_range: snap.ephemeral_port_range,
         },
         dropped_events: snap.dropped_events,
-        thresholds_crossed: host_thresholds(&h, alerts),
+        thresholds_crossed: host_thresholds(&h, thresholds),
         processes,
         destinations,
     }
@@ -142,73 +89,6 @@ fn dest_json(d: &DestView) -> DestJson<'_> {
         connects_failed: &d.connects_failed,
     }
 }
-
-/// Well-known service name of an "ip:port" endpoint, from /etc/services (TCP) or a short
-/// built-in list when that file is missing.
-pub fn service_of(endpoint: &str) -> Option<&'static str> {
-    static SERVICES: OnceLock<HashMap<u16, &'static str>> = OnceLock::new();
-    let port: u16 = endpoint.rsplit(':').next()?.parse().ok()?;
-    SERVICES
-        .get_or_init(|| {
-            let mut m = HashMap::new();
-            if let Ok(text) = std::fs::read_to_string("/etc/services") {
-                for line in text.lines() {
-                    let line = line.split('#').next().unwrap_or("");
-                    let mut it = line.split_whitespace();
-                    let (Some(name), Some(pp)) = (it.next(), it.next()) else {
-                        continue;
-                    };
-                    if let Some(p) = pp.strip_suffix("/tcp").and_then(|p| p.parse::<u16>().ok()) {
-                        m.entry(p)
-                            .or_insert_with(|| &*Box::leak(name.to_string().into_boxed_str()));
-                    }
-                }
-            }
-            for (p, n) in [
-                (22, "ssh"),
-                (53, "domain"),
-                (80, "http"),
-                (443, "https"),
-                (3306, "mysql"),
-                (5432, "postgresql"),
-                (6379, "redis"),
-                (8080, "http-alt"),
-                (9092, "kafka"),
-                (11211, "memcache"),
-                (27017, "mongodb"),
-            ] {
-                m.entry(p).or_insert(n);
-            }
-            m
-        })
-        .get(&port)
-        .copied()
-}
-
-/// Plain-language explanation and advice for a finding.
-pub fn advice(finding: &str) -> &'static str {
-    match finding {
-        CLOSE_WAIT_LEAK => {
-            "CLOSE_WAIT leak: the peer closed these connections and this process never called close(). \
-             Usually a socket or response stream not closed on an error or timeout path, or a pool that \
-             never evicts dead connections. Close sockets on every path (try/finally, using, defer), \
-             dispose HTTP response bodies, enable idle eviction in the connection pool."
-        }
-        CONNECTION_CHURN => {
-            "Connection churn: connections are opened and closed instead of reused. Usually a new \
-             HTTP client or connection per request, or keep-alive disabled. Reuse one client, use a \
-             connection pool, enable keep-alive; the closer leaves TIME_WAIT sockets holding ports."
-        }
-        PORT_EXHAUSTION => {
-            "Port exhaustion: connect() finds no free local port for this destination (EADDRNOTAVAIL), \
-             or the destination holds most of ip_local_port_range. Usually churn to one destination \
-             with TIME_WAIT piling up. Reuse connections (pool, keep-alive); as stopgaps widen \
-             net.ipv4.ip_local_port_range or spread over more destination addresses."
-        }
-        _ => "",
-    }
-}
-
 fn fmt_counts(m: &serde_json::Map<String, serde_json::Value>) -> String {
     if m.is_empty() {
         return "none".into();
@@ -363,63 +243,4 @@ pub fn render_text(r: &Report) -> String {
         }
     }
     o
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::state::snapshot::{ChurnView, CloseWaitView, ConnectsView, ProcDestView};
-
-    #[test]
-    fn findings_follow_the_thresholds() {
-        let a = Alerts::default();
-        let mut p = ProcessView::default();
-        assert!(findings(&p, 28232, &a).is_empty());
-        p.close_wait = CloseWaitView {
-            count: 3,
-            leaked: 1,
-            ..Default::default()
-        };
-        p.churn = ChurnView {
-            closed_per_sec: 6.0,
-            ..Default::default()
-        };
-        p.connects = ConnectsView {
-            ok: 0,
-            failed: [("EADDRNOTAVAIL".to_string(), 2)].into(),
-        };
-        assert_eq!(
-            findings(&p, 28232, &a),
-            vec![CLOSE_WAIT_LEAK, CONNECTION_CHURN, PORT_EXHAUSTION]
-        );
-        let q = ProcessView {
-            destinations: vec![ProcDestView {
-                remote: "10.0.0.1:443".into(),
-                ports_in_use: 90,
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        assert_eq!(findings(&q, 100, &a), vec![PORT_EXHAUSTION]);
-    }
-
-    #[test]
-    fn host_rules_of_thumb() {
-        let h = HostCounts {
-            close_wait: 11,
-            time_wait: 5001,
-            ..Default::default()
-        };
-        assert_eq!(
-            host_thresholds(&h, &Alerts::default()),
-            vec!["close_wait 11 > 10", "time_wait 5001 > 5000"]
-        );
-    }
-
-    #[test]
-    fn services() {
-        assert_eq!(service_of("10.0.0.1:5432"), Some("postgresql"));
-        assert_eq!(service_of("[::1]:443"), Some("https"));
-        assert_eq!(service_of("10.0.0.1:1"), service_of("10.0.0.1:1"));
-    }
 }

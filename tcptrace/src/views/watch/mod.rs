@@ -1,0 +1,132 @@
+//! `tcptrace watch`: the live view (terminal screen, plain text when piped, JSON per interval)
+//! and the event stream (`--events`).
+
+mod events;
+mod screen;
+mod text;
+
+use std::{
+    io::IsTerminal as _,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+
+use self::{
+    events::{event_sink, print_dropped},
+    screen::Screen,
+    text::{print_json, print_text},
+};
+
+use crate::{
+    host::signals::{Received, Signals},
+    state::{Filter, SnapshotOptions, TableConfig},
+    tracer::{Tracer, TracerOptions},
+};
+
+#[derive(Clone, Debug)]
+pub struct WatchOptions {
+    pub interval: Duration,
+    pub events: bool,
+    pub json: bool,
+    pub wide: bool,
+    pub filter: Filter,
+    pub duration: Option<Duration>,
+    pub tracer: TracerOptions,
+}
+/// Runs `watch` until Ctrl-C, SIGTERM or `--duration`.
+pub async fn run(opts: WatchOptions) -> Result<()> {
+    let sink = opts
+        .events
+        .then(|| event_sink(opts.json, opts.filter.clone()));
+    let mut signals = Signals::new()?;
+    let tracer = Tracer::start(opts.tracer.clone(), sink)?;
+    for d in tracer.degraded() {
+        eprintln!("tcptrace: warning: {d}");
+    }
+    let deadline = opts.duration.map(|d| Instant::now() + d);
+    let mode = if opts.events {
+        Mode::Events
+    } else if opts.json {
+        Mode::Json
+    } else if std::io::stdout().is_terminal() {
+        Mode::Screen
+    } else {
+        Mode::Text
+    };
+    let mut screen = (mode == Mode::Screen).then(Screen::enter);
+    let snap_opts = SnapshotOptions {
+        filter: opts.filter.clone(),
+        ..Default::default()
+    };
+    let leak_after = opts.tracer.table.leak_after_ns;
+    let mut next = Instant::now();
+    let mut dropped_seen = 0;
+    let result: Result<()> = async {
+        loop {
+            if mode == Mode::Events {
+                // No silent loss: say when the kernel could not hand over events.
+                let dropped = tracer.kernel_counters().dropped;
+                if dropped > dropped_seen {
+                    print_dropped(opts.json, dropped - dropped_seen, dropped);
+                    dropped_seen = dropped;
+                }
+            } else {
+                let snap = tracer.snapshot(&snap_opts);
+                let ok = match mode {
+                    Mode::Json => print_json(&snap),
+                    Mode::Text => print_text(&snap, opts.wide, leak_after),
+                    Mode::Screen => {
+                        screen.as_mut().unwrap().draw(&snap, opts.wide, leak_after);
+                        true
+                    }
+                    Mode::Events => true,
+                };
+                if !ok {
+                    return Ok(());
+                }
+            }
+            next += opts.interval;
+            let now = Instant::now();
+            let wake = match deadline {
+                Some(d) if d <= next => d,
+                _ => next,
+            };
+            if let Some(d) = deadline
+                && now >= d
+            {
+                return Ok(());
+            }
+            let sleep = wake.saturating_duration_since(now);
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                r = signals.recv() => if r == Received::Terminate { return Ok(()); },
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    drop(screen.take());
+    // Detach before returning.
+    tracer.stop();
+    result
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Events,
+    Json,
+    Screen,
+    Text,
+}
+/// The table settings `watch` and `daemon` share.
+pub fn table_config(leak_after: f64) -> TableConfig {
+    let d = TableConfig::default();
+    TableConfig {
+        leak_after_ns: (leak_after * 1e9) as u64,
+        max_time_wait: crate::host::procfs::max_tw_buckets().unwrap_or(d.max_time_wait),
+        ..d
+    }
+}
