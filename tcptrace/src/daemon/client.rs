@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    daemon::server::{self, Status},
+    daemon::protocol::{self, Status},
     host::clock::{monotonic_ns, unix_now},
     state::{SnapshotOptions, Table, TableConfig},
     tracer::{SysProcs, existing_sockets},
@@ -41,7 +41,7 @@ fn snapshot_report() -> Result<Report> {
 }
 
 pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<()> {
-    let mut r: Report = match server::request(socket, "report").await {
+    let mut r: Report = match protocol::request(socket, "report").await {
         Ok(v) => serde_json::from_value(v["report"].clone())
             .context("malformed report from the daemon")?,
         Err(e) if no_daemon(&e) => {
@@ -75,7 +75,7 @@ pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<()> {
 }
 
 pub async fn status(socket: &Path, json: bool) -> Result<()> {
-    let v = match server::request(socket, "status").await {
+    let v = match protocol::request(socket, "status").await {
         Ok(v) => v,
         Err(e) if no_daemon(&e) => bail!(
             "no tcptrace daemon on {}: start one with `tcptrace daemon` (or pass --socket)",

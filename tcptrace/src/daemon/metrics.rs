@@ -12,7 +12,8 @@ use prometheus_client::{
 };
 use std::sync::atomic::AtomicU64;
 
-use crate::{daemon::server::Status, state::snapshot::Snapshot};
+use super::protocol::Status;
+use crate::state::snapshot::Snapshot;
 
 type Labels = Vec<(String, String)>;
 type FGauge = Gauge<f64, AtomicU64>;

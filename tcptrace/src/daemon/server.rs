@@ -1,29 +1,28 @@
 //! `tcptrace daemon`: the tracer in the background of a service manager, a local control socket
-//! for `report` and `status`, a Prometheus endpoint, and alert lines on stderr.
-//!
-//! Control protocol: one JSON request line (`{"cmd":"report"}` or `{"cmd":"status"}`), one JSON
-//! reply line (`{"ok":true,"report":{..}}`, `{"ok":true,"status":{..}}` or
-//! `{"ok":false,"error":"..."}`).
+//! for `report` and `status` (see [`super::protocol`]), a Prometheus endpoint, and alert lines
+//! on stderr.
 
 use std::{
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
-use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{TcpListener, UnixListener, UnixStream},
-};
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use tokio::net::TcpListener;
 
+use super::{
+    alerts::Alerter,
+    config::Config,
+    control::{bind_control, serve_control},
+    http::serve_metrics,
+    logfmt::log,
+    metrics,
+    protocol::{Evictions, Request, Status, reply_line},
+    systemd::notify_ready,
+};
 use crate::{
-    daemon::alerts::Alerter,
-    daemon::config::Config,
-    daemon::logfmt::log,
-    daemon::metrics,
     host::clock::unix_now,
     host::signals::{Received, Signals},
     kernel::probes::{ProbeOptions, check_privileges},
@@ -31,131 +30,6 @@ use crate::{
     tracer::{Tracer, TracerOptions},
     views::report,
 };
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Evictions {
-    pub sockets: u64,
-    pub processes: u64,
-}
-
-/// What `tcptrace status` shows.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Status {
-    pub pid: u32,
-    pub uptime_secs: f64,
-    pub programs_attached: Vec<String>,
-    /// What works less well on this kernel.
-    pub degraded: Vec<String>,
-    /// Records applied to the table.
-    pub events_seen: u64,
-    /// Records the kernel lost (ring buffer full).
-    pub events_dropped: u64,
-    pub events_unknown_socket: u64,
-    pub sockets_tracked: u64,
-    pub processes_tracked: u64,
-    pub evictions: Evictions,
-    pub max_sockets: usize,
-    pub max_processes: usize,
-    pub socket: PathBuf,
-    pub metrics_addr: String,
-    pub config_file: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-struct Request {
-    cmd: String,
-}
-
-/// Removes the control socket file when dropped (normal exit, error, panic unwinding).
-struct SocketFile(PathBuf);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Binds the control socket with mode 0600 (or 0660 and `group`), refusing to replace the
-/// socket of a daemon that is running.
-fn bind_control(path: &Path, group: Option<&str>) -> Result<(UnixListener, SocketFile)> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create directory {}", dir.display()))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "a tcptrace daemon is already running on {} (stop it, or use --socket)",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-    }
-    let gid = match group {
-        Some(g) => Some(group_id(g)?),
-        None => None,
-    };
-    // Created with no permission for anyone but the owner, then widened to the group if asked:
-    // there is no moment when another user can connect.
-    // SAFETY: umask has no preconditions.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    let listener =
-        bound.with_context(|| format!("cannot bind control socket {}", path.display()))?;
-    let file = SocketFile(path.to_path_buf());
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| {
-            format!(
-                "cannot give {} to group {}",
-                path.display(),
-                group.unwrap_or("")
-            )
-        })?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-    }
-    Ok((listener, file))
-}
-
-fn group_id(name: &str) -> Result<u32> {
-    if let Ok(n) = name.parse::<u32>() {
-        return Ok(n);
-    }
-    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    groups
-        .lines()
-        .find_map(|l| {
-            let mut it = l.split(':');
-            (it.next() == Some(name))
-                .then(|| it.nth(1).and_then(|g| g.parse().ok()))
-                .flatten()
-        })
-        .ok_or_else(|| anyhow!("key `socket_group`: no group named `{name}` in /etc/group"))
-}
-
-/// Tells systemd (Type=notify) that start-up is done; a no-op without NOTIFY_SOCKET.
-fn notify_ready() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
-    let bytes = path.as_encoded_bytes();
-    let r = if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt as _;
-        std::os::unix::net::SocketAddr::from_abstract_name(name)
-            .and_then(|a| sock.send_to_addr(b"READY=1", &a))
-    } else {
-        sock.send_to(b"READY=1", &path)
-    };
-    if let Err(e) = r {
-        log("warn", "sd_notify failed", &[("error", e.to_string())]);
-    }
-}
 
 fn table_config(cfg: &Config) -> TableConfig {
     TableConfig {
@@ -217,23 +91,27 @@ impl State {
         report::build(&snap, "daemon", &alerts.thresholds())
     }
 
-    fn metrics(&self) -> String {
+    fn metrics(&self) -> Bytes {
         let limits = self.cfg.lock().unwrap().limits.clone();
         let snap = self.tracer.snapshot(&SnapshotOptions {
             detail: true,
             ..Default::default()
         });
-        metrics::render(
+        Bytes::from(metrics::render(
             &snap,
             &self.status(),
             limits.metrics_top_processes,
             limits.metrics_top_destinations,
-        )
+        ))
     }
 }
 
 /// Answers one control request.
-fn answer(state: &State, line: &str) -> serde_json::Value {
+fn answer(state: &State, line: &str) -> Bytes {
+    reply_line(&answer_value(state, line))
+}
+
+fn answer_value(state: &State, line: &str) -> serde_json::Value {
     let req: Request = match serde_json::from_str(line.trim()) {
         Ok(r) => r,
         Err(e) => {
@@ -250,83 +128,6 @@ fn answer(state: &State, line: &str) -> serde_json::Value {
         )}),
     }
 }
-
-async fn serve_control(state: Arc<State>, stream: UnixStream) {
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::new(rd.take(64 * 1024));
-    let mut line = String::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await;
-    let reply = match read {
-        Ok(Ok(_)) => answer(&state, &line),
-        Ok(Err(e)) => {
-            serde_json::json!({"ok": false, "error": format!("cannot read request: {e}")})
-        }
-        Err(_) => serde_json::json!({"ok": false, "error": "no request within 5 s"}),
-    };
-    let mut bytes = serde_json::to_vec(&reply).unwrap_or_default();
-    bytes.push(b'\n');
-    let _ = wr.write_all(&bytes).await;
-    let _ = wr.shutdown().await;
-}
-
-async fn serve_metrics(state: Arc<State>, mut stream: tokio::net::TcpStream) {
-    let mut buf = vec![0u8; 8192];
-    let mut n = 0;
-    // Read the request head (we only need its first line).
-    let head = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match stream.read(&mut buf[n..]).await {
-                Ok(0) | Err(_) => break,
-                Ok(k) => {
-                    n += k;
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || n == buf.len() {
-                        break;
-                    }
-                }
-            }
-        }
-    })
-    .await;
-    if head.is_err() {
-        return;
-    }
-    let req = String::from_utf8_lossy(&buf[..n]);
-    let first = req.lines().next().unwrap_or("");
-    let mut parts = first.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) = if method != "GET" {
-        (
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET\n".to_string(),
-        )
-    } else if path == "/metrics" || path.starts_with("/metrics?") {
-        (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.metrics(),
-        )
-    } else if path == "/" {
-        (
-            "200 OK",
-            "text/plain",
-            "tcptrace: metrics at /metrics\n".to_string(),
-        )
-    } else {
-        (
-            "404 Not Found",
-            "text/plain",
-            "not found; metrics are at /metrics\n".to_string(),
-        )
-    };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(resp.as_bytes()).await;
-    let _ = stream.shutdown().await;
-}
-
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<()> {
     cfg.validate()?;
@@ -385,7 +186,8 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<()> {
         tokio::select! {
             r = control.accept() => {
                 if let Ok((s, _)) = r {
-                    tokio::spawn(serve_control(state.clone(), s));
+                    let state = state.clone();
+                    tokio::spawn(serve_control(s, move |line| answer(&state, line)));
                 }
             }
             r = async {
@@ -395,7 +197,8 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<()> {
                 }
             } => {
                 if let Ok((s, _)) = r {
-                    tokio::spawn(serve_metrics(state.clone(), s));
+                    let state = state.clone();
+                    tokio::spawn(serve_metrics(s, move || state.metrics()));
                 }
             }
             _ = tick.tick() => {
@@ -462,28 +265,4 @@ fn reload(state: &State, file: Option<&Path>) {
             );
         }
     }
-}
-
-/// Sends one request to the daemon; Err when there is no daemon or it refused.
-pub async fn request(socket: &Path, cmd: &str) -> Result<serde_json::Value> {
-    let mut s = UnixStream::connect(socket).await?;
-    let mut req = serde_json::to_vec(&serde_json::json!({"cmd": cmd}))?;
-    req.push(b'\n');
-    s.write_all(&req).await?;
-    let mut reply = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        BufReader::new(s).read_line(&mut reply),
-    )
-    .await
-    .context("the daemon did not answer within 30 s")??;
-    let v: serde_json::Value =
-        serde_json::from_str(&reply).context("malformed reply from the daemon")?;
-    if v["ok"].as_bool() != Some(true) {
-        bail!(
-            "the daemon refused: {}",
-            v["error"].as_str().unwrap_or("unknown error")
-        );
-    }
-    Ok(v)
 }

@@ -1,0 +1,81 @@
+//! The control protocol between `tcptrace daemon` and `tcptrace report` / `status`, over a
+//! Unix socket: one JSON request line (`{"cmd":"report"}` or `{"cmd":"status"}`), one JSON
+//! reply line (`{"ok":true,"report":{..}}`, `{"ok":true,"status":{..}}` or
+//! `{"ok":false,"error":"..."}`).
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::UnixStream,
+};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Evictions {
+    pub sockets: u64,
+    pub processes: u64,
+}
+
+/// What `tcptrace status` shows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub uptime_secs: f64,
+    pub programs_attached: Vec<String>,
+    /// What works less well on this kernel.
+    pub degraded: Vec<String>,
+    /// Records applied to the table.
+    pub events_seen: u64,
+    /// Records the kernel lost (ring buffer full).
+    pub events_dropped: u64,
+    pub events_unknown_socket: u64,
+    pub sockets_tracked: u64,
+    pub processes_tracked: u64,
+    pub evictions: Evictions,
+    pub max_sockets: usize,
+    pub max_processes: usize,
+    pub socket: PathBuf,
+    pub metrics_addr: String,
+    pub config_file: Option<PathBuf>,
+}
+#[derive(Deserialize)]
+pub struct Request {
+    pub cmd: String,
+}
+/// One reply line: the JSON value and its newline, ready to write (and to share between
+/// clients).
+pub fn reply_line(v: &serde_json::Value) -> Bytes {
+    let mut bytes = serde_json::to_vec(v).unwrap_or_default();
+    bytes.push(b'\n');
+    Bytes::from(bytes)
+}
+
+/// Sends one request to the daemon; Err when there is no daemon or it refused.
+pub async fn request(socket: &Path, cmd: &str) -> Result<serde_json::Value> {
+    let mut s = UnixStream::connect(socket).await?;
+    let mut req = serde_json::to_vec(&serde_json::json!({"cmd": cmd}))?;
+    req.push(b'\n');
+    s.write_all(&req).await?;
+    let mut reply = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        BufReader::new(s).read_line(&mut reply),
+    )
+    .await
+    .context("the daemon did not answer within 30 s")??;
+    let v: serde_json::Value =
+        serde_json::from_str(&reply).context("malformed reply from the daemon")?;
+    if v["ok"].as_bool() != Some(true) {
+        bail!(
+            "the daemon refused: {}",
+            v["error"].as_str().unwrap_or("unknown error")
+        );
+    }
+    Ok(v)
+}
