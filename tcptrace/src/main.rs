@@ -150,8 +150,8 @@ fn main() -> ExitCode {
                 Ok(cfg) => daemon::run(cfg, a.config).await,
                 Err(e) => Err(e),
             },
-            Command::Report(a) => client::report(&a.socket, a.json, &a.pid).await,
-            Command::Status(a) => client::status(&a.socket, a.json).await,
+            Command::Report(a) => Ok(client::report(&a.socket, a.json, &a.pid).await?),
+            Command::Status(a) => Ok(client::status(&a.socket, a.json).await?),
         }
     });
     match result {

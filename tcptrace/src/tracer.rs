@@ -47,8 +47,8 @@ impl ProcSource for SysProcs {
 }
 
 /// The sockets of this network namespace now, with owners, as the table takes them.
-pub fn existing_sockets() -> Result<Vec<ExistingSocket>> {
-    let records = procfs::read_tcp_sockets().context("reading /proc/net/tcp")?;
+pub fn existing_sockets() -> std::io::Result<Vec<ExistingSocket>> {
+    let records = procfs::read_tcp_sockets()?;
     let wanted: HashSet<u64> = records
         .iter()
         .map(|r| r.inode)
@@ -127,7 +127,7 @@ impl Tracer {
         if sink.is_some() {
             table.record_failures();
         }
-        let existing = existing_sockets()?;
+        let existing = existing_sockets().context("reading /proc/net/tcp")?;
         table.load_existing(&existing, monotonic_ns());
         let shared = Arc::new(Shared {
             table: Mutex::new(table),

@@ -1,11 +1,10 @@
 //! `tcptrace report` and `tcptrace status`: ask the daemon over its control socket.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    daemon::protocol::{self, Status},
+    daemon::protocol::{self, RequestError, Status},
     host::clock::{monotonic_ns, unix_now},
     state::{SnapshotOptions, Table, TableConfig},
     tracer::{SysProcs, existing_sockets},
@@ -13,21 +12,32 @@ use crate::{
     views::report::{self, Report},
 };
 
-/// Whether an error means "no daemon listens there" (as opposed to a daemon that failed).
-fn no_daemon(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<std::io::Error>().is_some_and(|io| {
-        matches!(
-            io.kind(),
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-        )
-    })
+/// Why `report` or `status` could not show anything.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no tcptrace daemon on {}: start one with `tcptrace daemon` (or pass --socket)", socket.display())]
+    NoDaemon { socket: PathBuf },
+    #[error("asking the daemon on {}: {source}", socket.display())]
+    Daemon {
+        socket: PathBuf,
+        source: RequestError,
+    },
+    #[error("malformed {what} from the daemon: {source}")]
+    Malformed {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("cannot encode the JSON output: {0}")]
+    Encode(serde_json::Error),
+    #[error("reading /proc/net/tcp: {0}")]
+    Sockets(std::io::Error),
 }
 
 /// The sockets that exist now and their owners, without history.
-fn snapshot_report() -> Result<Report> {
+fn snapshot_report() -> Result<Report, ClientError> {
     let mut table = Table::new(TableConfig::default(), Box::new(SysProcs));
     let now = monotonic_ns();
-    table.load_existing(&existing_sockets()?, now);
+    table.load_existing(&existing_sockets().map_err(ClientError::Sockets)?, now);
     let snap = table.snapshot(
         now,
         &SnapshotOptions {
@@ -40,11 +50,15 @@ fn snapshot_report() -> Result<Report> {
     Ok(report::build(&snap, "snapshot", &Thresholds::default()))
 }
 
-pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<()> {
+pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<(), ClientError> {
     let mut r: Report = match protocol::request(socket, "report").await {
-        Ok(v) => serde_json::from_value(v["report"].clone())
-            .context("malformed report from the daemon")?,
-        Err(e) if no_daemon(&e) => {
+        Ok(v) => serde_json::from_value(v["report"].clone()).map_err(|source| {
+            ClientError::Malformed {
+                what: "report",
+                source,
+            }
+        })?,
+        Err(e) if e.no_daemon() => {
             eprintln!(
                 "tcptrace: no daemon on {}: showing the sockets that exist now; churn, connect failures and leak ages need `tcptrace daemon`",
                 socket.display()
@@ -57,7 +71,12 @@ pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<()> {
             }
             snapshot_report()?
         }
-        Err(e) => return Err(e.context(format!("asking the daemon on {}", socket.display()))),
+        Err(source) => {
+            return Err(ClientError::Daemon {
+                socket: socket.to_path_buf(),
+                source,
+            });
+        }
     };
     if !pids.is_empty() {
         r.processes.retain(|p| {
@@ -67,25 +86,35 @@ pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<()> {
         });
     }
     if json {
-        println!("{}", serde_json::to_string(&r)?);
+        println!("{}", serde_json::to_string(&r).map_err(ClientError::Encode)?);
     } else {
         print!("{}", report::render_text(&r));
     }
     Ok(())
 }
 
-pub async fn status(socket: &Path, json: bool) -> Result<()> {
+pub async fn status(socket: &Path, json: bool) -> Result<(), ClientError> {
     let v = match protocol::request(socket, "status").await {
         Ok(v) => v,
-        Err(e) if no_daemon(&e) => bail!(
-            "no tcptrace daemon on {}: start one with `tcptrace daemon` (or pass --socket)",
-            socket.display()
-        ),
-        Err(e) => return Err(e.context(format!("asking the daemon on {}", socket.display()))),
+        Err(e) if e.no_daemon() => {
+            return Err(ClientError::NoDaemon {
+                socket: socket.to_path_buf(),
+            });
+        }
+        Err(source) => {
+            return Err(ClientError::Daemon {
+                socket: socket.to_path_buf(),
+                source,
+            });
+        }
     };
-    let s: Status = serde_json::from_value(v["status"].clone()).context("malformed status")?;
+    let s: Status =
+        serde_json::from_value(v["status"].clone()).map_err(|source| ClientError::Malformed {
+            what: "status",
+            source,
+        })?;
     if json {
-        println!("{}", serde_json::to_string(&s)?);
+        println!("{}", serde_json::to_string(&s).map_err(ClientError::Encode)?);
         return Ok(());
     }
     println!("tcptrace daemon pid {}, up {:.0}s", s.pid, s.uptime_secs);

@@ -22,9 +22,11 @@
 //! time_wait = 5000           # host TIME_WAIT above this is reported
 //! ```
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
-use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::views::findings::Thresholds;
@@ -115,12 +117,53 @@ impl Default for Alerts {
     }
 }
 
+/// What is wrong with a config file or value, in one line naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config {}{}{}: {message}",
+        path.display(),
+        line.map(|l| format!(" line {l}")).unwrap_or_default(),
+        key.as_ref().map(|k| format!(": key `{k}`")).unwrap_or_default())]
+    Syntax {
+        path: PathBuf,
+        line: Option<usize>,
+        key: Option<String>,
+        message: String,
+    },
+    /// A value out of range, from the file or from a flag.
+    #[error("key `{key}`: {problem}")]
+    Invalid { key: &'static str, problem: String },
+    /// A valid file with an invalid value.
+    #[error("config {}: {source}", path.display())]
+    InFile {
+        path: PathBuf,
+        source: Box<ConfigError>,
+    },
+    #[error("`{0}` is not ADDR:PORT (e.g. 127.0.0.1:9464) or \"off\"")]
+    MetricsAddr(String),
+}
+
+fn invalid(key: &'static str, problem: String) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid { key, problem })
+}
+
 /// Turns a TOML error into one line naming the key (found from the error's position: the key
 /// on that line, inside the last `[table]` header above it) and the line number.
-fn toml_error(path: &std::path::Path, text: &str, e: toml::de::Error) -> anyhow::Error {
-    let msg = e.message().replace('\n', " ");
+fn toml_error(path: &Path, text: &str, e: toml::de::Error) -> ConfigError {
+    let message = e.message().replace('\n', " ");
     let Some(span) = e.span() else {
-        return anyhow!("config {}: {msg}", path.display());
+        return ConfigError::Syntax {
+            path: path.to_path_buf(),
+            line: None,
+            key: None,
+            message,
+        };
     };
     let start = span.start.min(text.len());
     let line_no = text[..start].matches('\n').count() + 1;
@@ -135,42 +178,43 @@ fn toml_error(path: &std::path::Path, text: &str, e: toml::de::Error) -> anyhow:
     let key = line
         .split_once('=')
         .map(|(k, _)| k.trim().to_string())
-        .filter(|k| !k.is_empty() && !k.starts_with('['));
-    match key {
-        Some(k) => {
-            let full = match section {
-                Some(s) => format!("{s}.{k}"),
-                None => k,
-            };
-            anyhow!(
-                "config {} line {line_no}: key `{full}`: {msg}",
-                path.display()
-            )
-        }
-        None => anyhow!("config {} line {line_no}: {msg}", path.display()),
+        .filter(|k| !k.is_empty() && !k.starts_with('['))
+        .map(|k| match section {
+            Some(s) => format!("{s}.{k}"),
+            None => k,
+        });
+    ConfigError::Syntax {
+        path: path.to_path_buf(),
+        line: Some(line_no),
+        key,
+        message,
     }
 }
 
 impl Config {
     /// Parses and validates a config file's text.
-    pub fn parse(path: &std::path::Path, text: &str) -> Result<Self> {
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| toml_error(path, text, e))?;
-        cfg.validate()
-            .map_err(|e| anyhow!("config {}: {e}", path.display()))?;
+        cfg.validate().map_err(|e| ConfigError::InFile {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })?;
         Ok(cfg)
     }
 
-    pub fn load(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(path, &text)
     }
 
     /// Checks every value; the error names the key and what is wrong.
-    pub fn validate(&self) -> Result<()> {
-        fn secs(key: &str, v: f64) -> Result<()> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn secs(key: &'static str, v: f64) -> Result<(), ConfigError> {
             if !(v.is_finite() && v >= 0.0) {
-                bail!("key `{key}`: must be a number of seconds >= 0, got {v}");
+                return invalid(key, format!("must be a number of seconds >= 0, got {v}"));
             }
             Ok(())
         }
@@ -181,63 +225,70 @@ impl Config {
         )?;
         secs("alerts.quiet_secs", self.alerts.quiet_secs)?;
         if !(self.alerts.port_share > 0.0 && self.alerts.port_share <= 1.0) {
-            bail!(
-                "key `alerts.port_share`: must be a share in (0, 1], got {}",
-                self.alerts.port_share
+            return invalid(
+                "alerts.port_share",
+                format!("must be a share in (0, 1], got {}", self.alerts.port_share),
             );
         }
         if !(self.alerts.churn_per_sec.is_finite() && self.alerts.churn_per_sec > 0.0) {
-            bail!("key `alerts.churn_per_sec`: must be > 0");
+            return invalid("alerts.churn_per_sec", "must be > 0".into());
         }
         if self.limits.max_sockets < 1024 {
-            bail!(
-                "key `limits.max_sockets`: must be at least 1024, got {}",
-                self.limits.max_sockets
+            return invalid(
+                "limits.max_sockets",
+                format!("must be at least 1024, got {}", self.limits.max_sockets),
             );
         }
         if self.limits.max_processes < 16 {
-            bail!(
-                "key `limits.max_processes`: must be at least 16, got {}",
-                self.limits.max_processes
+            return invalid(
+                "limits.max_processes",
+                format!("must be at least 16, got {}", self.limits.max_processes),
             );
         }
-        if self.limits.metrics_top_processes == 0 || self.limits.metrics_top_destinations == 0 {
-            bail!("keys `limits.metrics_top_*`: must be at least 1");
+        if self.limits.metrics_top_processes == 0 {
+            return invalid("limits.metrics_top_processes", "must be at least 1".into());
+        }
+        if self.limits.metrics_top_destinations == 0 {
+            return invalid("limits.metrics_top_destinations", "must be at least 1".into());
         }
         if self.ring_buffer_kib < 4 || self.ring_buffer_kib > 1 << 20 {
-            bail!(
-                "key `ring_buffer_kib`: must be between 4 and 1048576, got {}",
-                self.ring_buffer_kib
+            return invalid(
+                "ring_buffer_kib",
+                format!(
+                    "must be between 4 and 1048576, got {}",
+                    self.ring_buffer_kib
+                ),
             );
         }
         if self.socket.as_os_str().is_empty() || !self.socket.is_absolute() {
-            bail!(
-                "key `socket`: must be an absolute path, got {:?}",
-                self.socket
+            return invalid(
+                "socket",
+                format!("must be an absolute path, got {:?}", self.socket),
             );
         }
-        self.metrics()
-            .map_err(|e| anyhow!("key `metrics_addr`: {e}"))?;
+        if let Err(e) = self.metrics() {
+            return invalid("metrics_addr", e.to_string());
+        }
         Ok(())
     }
 
     /// The metrics address, None when disabled.
-    pub fn metrics(&self) -> Result<Option<SocketAddr>> {
+    pub fn metrics(&self) -> Result<Option<SocketAddr>, ConfigError> {
         if self.metrics_addr == "off" {
             return Ok(None);
         }
-        let addr: SocketAddr = self.metrics_addr.parse().map_err(|_| {
-            anyhow!(
-                "`{}` is not ADDR:PORT (e.g. 127.0.0.1:9464) or \"off\"",
-                self.metrics_addr
-            )
-        })?;
+        let addr: SocketAddr = self
+            .metrics_addr
+            .parse()
+            .map_err(|_| ConfigError::MetricsAddr(self.metrics_addr.clone()))?;
         Ok(Some(addr))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn report_thresholds_default_to_the_alert_defaults() {
         assert_eq!(
@@ -246,10 +297,7 @@ mod tests {
         );
     }
 
-    use super::*;
-    use std::path::Path;
-
-    fn parse(text: &str) -> Result<Config> {
+    fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("t.toml"), text)
     }
 

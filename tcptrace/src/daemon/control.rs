@@ -7,7 +7,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
 use bytes::Bytes;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
@@ -25,22 +24,58 @@ impl Drop for SocketFile {
     }
 }
 
+/// Why the control socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot create directory {}: {source}", dir.display())]
+    CreateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("a tcptrace daemon is already running on {} (stop it, or use --socket)", path.display())]
+    AlreadyRunning { path: PathBuf },
+    #[error("cannot remove stale socket {}: {source}", path.display())]
+    RemoveStale {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot bind control socket {}: {source}", path.display())]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("key `socket_group`: no group named `{0}` in /etc/group")]
+    NoSuchGroup(String),
+    #[error("cannot give {} to group {group}: {source}", path.display())]
+    Chown {
+        path: PathBuf,
+        group: String,
+        source: std::io::Error,
+    },
+}
+
 /// Binds the control socket with mode 0600 (or 0660 and `group`), refusing to replace the
 /// socket of a daemon that is running.
-pub fn bind_control(path: &Path, group: Option<&str>) -> Result<(UnixListener, SocketFile)> {
+pub fn bind_control(
+    path: &Path,
+    group: Option<&str>,
+) -> Result<(UnixListener, SocketFile), ControlError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|source| ControlError::CreateDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "a tcptrace daemon is already running on {} (stop it, or use --socket)",
-                path.display()
-            );
+            return Err(ControlError::AlreadyRunning {
+                path: path.to_path_buf(),
+            });
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        std::fs::remove_file(path).map_err(|source| ControlError::RemoveStale {
+            path: path.to_path_buf(),
+            source,
+        })?;
     }
     let gid = match group {
         Some(g) => Some(group_id(g)?),
@@ -53,23 +88,24 @@ pub fn bind_control(path: &Path, group: Option<&str>) -> Result<(UnixListener, S
     let bound = UnixListener::bind(path);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
-    let listener =
-        bound.with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    let listener = bound.map_err(|source| ControlError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let file = SocketFile(path.to_path_buf());
     if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| {
-            format!(
-                "cannot give {} to group {}",
-                path.display(),
-                group.unwrap_or("")
-            )
-        })?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        let chown = |source| ControlError::Chown {
+            path: path.to_path_buf(),
+            group: group.unwrap_or("").to_string(),
+            source,
+        };
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(chown)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(chown)?;
     }
     Ok((listener, file))
 }
 
-fn group_id(name: &str) -> Result<u32> {
+fn group_id(name: &str) -> Result<u32, ControlError> {
     if let Ok(n) = name.parse::<u32>() {
         return Ok(n);
     }
@@ -82,7 +118,7 @@ fn group_id(name: &str) -> Result<u32> {
                 .then(|| it.nth(1).and_then(|g| g.parse().ok()))
                 .flatten()
         })
-        .ok_or_else(|| anyhow!("key `socket_group`: no group named `{name}` in /etc/group"))
+        .ok_or_else(|| ControlError::NoSuchGroup(name.to_string()))
 }
 
 /// Reads one request line and writes the reply `answer` gives for it.

@@ -8,7 +8,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -56,26 +55,52 @@ pub fn reply_line(v: &serde_json::Value) -> Bytes {
     Bytes::from(bytes)
 }
 
-/// Sends one request to the daemon; Err when there is no daemon or it refused.
-pub async fn request(socket: &Path, cmd: &str) -> Result<serde_json::Value> {
-    let mut s = UnixStream::connect(socket).await?;
-    let mut req = serde_json::to_vec(&serde_json::json!({"cmd": cmd}))?;
-    req.push(b'\n');
-    s.write_all(&req).await?;
+/// Why a request to the daemon got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// No daemon listens on the socket (or it cannot be reached).
+    #[error("{0}")]
+    Connect(std::io::Error),
+    #[error("{0}")]
+    Io(std::io::Error),
+    #[error("the daemon did not answer within 30 s")]
+    Timeout,
+    #[error("malformed reply from the daemon: {0}")]
+    Malformed(serde_json::Error),
+    #[error("the daemon refused: {0}")]
+    Refused(String),
+}
+
+impl RequestError {
+    /// Whether nothing listens there (as opposed to a daemon that failed).
+    pub fn no_daemon(&self) -> bool {
+        matches!(self, RequestError::Connect(io) if matches!(
+            io.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+        ))
+    }
+}
+
+/// Sends one request to the daemon.
+pub async fn request(socket: &Path, cmd: &str) -> Result<serde_json::Value, RequestError> {
+    let mut s = UnixStream::connect(socket)
+        .await
+        .map_err(RequestError::Connect)?;
+    let req = reply_line(&serde_json::json!({"cmd": cmd}));
+    s.write_all(&req).await.map_err(RequestError::Io)?;
     let mut reply = String::new();
     tokio::time::timeout(
         Duration::from_secs(30),
         BufReader::new(s).read_line(&mut reply),
     )
     .await
-    .context("the daemon did not answer within 30 s")??;
-    let v: serde_json::Value =
-        serde_json::from_str(&reply).context("malformed reply from the daemon")?;
+    .map_err(|_| RequestError::Timeout)?
+    .map_err(RequestError::Io)?;
+    let v: serde_json::Value = serde_json::from_str(&reply).map_err(RequestError::Malformed)?;
     if v["ok"].as_bool() != Some(true) {
-        bail!(
-            "the daemon refused: {}",
-            v["error"].as_str().unwrap_or("unknown error")
-        );
+        return Err(RequestError::Refused(
+            v["error"].as_str().unwrap_or("unknown error").to_string(),
+        ));
     }
     Ok(v)
 }

@@ -1,8 +1,15 @@
 //! Termination and reload signals for the long-running commands. Handlers are installed once,
 //! at creation, so a signal arriving while the program is busy is not lost.
 
-use anyhow::{Context as _, Result};
 use tokio::signal::unix::{Signal, SignalKind, signal};
+
+/// A signal handler could not be installed.
+#[derive(Debug, thiserror::Error)]
+#[error("installing the {name} handler: {source}")]
+pub struct SignalError {
+    name: &'static str,
+    source: std::io::Error,
+}
 
 pub struct Signals {
     int: Signal,
@@ -21,11 +28,14 @@ pub enum Received {
 
 impl Signals {
     /// Installs the handlers (needs a running tokio runtime).
-    pub fn new() -> Result<Self> {
+    pub fn new() -> Result<Self, SignalError> {
+        let install = |kind: SignalKind, name: &'static str| {
+            signal(kind).map_err(|source| SignalError { name, source })
+        };
         Ok(Self {
-            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
-            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
-            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            int: install(SignalKind::interrupt(), "SIGINT")?,
+            term: install(SignalKind::terminate(), "SIGTERM")?,
+            hup: install(SignalKind::hangup(), "SIGHUP")?,
         })
     }
 
