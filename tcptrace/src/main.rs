@@ -145,9 +145,9 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Watch(a) => watch::run(watch_options(a)).await,
+            Command::Watch(a) => Ok(watch::run(watch_options(a)).await?),
             Command::Daemon(a) => match daemon_config(&a) {
-                Ok(cfg) => daemon::run(cfg, a.config).await,
+                Ok(cfg) => Ok(daemon::run(cfg, a.config).await?),
                 Err(e) => Err(e),
             },
             Command::Report(a) => Ok(client::report(&a.socket, a.json, &a.pid).await?),

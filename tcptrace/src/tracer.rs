@@ -16,8 +16,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
-
 use crate::{
     host::clock::{monotonic_ns, unix_now},
     host::procfs,
@@ -28,6 +26,18 @@ use crate::{
         ConnectFailure, ExistingSocket, ProcMeta, ProcSource, SnapshotOptions, Table, TableConfig,
     },
 };
+
+/// Why the tracer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TracerError {
+    /// Loading or attaching the kernel programs failed.
+    #[error(transparent)]
+    Kernel(Box<dyn std::error::Error + Send + Sync>),
+    #[error("reading /proc/net/tcp")]
+    Sockets(#[source] std::io::Error),
+    #[error("starting the reader thread")]
+    Thread(#[source] std::io::Error),
+}
 
 /// Processes as /proc describes them.
 pub struct SysProcs;
@@ -121,13 +131,13 @@ pub struct Tracer {
 
 impl Tracer {
     /// Attaches, loads the existing sockets, starts the reader.
-    pub fn start(opts: TracerOptions, sink: Option<EventSink>) -> Result<Self> {
-        let probes = Probes::attach(opts.probes)?;
+    pub fn start(opts: TracerOptions, sink: Option<EventSink>) -> Result<Self, TracerError> {
+        let probes = Probes::attach(opts.probes).map_err(|e| TracerError::Kernel(e.into()))?;
         let mut table = Table::new(opts.table, Box::new(SysProcs));
         if sink.is_some() {
             table.record_failures();
         }
-        let existing = existing_sockets().context("reading /proc/net/tcp")?;
+        let existing = existing_sockets().map_err(TracerError::Sockets)?;
         table.load_existing(&existing, monotonic_ns());
         let shared = Arc::new(Shared {
             table: Mutex::new(table),
@@ -143,7 +153,7 @@ impl Tracer {
         let reader = std::thread::Builder::new()
             .name("tcptrace-reader".into())
             .spawn(move || reader_loop(probes, reader_shared, every, sink))
-            .context("starting the reader thread")?;
+            .map_err(TracerError::Thread)?;
         let tracer = Self {
             shared,
             reader: Some(reader),

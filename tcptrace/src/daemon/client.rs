@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 
-
 use crate::{
     daemon::protocol::{self, RequestError, Status},
     host::clock::{monotonic_ns, unix_now},
@@ -17,20 +16,20 @@ use crate::{
 pub enum ClientError {
     #[error("no tcptrace daemon on {}: start one with `tcptrace daemon` (or pass --socket)", socket.display())]
     NoDaemon { socket: PathBuf },
-    #[error("asking the daemon on {}: {source}", socket.display())]
+    #[error("asking the daemon on {}", socket.display())]
     Daemon {
         socket: PathBuf,
         source: RequestError,
     },
-    #[error("malformed {what} from the daemon: {source}")]
+    #[error("malformed {what} from the daemon")]
     Malformed {
         what: &'static str,
         source: serde_json::Error,
     },
-    #[error("cannot encode the JSON output: {0}")]
-    Encode(serde_json::Error),
-    #[error("reading /proc/net/tcp: {0}")]
-    Sockets(std::io::Error),
+    #[error("cannot encode the JSON output")]
+    Encode(#[source] serde_json::Error),
+    #[error("reading /proc/net/tcp")]
+    Sockets(#[source] std::io::Error),
 }
 
 /// The sockets that exist now and their owners, without history.
@@ -86,7 +85,10 @@ pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<(), Clien
         });
     }
     if json {
-        println!("{}", serde_json::to_string(&r).map_err(ClientError::Encode)?);
+        println!(
+            "{}",
+            serde_json::to_string(&r).map_err(ClientError::Encode)?
+        );
     } else {
         print!("{}", report::render_text(&r));
     }
@@ -114,7 +116,10 @@ pub async fn status(socket: &Path, json: bool) -> Result<(), ClientError> {
             source,
         })?;
     if json {
-        println!("{}", serde_json::to_string(&s).map_err(ClientError::Encode)?);
+        println!(
+            "{}",
+            serde_json::to_string(&s).map_err(ClientError::Encode)?
+        );
         return Ok(());
     }
     println!("tcptrace daemon pid {}, up {:.0}s", s.pid, s.uptime_secs);

@@ -120,7 +120,7 @@ impl Default for Alerts {
 /// What is wrong with a config file or value, in one line naming the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {}: {source}", path.display())]
+    #[error("cannot read config file {}", path.display())]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -140,7 +140,7 @@ pub enum ConfigError {
     #[error("key `{key}`: {problem}")]
     Invalid { key: &'static str, problem: String },
     /// A valid file with an invalid value.
-    #[error("config {}: {source}", path.display())]
+    #[error("config {}", path.display())]
     InFile {
         path: PathBuf,
         source: Box<ConfigError>,
@@ -249,7 +249,10 @@ impl Config {
             return invalid("limits.metrics_top_processes", "must be at least 1".into());
         }
         if self.limits.metrics_top_destinations == 0 {
-            return invalid("limits.metrics_top_destinations", "must be at least 1".into());
+            return invalid(
+                "limits.metrics_top_destinations",
+                "must be at least 1".into(),
+            );
         }
         if self.ring_buffer_kib < 4 || self.ring_buffer_kib > 1 << 20 {
             return invalid(
@@ -288,6 +291,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::logfmt::error_chain;
 
     #[test]
     fn report_thresholds_default_to_the_alert_defaults() {
@@ -297,8 +301,8 @@ mod tests {
         );
     }
 
-    fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(Path::new("t.toml"), text)
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(Path::new("t.toml"), text).map_err(|e| error_chain(&e))
     }
 
     #[test]
@@ -326,22 +330,18 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let e = parse("leak_after_secs = \"soon\"").unwrap_err().to_string();
+        let e = parse("leak_after_secs = \"soon\"").unwrap_err();
         assert!(e.contains("leak_after_secs"), "{e}");
-        let e = parse("[alerts]\nport_share = 3.0").unwrap_err().to_string();
+        let e = parse("[alerts]\nport_share = 3.0").unwrap_err();
         assert!(e.contains("alerts.port_share"), "{e}");
-        let e = parse("metrics_addr = \"everywhere\"")
-            .unwrap_err()
-            .to_string();
+        let e = parse("metrics_addr = \"everywhere\"").unwrap_err();
         assert!(e.contains("metrics_addr"), "{e}");
-        let e = parse("no_such_key = 1").unwrap_err().to_string();
+        let e = parse("no_such_key = 1").unwrap_err();
         assert!(e.contains("no_such_key"), "{e}");
         assert!(!e.contains('\n'), "{e}");
-        let e = parse("socket = \"/x\"\n[limits]\nmax_sockets = -3\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse("socket = \"/x\"\n[limits]\nmax_sockets = -3\n").unwrap_err();
         assert!(e.contains("line 3: key `limits.max_sockets`"), "{e}");
-        let e = parse("[alerts\n").unwrap_err().to_string();
+        let e = parse("[alerts\n").unwrap_err();
         assert!(e.starts_with("config t.toml line 1:"), "{e}");
     }
 }

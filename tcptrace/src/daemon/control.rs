@@ -27,26 +27,26 @@ impl Drop for SocketFile {
 /// Why the control socket could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("cannot create directory {}: {source}", dir.display())]
+    #[error("cannot create directory {}", dir.display())]
     CreateDir {
         dir: PathBuf,
         source: std::io::Error,
     },
     #[error("a tcptrace daemon is already running on {} (stop it, or use --socket)", path.display())]
     AlreadyRunning { path: PathBuf },
-    #[error("cannot remove stale socket {}: {source}", path.display())]
+    #[error("cannot remove stale socket {}", path.display())]
     RemoveStale {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot bind control socket {}: {source}", path.display())]
+    #[error("cannot bind control socket {}", path.display())]
     Bind {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error("key `socket_group`: no group named `{0}` in /etc/group")]
     NoSuchGroup(String),
-    #[error("cannot give {} to group {group}: {source}", path.display())]
+    #[error("cannot give {} to group {group}", path.display())]
     Chown {
         path: PathBuf,
         group: String,

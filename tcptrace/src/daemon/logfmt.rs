@@ -3,6 +3,19 @@
 
 use std::fmt::Write as _;
 
+/// An error and its causes on one line, "what failed: why: why", as `{:#}` shows an
+/// anyhow error; for the daemon's log lines, where errors are not turned into anyhow's.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// Quotes a value when it needs it.
 fn push_value(out: &mut String, v: &str) {
     if !v.is_empty()

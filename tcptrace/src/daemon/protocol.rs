@@ -59,14 +59,14 @@ pub fn reply_line(v: &serde_json::Value) -> Bytes {
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
     /// No daemon listens on the socket (or it cannot be reached).
-    #[error("{0}")]
+    #[error(transparent)]
     Connect(std::io::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(std::io::Error),
     #[error("the daemon did not answer within 30 s")]
     Timeout,
-    #[error("malformed reply from the daemon: {0}")]
-    Malformed(serde_json::Error),
+    #[error("malformed reply from the daemon")]
+    Malformed(#[source] serde_json::Error),
     #[error("the daemon refused: {0}")]
     Refused(String),
 }

@@ -8,28 +8,47 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use tokio::net::TcpListener;
 
 use super::{
     alerts::Alerter,
-    config::Config,
-    control::{bind_control, serve_control},
+    config::{Config, ConfigError},
+    control::{ControlError, bind_control, serve_control},
     http::serve_metrics,
-    logfmt::log,
+    logfmt::{error_chain, log},
     metrics,
     protocol::{Evictions, Request, Status, reply_line},
     systemd::notify_ready,
 };
 use crate::{
     host::clock::unix_now,
-    host::signals::{Received, Signals},
-    kernel::probes::{ProbeOptions, check_privileges},
+    host::signals::{Received, SignalError, Signals},
+    kernel::probes::{MissingPrivilege, ProbeOptions, check_privileges},
     state::{SnapshotOptions, TableConfig},
-    tracer::{Tracer, TracerOptions},
+    tracer::{Tracer, TracerError, TracerOptions},
     views::report,
 };
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Privileges(#[from] MissingPrivilege),
+    #[error(transparent)]
+    Signals(#[from] SignalError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("cannot listen for metrics on {addr} (in use? set --metrics-addr or metrics_addr)")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tracer(#[from] TracerError),
+}
 
 fn table_config(cfg: &Config) -> TableConfig {
     TableConfig {
@@ -129,16 +148,18 @@ fn answer_value(state: &State, line: &str) -> serde_json::Value {
     }
 }
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<()> {
+pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), DaemonError> {
     cfg.validate()?;
     check_privileges()?;
     let mut signals = Signals::new()?;
     let metrics_addr = cfg.metrics()?;
     let (control, socket_file) = bind_control(&cfg.socket, cfg.socket_group.as_deref())?;
     let metrics_listener = match metrics_addr {
-        Some(a) => Some(TcpListener::bind(a).await.with_context(|| {
-            format!("cannot listen for metrics on {a} (in use? set --metrics-addr or metrics_addr)")
-        })?),
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?,
+        ),
         None => None,
     };
     let metrics_local = metrics_listener
@@ -242,7 +263,7 @@ fn reload(state: &State, file: Option<&Path>) {
         Err(e) => log(
             "error",
             "config reload failed; keeping the running config",
-            &[("error", format!("{e:#}"))],
+            &[("error", error_chain(&e))],
         ),
         Ok(new) => {
             let mut cur = state.cfg.lock().unwrap();

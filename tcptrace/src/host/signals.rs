@@ -5,7 +5,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// A signal handler could not be installed.
 #[derive(Debug, thiserror::Error)]
-#[error("installing the {name} handler: {source}")]
+#[error("installing the {name} handler")]
 pub struct SignalError {
     name: &'static str,
     source: std::io::Error,

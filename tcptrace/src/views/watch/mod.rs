@@ -10,8 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
-
 use self::{
     events::{event_sink, print_dropped},
     screen::Screen,
@@ -19,10 +17,19 @@ use self::{
 };
 
 use crate::{
-    host::signals::{Received, Signals},
+    host::signals::{Received, SignalError, Signals},
     state::{Filter, SnapshotOptions, TableConfig},
-    tracer::{Tracer, TracerOptions},
+    tracer::{Tracer, TracerError, TracerOptions},
 };
+
+/// Why `watch` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(transparent)]
+    Signals(#[from] SignalError),
+    #[error(transparent)]
+    Tracer(#[from] TracerError),
+}
 
 #[derive(Clone, Debug)]
 pub struct WatchOptions {
@@ -35,7 +42,7 @@ pub struct WatchOptions {
     pub tracer: TracerOptions,
 }
 /// Runs `watch` until Ctrl-C, SIGTERM or `--duration`.
-pub async fn run(opts: WatchOptions) -> Result<()> {
+pub async fn run(opts: WatchOptions) -> Result<(), WatchError> {
     let sink = opts
         .events
         .then(|| event_sink(opts.json, opts.filter.clone()));
@@ -62,7 +69,7 @@ pub async fn run(opts: WatchOptions) -> Result<()> {
     let leak_after = opts.tracer.table.leak_after_ns;
     let mut next = Instant::now();
     let mut dropped_seen = 0;
-    let result: Result<()> = async {
+    let result: Result<(), WatchError> = async {
         loop {
             if mode == Mode::Events {
                 // No silent loss: say when the kernel could not hand over events.
