@@ -1,0 +1,121 @@
+//! The configurations of the overhead phase: what is attached (nothing, a tcptrace variant,
+//! bpftrace) and the churn workloads they run under.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use super::DAEMON_SOCKET;
+
+/// The bcc tcpstates equivalent: one formatted line per transition.
+const BPFTRACE_PRINT: &str = r#"tracepoint:sock:inet_sock_set_state { printf("%-16llx %-7d %-16s %-15s %-5d %-15s %-5d %d -> %d\n", args->skaddr, pid, comm, ntop(args->saddr), args->sport, ntop(args->daddr), args->dport, args->oldstate, args->newstate); }"#;
+/// Counting in the kernel only.
+const BPFTRACE_COUNT: &str = "tracepoint:sock:inet_sock_set_state { @[args->newstate] = count(); }";
+
+/// One way of running tcptrace during the overhead phase. Add new ones in [`tracer_variants`].
+#[derive(Clone)]
+pub(super) struct TracerVariant {
+    pub(super) name: &'static str,
+    pub(super) args: Vec<&'static str>,
+    /// How the bench tells that it is attached and reading.
+    pub(super) ready: Ready,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ready {
+    /// The first `watch --json` line: by then the programs are attached and the table loaded.
+    FirstJsonLine,
+    /// `tcptrace status --json --socket DAEMON_SOCKET` succeeds.
+    Status,
+}
+
+/// The tcptrace variants this binary supports: `watch` always, `daemon` once it exists.
+pub(super) fn tracer_variants(bin: &Path) -> Vec<TracerVariant> {
+    let mut v = vec![TracerVariant {
+        name: "tcptrace watch",
+        args: vec!["watch", "--json", "--interval", "1"],
+        ready: Ready::FirstJsonLine,
+    }];
+    let has_daemon = Command::new(bin)
+        .args(["daemon", "--help"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if has_daemon {
+        v.push(TracerVariant {
+            name: "tcptrace daemon",
+            args: vec![
+                "daemon",
+                "--socket",
+                DAEMON_SOCKET,
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ],
+            ready: Ready::Status,
+        });
+    }
+    v
+}
+
+#[derive(Clone)]
+pub(super) enum Tracer {
+    None,
+    Tcptrace(TracerVariant),
+    Bpftrace { program: &'static str, counts: bool },
+}
+
+#[derive(Clone)]
+pub(super) struct Config {
+    pub(super) name: String,
+    pub(super) tracer: Tracer,
+}
+
+impl Config {
+    pub(super) fn list(variants: &[TracerVariant]) -> Vec<Config> {
+        let mut c = vec![Config {
+            name: "baseline (nothing attached)".into(),
+            tracer: Tracer::None,
+        }];
+        c.extend(variants.iter().map(|v| Config {
+            name: v.name.into(),
+            tracer: Tracer::Tcptrace(v.clone()),
+        }));
+        c.push(Config {
+            name: "bpftrace printing (tcpstates)".into(),
+            tracer: Tracer::Bpftrace {
+                program: BPFTRACE_PRINT,
+                counts: false,
+            },
+        });
+        c.push(Config {
+            name: "bpftrace counting in kernel".into(),
+            tracer: Tracer::Bpftrace {
+                program: BPFTRACE_COUNT,
+                counts: true,
+            },
+        });
+        c
+    }
+}
+
+/// The churn workloads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Workload {
+    /// SO_LINGER {1,0} on both ends, root namespace.
+    Rst,
+    /// Normal close in our namespace (wide port range, tcp_tw_reuse=1).
+    Fin,
+}
+
+impl Workload {
+    pub(super) const ALL: [Workload; 2] = [Workload::Rst, Workload::Fin];
+
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Workload::Rst => "RST close",
+            Workload::Fin => "FIN close (netns)",
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! `cargo xtask bench`: what tracing costs a connection-churn workload, how fast a CLOSE_WAIT
+//! leak is reported, and what start-up costs with many existing sockets. Writes BENCHMARKS.md.
+//!
+//! Phases of one run:
+//! 1. Overhead. `churngen churn` (xtask/src/bin/churngen.rs) connects, accepts and closes on
+//!    loopback for `--secs` under each configuration: nothing attached, each tcptrace variant,
+//!    a bpftrace one-liner printing every transition (what bcc's tcpstates does) and one counting
+//!    them in the kernel. Configurations are interleaved (A B C D A B C D ...) over `--rounds`,
+//!    for two workloads: RST close in the root namespace, FIN close (TIME_WAIT, reused) in a
+//!    namespace of our own. Tracers are attached before the load starts.
+//! 2. In-kernel cost: one more RST round per tracer with BPF run-time statistics switched on.
+//! 3. Leak latency: CLOSE_WAIT sockets made one at a time under `watch --leak-after 2` (and the
+//!    daemon, asked on its control socket).
+//! 4. Start-up: `watch` started in a namespace holding `--sockets` connected sockets.
+//!
+//! The load saturates every core, so other processes' CPU shows as overhead: before each round
+//! the bench waits a little for the machine to go quiet, and the report gives, per
+//! configuration, how much CPU other processes used meanwhile.
+//!
+//! Everything started here is killed and reaped on every path (also on error or Ctrl-C), and the
+//! namespaces are deleted; the run ends by checking that no process, attached program or
+//! namespace of ours is left.
+
+mod bpf_stats;
+mod configs;
+mod host;
+mod kernel_cost;
+mod leak_latency;
+mod netns;
+mod numbers;
+mod overhead;
+mod parse;
+mod procs;
+mod report;
+mod smoke;
+mod startup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Args;
+
+use bpf_stats::check_clean;
+use configs::{Config, Ready, TracerVariant, tracer_variants};
+use leak_latency::LeakReporter;
+use netns::{Netns, remove_stale_netns};
+use overhead::transitions_per_connection;
+use procs::catch_signals;
+use report::{HostInfo, render};
+use smoke::smoke_checks;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Rounds of the overhead phase (every configuration runs once per round, interleaved).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Seconds of load per configuration and round.
+    #[arg(long, default_value_t = 4.0)]
+    secs: f64,
+    /// churngen client threads (as many acceptor threads run); default: one per core.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// CLOSE_WAIT sockets of the leak-latency phase.
+    #[arg(long, default_value_t = 20)]
+    leak_sockets: usize,
+    /// Existing sockets for the start-up phase (connected pairs on loopback).
+    #[arg(long, default_value_t = 100_000)]
+    sockets: usize,
+    /// Where to write the report [default: BENCHMARKS.md at the workspace root; with --smoke, a
+    /// file in the temporary directory].
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// A quick run of every phase (one round of 1 s, 3 leaked sockets, 1,000 sockets at start-up)
+    /// that checks the benchmark works; it leaves BENCHMARKS.md alone.
+    #[arg(long)]
+    smoke: bool,
+}
+
+impl BenchArgs {
+    /// The smoke run `cargo xtask test` makes so that the harness cannot rot.
+    pub fn smoke() -> Self {
+        Self {
+            rounds: 1,
+            secs: 1.0,
+            threads: None,
+            leak_sockets: 3,
+            sockets: 1000,
+            output: None,
+            smoke: true,
+        }
+    }
+}
+
+/// Where the daemon variant listens during the benchmark.
+const DAEMON_SOCKET: &str = "/run/tcptrace-bench.sock";
+/// `--leak-after` of the leak-latency phase, seconds.
+const LEAK_AFTER: f64 = 2.0;
+/// Seconds between two leaked sockets: not a multiple of the 1 s interval, so the sockets cross
+/// the threshold at different points of watch's cycle.
+const LEAK_EVERY: f64 = 0.23;
+/// First listening port of the FIN workload in our namespace, and how many listeners. Fixed
+/// ports bound the TIME_WAIT sockets to one per (ephemeral port, listener), all reusable after
+/// 1 s, so that every round runs in the same steady state; past the namespace's
+/// tcp_max_tw_buckets the kernel would skip TIME_WAIT and the same load would run twice as
+/// fast. One listener caps FIN churn at about 30,000 connections/s by port reuse alone (each
+/// local port once a second), so several are used to keep the load CPU-bound.
+const FIN_PORT: u16 = 5000;
+const FIN_LISTENERS: usize = 4;
+/// Other processes' CPU (in cores) below which the machine counts as quiet before a round.
+const QUIET_CORES: f64 = 0.05;
+/// Longest wait for quiet before one round, and in all.
+const QUIET_MAX_WAIT: Duration = Duration::from_secs(5);
+const QUIET_BUDGET: Duration = Duration::from_secs(30);
+/// How often the leak-latency phase asks the daemon.
+const DAEMON_POLL: Duration = Duration::from_millis(100);
+/// Prefix of the network namespaces we create; the suffix starts with our pid.
+const NETNS_PREFIX: &str = "tcptrace-bench-";
+
+pub fn run(bin: &Path, args: BenchArgs) -> Result<()> {
+    if !crate::is_root() {
+        bail!(
+            "the benchmark attaches eBPF programs and creates network namespaces: run it as root"
+        );
+    }
+    let plan = Plan::new(args);
+    for tool in ["ip", "bpftrace", "bpftool"] {
+        if Command::new(tool)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+        {
+            bail!("`{tool}` is missing (cargo xtask setup installs it)");
+        }
+    }
+    catch_signals();
+    let churngen = build_churngen()?;
+    // Run copies: others may rebuild target/release while the bench runs.
+    let scratch = Scratch::new()?;
+    let bin = scratch.copy(bin)?;
+    let churngen = scratch.copy(&churngen)?;
+    remove_stale_netns();
+    let _ = std::fs::remove_file(DAEMON_SOCKET);
+
+    let mut bench = Bench {
+        variants: tracer_variants(&bin),
+        bin,
+        churngen,
+        plan,
+        quiet_budget: QUIET_BUDGET,
+    };
+    let result = bench.all_phases();
+    let _ = std::fs::remove_file(DAEMON_SOCKET);
+    // Checked even after a failure, so that a leak of ours is always reported.
+    let clean = check_clean();
+    let report = result?;
+    clean?;
+
+    print!("\n{report}");
+    let out = bench.plan.output.clone();
+    std::fs::write(&out, &report).with_context(|| format!("writing {}", out.display()))?;
+    println!("bench: report written to {}", out.display());
+    Ok(())
+}
+
+/// A directory of ours in the temporary directory, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("tcptrace-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    /// Copies a file in, keeping its name.
+    fn copy(&self, file: &Path) -> Result<PathBuf> {
+        let to = self.0.join(file.file_name().context("a file name")?);
+        std::fs::copy(file, &to).with_context(|| format!("copying {}", file.display()))?;
+        Ok(to)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The run's parameters after `--smoke` is applied.
+struct Plan {
+    rounds: u32,
+    secs: f64,
+    threads: usize,
+    leak_sockets: usize,
+    sockets: usize,
+    output: PathBuf,
+    smoke: bool,
+    command: String,
+}
+
+impl Plan {
+    fn new(a: BenchArgs) -> Self {
+        let command = std::iter::once("cargo xtask".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let threads = a.threads.unwrap_or_else(cores).max(1);
+        if a.smoke {
+            Self {
+                rounds: 1,
+                secs: 1.0,
+                threads,
+                leak_sockets: 3,
+                sockets: 1000,
+                output: a
+                    .output
+                    .unwrap_or_else(|| std::env::temp_dir().join("tcptrace-bench-smoke.md")),
+                smoke: true,
+                command,
+            }
+        } else {
+            Self {
+                rounds: a.rounds.max(1),
+                secs: a.secs.max(0.5),
+                threads,
+                leak_sockets: a.leak_sockets.max(1),
+                sockets: a.sockets.max(2),
+                output: a
+                    .output
+                    .unwrap_or_else(|| crate::workspace_root().join("BENCHMARKS.md")),
+                smoke: false,
+                command,
+            }
+        }
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// `cargo build --release -p xtask --bin churngen`; returns the binary's path.
+fn build_churngen() -> Result<PathBuf> {
+    let root = crate::workspace_root();
+    crate::sh(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "xtask",
+                "--bin",
+                "churngen",
+            ]),
+    )?;
+    Ok(root.join("target/release/churngen"))
+}
+
+struct Bench {
+    bin: PathBuf,
+    churngen: PathBuf,
+    plan: Plan,
+    variants: Vec<TracerVariant>,
+    /// What is left of the time the run may spend waiting for other processes to go quiet.
+    quiet_budget: Duration,
+}
+
+impl Bench {
+    fn all_phases(&mut self) -> Result<String> {
+        let host = HostInfo::read();
+        let configs = Config::list(&self.variants);
+        let ns = Netns::create(&format!("{NETNS_PREFIX}{}", std::process::id()))?;
+
+        let t = Instant::now();
+        let samples = self.overhead(&configs, &ns)?;
+        let per_conn = transitions_per_connection(&configs, &samples);
+        took("overhead", t);
+        let t = Instant::now();
+        let costs = self.kernel_costs(&configs)?;
+        took("kernel cost", t);
+        let t = Instant::now();
+        let mut leaks = vec![self.leak_latency(LeakReporter::Watch)?];
+        if self.variants.iter().any(|v| v.ready == Ready::Status) {
+            leaks.push(self.leak_latency(LeakReporter::Daemon)?);
+        }
+        took("leak latency", t);
+        drop(ns);
+        let t = Instant::now();
+        let startup = self.startup()?;
+        took("start-up", t);
+
+        if self.plan.smoke {
+            smoke_checks(&configs, &samples, &costs, &leaks, &startup)?;
+        }
+        let waited = QUIET_BUDGET.saturating_sub(self.quiet_budget);
+        Ok(render(
+            &host, &self.plan, waited, &configs, &samples, &per_conn, &costs, &leaks, &startup,
+        ))
+    }
+}
+
+fn took(phase: &str, since: Instant) {
+    println!(
+        "bench: {phase} phase took {:.0} s",
+        since.elapsed().as_secs_f64()
+    );
+}
