@@ -6,7 +6,7 @@
 //! opened in between is in both; the table adopts it by address instead of counting it twice.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -18,12 +18,16 @@ use std::{
 
 use crate::{
     host::clock::{monotonic_ns, unix_now},
-    host::procfs,
+    host::{
+        holders::{self, HolderResolver},
+        procfs,
+    },
     kernel::event::{TcpEvent, TcpState, decode},
     kernel::probes::{KernelCounters, ProbeOptions, Probes},
     state::snapshot::Snapshot,
     state::{
-        ConnectFailure, ExistingSocket, ProcMeta, ProcSource, SnapshotOptions, Table, TableConfig,
+        ConnectFailure, ExistingSocket, HeldBy, ProcMeta, ProcSource, SnapshotOptions, Table,
+        TableConfig,
     },
 };
 
@@ -233,6 +237,7 @@ fn reader_loop(
 ) {
     let mut last_tick = Instant::now();
     let mut tried_owners: HashSet<(SocketAddr, SocketAddr)> = HashSet::new();
+    let mut holders = HolderResolver::default();
     let mut batch: Vec<TcpEvent> = Vec::with_capacity(4096);
     // Beyond this many waiting events the reader waits for the table instead.
     const MAX_PENDING: usize = 200_000;
@@ -276,6 +281,7 @@ fn reader_loop(
                 table.unowned_close_wait()
             };
             resolve_owners(&shared, unowned, &mut tried_owners);
+            resolve_holders(&shared, &mut holders);
         }
         probes.wait(every);
     }
@@ -313,6 +319,63 @@ fn event_context(table: &Table, ev: &TcpEvent) -> EventContext {
             failures: Vec::new(),
         },
         TcpEvent::Error { .. } => EventContext::default(),
+    }
+}
+
+/// Most CLOSE_WAIT sockets whose holders are looked up per second.
+const MAX_HOLDER_QUERIES: usize = 20_000;
+
+/// Looks up who holds the CLOSE_WAIT sockets the table asks about (new ones, and every few
+/// seconds those that stay): their inodes from the socket list of the namespace of the process
+/// the kernel side named (read once per namespace), then the holders of those inodes from
+/// /proc/PID/fd, that process's tree first.
+fn resolve_holders(shared: &Shared, resolver: &mut HolderResolver) {
+    let queries = shared
+        .table
+        .lock()
+        .unwrap()
+        .holders_to_resolve(monotonic_ns(), MAX_HOLDER_QUERIES);
+    if queries.is_empty() {
+        return;
+    }
+    let mut ns_of_hint: HashMap<Option<u32>, Option<u64>> = HashMap::new();
+    let mut lists: HashMap<Option<u64>, HashMap<(SocketAddr, SocketAddr), u64>> = HashMap::new();
+    let mut inode_of = Vec::with_capacity(queries.len());
+    for q in &queries {
+        let ns = *ns_of_hint
+            .entry(q.hint)
+            .or_insert_with(|| holders::netns_of(q.hint.unwrap_or_else(std::process::id)));
+        let list = lists.entry(ns).or_insert_with(|| {
+            holders::sockets_of_netns(q.hint)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| ((r.local, r.remote), r.inode))
+                .collect()
+        });
+        inode_of.push(list.get(&(q.local, q.remote)).copied());
+    }
+    let inodes: HashSet<u64> = inode_of
+        .iter()
+        .flatten()
+        .filter(|&&i| i != 0)
+        .copied()
+        .collect();
+    let mut hints: Vec<u32> = queries.iter().filter_map(|q| q.hint).collect();
+    hints.sort_unstable();
+    hints.dedup();
+    let found = resolver.resolve(&inodes, &hints);
+    let now = monotonic_ns();
+    let mut table = shared.table.lock().unwrap();
+    for (q, inode) in queries.iter().zip(inode_of) {
+        let held = match inode {
+            None => HeldBy::Unknown,
+            Some(0) => HeldBy::Unaccepted,
+            Some(i) => match found.holders.get(&i) {
+                Some(list) => HeldBy::Processes(list.iter().map(|h| (h.pid, h.fd)).collect()),
+                None => HeldBy::Unknown,
+            },
+        };
+        table.set_holders(q.key, held, now);
     }
 }
 

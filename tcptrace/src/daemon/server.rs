@@ -57,6 +57,7 @@ fn table_config(cfg: &Config) -> TableConfig {
         max_processes: cfg.limits.max_processes,
         max_time_wait: crate::host::procfs::max_tw_buckets()
             .unwrap_or(TableConfig::default().max_time_wait),
+        resolve_holders: true,
         ..Default::default()
     }
 }

@@ -41,6 +41,18 @@ pub fn read_tcp_sockets() -> io::Result<Vec<SockRecord>> {
     Ok(out)
 }
 
+/// Reads `<proc_dir>/net/tcp` and `tcp6`: the sockets of the network namespace of the process
+/// whose /proc directory that is (e.g. "/proc/1234").
+pub fn read_tcp_sockets_of(proc_dir: &str) -> io::Result<Vec<SockRecord>> {
+    let mut out = Vec::new();
+    read_tcp_file(&format!("{proc_dir}/net/tcp"), &mut out)?;
+    match read_tcp_file(&format!("{proc_dir}/net/tcp6"), &mut out) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        r => r?,
+    }
+    Ok(out)
+}
+
 /// Streams one table, reusing a single line buffer. Large reads matter: the kernel regenerates
 /// the table per read() call, so fewer calls are cheaper with many sockets.
 fn read_tcp_file(path: &str, out: &mut Vec<SockRecord>) -> io::Result<()> {
@@ -153,7 +165,7 @@ pub fn socket_owners(wanted: Option<&HashSet<u64>>) -> HashMap<u64, u32> {
         // Cannot fail: writing to a Vec.
         let _ = write!(path, "/proc/{pid}/fd\0");
         let mut done = false;
-        for_each_fd_socket(&path, |inode| {
+        for_each_fd_socket(&path, |_fd, inode| {
             if wanted.is_none_or(|w| w.contains(&inode)) {
                 owners.entry(inode).or_insert(pid);
                 if wanted.is_some_and(|w| owners.len() == w.len()) {
@@ -171,7 +183,7 @@ pub fn socket_owners(wanted: Option<&HashSet<u64>>) -> HashMap<u64, u32> {
 }
 
 /// Numeric entries of /proc. Thread ids are not listed there, only thread-group ids.
-fn list_pids() -> Vec<u32> {
+pub fn list_pids() -> Vec<u32> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -179,10 +191,10 @@ fn list_pids() -> Vec<u32> {
         .collect()
 }
 
-/// Calls `f` with the inode of every socket fd in the directory `dir_path` (NUL-terminated)
-/// until it returns false. Uses readlinkat on the open directory so that each link costs one
-/// short lookup and no allocation.
-fn for_each_fd_socket(dir_path: &[u8], mut f: impl FnMut(u64) -> bool) {
+/// Calls `f` with the fd number and inode of every socket fd in the directory `dir_path`
+/// (NUL-terminated) until it returns false. Uses readlinkat on the open directory so that each
+/// link costs one short lookup and no allocation.
+pub fn for_each_fd_socket(dir_path: &[u8], mut f: impl FnMut(u32, u64) -> bool) {
     struct Dir(*mut libc::DIR);
     impl Drop for Dir {
         fn drop(&mut self) {
@@ -217,8 +229,11 @@ fn for_each_fd_socket(dir_path: &[u8], mut f: impl FnMut(u64) -> bool) {
         if n <= 0 {
             continue; // fd closed meanwhile
         }
-        if let Some(inode) = socket_inode(&link[..n as usize])
-            && !f(inode)
+        // SAFETY: d_name is NUL-terminated.
+        let fd_name = unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes();
+        let fd = parse_dec(fd_name).and_then(|n| u32::try_from(n).ok());
+        if let (Some(inode), Some(fd)) = (socket_inode(&link[..n as usize]), fd)
+            && !f(fd, inode)
         {
             return;
         }

@@ -4,6 +4,7 @@
 //! later); views only read the [`Snapshot`]s it hands out.
 mod connects;
 mod destinations;
+mod holders;
 mod processes;
 pub mod snapshot;
 mod sockets;
@@ -11,6 +12,7 @@ mod table;
 mod time_wait;
 
 pub use connects::ConnectFailure;
+pub use holders::{HeldBy, HolderQuery, RECHECK_NS};
 pub use processes::{ProcMeta, ProcSource};
 pub use snapshot::{Filter, Snapshot, SnapshotOptions, sort_processes};
 pub use sockets::ExistingSocket;

@@ -55,6 +55,8 @@ pub(super) struct Proc {
     /// Times (ns) at which sockets of this process entered CLOSE_WAIT, last minute.
     pub(super) cw_entries: VecDeque<u64>,
     pub(super) dests: HashMap<SocketAddr, DestStats>,
+    /// When `meta` was last read (a holder is re-read now and then: exec changes its name).
+    pub(super) meta_ns: u64,
 }
 
 impl Proc {
@@ -145,6 +147,7 @@ impl Table {
                 bucket_sec: now_ns / NS,
                 cw_entries: VecDeque::new(),
                 dests: HashMap::default(),
+                meta_ns: now_ns,
             },
         );
         self.by_pid.insert(pid, id);

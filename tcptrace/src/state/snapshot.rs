@@ -9,6 +9,7 @@ use rustc_hash::FxHashMap as HashMap;
 use serde::Serialize;
 
 use super::{
+    holders::HeldAs,
     processes::ProcId,
     sockets::Sock,
     table::{NS, Table},
@@ -30,12 +31,25 @@ pub struct SocketView {
     pub local: String,
     pub remote: String,
     pub age_secs: f64,
+    /// Processes whose descriptor tables hold the socket, with the fd; empty until looked up.
+    pub holders: Vec<HolderView>,
+    /// Still in the listener's accept queue: no process has accepted it.
+    pub unaccepted: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HolderView {
+    pub pid: u32,
+    pub fd: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct CloseWaitView {
+    /// CLOSE_WAIT sockets the process holds (a socket several processes hold counts for each).
     pub count: u64,
     pub leaked: u64,
+    /// CLOSE_WAIT sockets in the accept queues of this process's listeners (not in `count`).
+    pub unaccepted: u64,
     pub oldest_secs: f64,
     /// New CLOSE_WAIT sockets per minute over the last minute.
     pub new_per_min: f64,
@@ -174,6 +188,8 @@ impl Table {
         #[derive(Default)]
         struct Acc<'a> {
             cw: Vec<&'a Sock>,
+            /// CLOSE_WAIT sockets in this process's listeners' accept queues.
+            backlog: Vec<&'a Sock>,
             tw_now: u64,
             ports: HashMap<SocketAddr, u64>,
             port_match: bool,
@@ -200,11 +216,20 @@ impl Table {
             if uses_port {
                 *dest_ports.entry(s.remote).or_default() += 1;
             }
+            if s.state == TcpState::CloseWait {
+                match s.held_by() {
+                    HeldAs::Holders(by) => {
+                        for (id, _) in by {
+                            per_proc.entry(*id).or_default().cw.push(s);
+                        }
+                    }
+                    HeldAs::Backlog(Some(id)) => per_proc.entry(id).or_default().backlog.push(s),
+                    HeldAs::Hint(Some(id)) => per_proc.entry(id).or_default().cw.push(s),
+                    HeldAs::Backlog(None) | HeldAs::Hint(None) => {}
+                }
+            }
             if let Some(id) = s.owner {
                 let acc = per_proc.entry(id).or_default();
-                if s.state == TcpState::CloseWait {
-                    acc.cw.push(s);
-                }
                 if uses_port {
                     *acc.ports.entry(s.remote).or_default() += 1;
                 }
@@ -246,13 +271,16 @@ impl Table {
             }
             let mut cw = CloseWaitView {
                 count: acc.cw.len() as u64,
+                unaccepted: acc.backlog.len() as u64,
                 ..Default::default()
             };
             let mut remotes: HashMap<SocketAddr, u64> = HashMap::default();
             let mut sockets = Vec::new();
             for s in &acc.cw {
                 let age = now_ns.saturating_sub(s.since_ns);
-                if age > leak_ns {
+                // Leaked only once its holders were looked up: the hint may name the wrong
+                // process.
+                if age > leak_ns && (s.held.checked_ns.is_some() || !self.cfg.resolve_holders) {
                     cw.leaked += 1;
                 }
                 cw.oldest_secs = cw.oldest_secs.max(age as f64 / NS as f64);
@@ -260,7 +288,7 @@ impl Table {
             }
             // The oldest CLOSE_WAIT sockets with their ages: all of them in reports, the 10
             // oldest in live views.
-            let mut oldest: Vec<&&Sock> = acc.cw.iter().collect();
+            let mut oldest: Vec<&&Sock> = acc.cw.iter().chain(&acc.backlog).collect();
             let keep = if opts.detail { oldest.len() } else { 10 };
             if oldest.len() > keep {
                 oldest.select_nth_unstable_by_key(keep, |s| s.since_ns);
@@ -272,6 +300,16 @@ impl Table {
                     local: s.local.to_string(),
                     remote: s.remote.to_string(),
                     age_secs: round3(age as f64 / NS as f64),
+                    holders: s
+                        .held
+                        .by
+                        .iter()
+                        .filter_map(|(id, fd)| {
+                            let pid = self.procs.get(id)?.pid;
+                            Some(HolderView { pid, fd: *fd })
+                        })
+                        .collect(),
+                    unaccepted: s.held.unaccepted,
                 });
             }
             cw.oldest_secs = round3(cw.oldest_secs);
@@ -336,6 +374,7 @@ impl Table {
         }
         processes.retain(|p| {
             p.close_wait.count > 0
+                || p.close_wait.unaccepted > 0
                 || p.connects.ok > 0
                 || !p.connects.failed.is_empty()
                 || p.churn.closed_total > 0

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 
 use rustc_hash::FxHashMap as HashMap;
 
-use super::{connects::ClosedConnect, processes::ProcId, table::Table, time_wait::tuple_key};
+use super::{
+    connects::ClosedConnect, holders::Held, processes::ProcId, table::Table, time_wait::tuple_key,
+};
 use crate::kernel::event::{Owner, TcpState};
 
 /// A socket that existed before tracing started (from /proc/net/tcp and /proc/PID/fd).
@@ -39,6 +41,8 @@ pub(super) struct Sock {
     pub(super) connected: bool,
     /// Accepted from a listener (its remote is a client, not a destination).
     pub(super) inbound: bool,
+    /// Who holds it, once looked up (CLOSE_WAIT sockets).
+    pub(super) held: Held,
 }
 
 /// Keys of snapshot sockets that have no kernel address yet live above this bit.
@@ -94,6 +98,7 @@ impl Table {
                     connect: ConnectPhase::None,
                     connected: is_connected_state(s.state),
                     inbound,
+                    held: Held::default(),
                 },
             );
             self.existing.insert((s.local, s.remote), key);
@@ -279,6 +284,7 @@ impl Table {
                 connected: is_connected_state(old),
                 inbound: old == TcpState::Listen
                     || (old != TcpState::Close && self.listeners.contains_key(&local.port())),
+                held: Held::default(),
             },
         );
     }

@@ -37,6 +37,9 @@ pub struct TableConfig {
     pub exited_linger_ns: u64,
     /// Most TIME_WAIT sockets modelled: the kernel's net.ipv4.tcp_max_tw_buckets.
     pub max_time_wait: usize,
+    /// Someone looks up who holds CLOSE_WAIT sockets ([`Table::set_holders`]): a socket counts
+    /// as leaked only once that is done. Off where nobody does (tests of pure logic).
+    pub resolve_holders: bool,
 }
 
 impl Default for TableConfig {
@@ -47,6 +50,7 @@ impl Default for TableConfig {
             max_processes: 20_000,
             exited_linger_ns: 30 * NS,
             max_time_wait: 262_144,
+            resolve_holders: false,
         }
     }
 }

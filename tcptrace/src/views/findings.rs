@@ -6,6 +6,7 @@ use crate::state::snapshot::{HostCounts, ProcessView};
 pub const CLOSE_WAIT_LEAK: &str = "close_wait_leak";
 pub const CONNECTION_CHURN: &str = "connection_churn";
 pub const PORT_EXHAUSTION: &str = "port_exhaustion";
+pub const ACCEPT_BACKLOG: &str = "accept_backlog";
 /// The thresholds findings are judged by (the daemon's `[alerts]` settings).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Thresholds {
@@ -35,6 +36,9 @@ pub fn findings(p: &ProcessView, range_size: u64, alerts: &Thresholds) -> Vec<St
     let mut f = Vec::new();
     if p.close_wait.leaked > 0 {
         f.push(CLOSE_WAIT_LEAK.to_string());
+    }
+    if p.close_wait.unaccepted > 0 {
+        f.push(ACCEPT_BACKLOG.to_string());
     }
     // A fifth of the host TIME_WAIT rule of thumb in one process is churn too.
     let many_tw = p.churn.time_wait > 0 && p.churn.time_wait >= alerts.time_wait / 5;
@@ -98,6 +102,12 @@ pub fn advice(finding: &str) -> &'static str {
              with TIME_WAIT piling up. Reuse connections (pool, keep-alive); as stopgaps widen \
              net.ipv4.ip_local_port_range or spread over more destination addresses."
         }
+        ACCEPT_BACKLOG => {
+            "Accept backlog: clients gave up on connections this server never accepted (they sit \
+             in CLOSE_WAIT in the listen queue, held by no process). The server does not accept \
+             fast enough: every worker busy or blocked on slow calls. Add workers, put timeouts on \
+             slow calls; a bigger listen backlog only hides it."
+        }
         _ => "",
     }
 }
@@ -137,6 +147,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(findings(&q, 100, &a), vec![PORT_EXHAUSTION]);
+        let backlog = ProcessView {
+            close_wait: CloseWaitView {
+                unaccepted: 3,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert_eq!(findings(&backlog, 100, &a), vec![ACCEPT_BACKLOG]);
+        assert!(!advice(ACCEPT_BACKLOG).is_empty());
     }
 
     #[test]

@@ -178,9 +178,13 @@ pub fn render_text(r: &Report) -> String {
         }
         let _ = writeln!(
             o,
-            "  CLOSE_WAIT {} (leaked {}), oldest {:.1}s, {} new in the last minute",
+            "  CLOSE_WAIT {} (leaked {}{}), oldest {:.1}s, {} new in the last minute",
             cw["count"],
             cw["leaked"],
+            match cw["unaccepted"].as_u64() {
+                Some(n) if n > 0 => format!(", {n} more never accepted"),
+                _ => String::new(),
+            },
             cw["oldest_secs"].as_f64().unwrap_or(0.0),
             cw["new_per_min"]
         );

@@ -134,6 +134,7 @@ pub fn table_config(leak_after: f64) -> TableConfig {
     TableConfig {
         leak_after_ns: (leak_after * 1e9) as u64,
         max_time_wait: crate::host::procfs::max_tw_buckets().unwrap_or(d.max_time_wait),
+        resolve_holders: true,
         ..d
     }
 }
