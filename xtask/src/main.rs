@@ -225,6 +225,19 @@ fn setup() -> Result<()> {
         ]))?;
     }
 
+    // gunicorn: a real prefork server for the holder tests.
+    if !quiet_ok(Command::new("python3").args(["-c", "import gunicorn"])) {
+        println!("xtask setup: installing gunicorn (PyPI) for the prefork server tests");
+        sh(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--root-user-action=ignore",
+            "gunicorn",
+        ]))?;
+    }
+
     if !Path::new("/sys/kernel/tracing/events").is_dir()
         && !Path::new("/sys/kernel/debug/tracing/events").is_dir()
     {
