@@ -338,10 +338,15 @@ fn resolve_holders(shared: &Shared, resolver: &mut HolderResolver) {
     if queries.is_empty() {
         return;
     }
+    // Inodes not known yet: from the socket list of the hint's namespace, read once.
     let mut ns_of_hint: HashMap<Option<u32>, Option<u64>> = HashMap::new();
     let mut lists: HashMap<Option<u64>, HashMap<(SocketAddr, SocketAddr), u64>> = HashMap::new();
     let mut inode_of = Vec::with_capacity(queries.len());
     for q in &queries {
+        if q.inode.is_some() {
+            inode_of.push(q.inode);
+            continue;
+        }
         let ns = *ns_of_hint
             .entry(q.hint)
             .or_insert_with(|| holders::netns_of(q.hint.unwrap_or_else(std::process::id)));
@@ -360,7 +365,10 @@ fn resolve_holders(shared: &Shared, resolver: &mut HolderResolver) {
         .filter(|&&i| i != 0)
         .copied()
         .collect();
-    let mut hints: Vec<u32> = queries.iter().filter_map(|q| q.hint).collect();
+    let mut hints: Vec<u32> = queries
+        .iter()
+        .flat_map(|q| q.hint.iter().chain(&q.holders).copied())
+        .collect();
     hints.sort_unstable();
     hints.dedup();
     let found = resolver.resolve(&inodes, &hints);
@@ -370,8 +378,11 @@ fn resolve_holders(shared: &Shared, resolver: &mut HolderResolver) {
         let held = match inode {
             None => HeldBy::Unknown,
             Some(0) => HeldBy::Unaccepted,
-            Some(i) => match found.holders.get(&i) {
-                Some(list) => HeldBy::Processes(list.iter().map(|h| (h.pid, h.fd)).collect()),
+            Some(inode) => match found.holders.get(&inode) {
+                Some(list) => HeldBy::Processes {
+                    inode,
+                    by: list.iter().map(|h| (h.pid, h.fd)).collect(),
+                },
                 None => HeldBy::Unknown,
             },
         };

@@ -84,7 +84,8 @@ impl Btf {
         }
         let hdr_len = u32_at(data, 4).ok_or(bad("short header"))? as usize;
         let field = |i: usize| u32_at(data, 8 + 4 * i).map(|v| v as usize);
-        let (type_off, type_len, str_off, str_len) = match (field(0), field(1), field(2), field(3)) {
+        let (type_off, type_len, str_off, str_len) = match (field(0), field(1), field(2), field(3))
+        {
             (Some(a), Some(b), Some(c), Some(d)) => (a, b, c, d),
             _ => return Err(bad("short header")),
         };

@@ -25,10 +25,12 @@ pub(super) struct Held {
     pub(super) by: Vec<(ProcId, u32)>,
     /// In a listener's accept queue: no process has accepted it.
     pub(super) unaccepted: bool,
+    /// The socket's inode once known (it never changes; 0 until a process accepts it).
+    pub(super) inode: u64,
 }
 
 /// A socket whose holders the table wants looked up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HolderQuery {
     /// Kernel address (or synthetic key) of the socket, to hand back in [`Table::set_holders`].
     pub key: u64,
@@ -37,22 +39,29 @@ pub struct HolderQuery {
     /// The process the kernel side named (live), whose process tree is searched first and
     /// whose network namespace the socket is in.
     pub hint: Option<u32>,
+    /// The socket's inode, when an earlier lookup found it.
+    pub inode: Option<u64>,
+    /// The processes an earlier lookup found holding it (searched first, with the hint).
+    pub holders: Vec<u32>,
 }
 
 /// The answer for one [`HolderQuery`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HeldBy {
-    /// These (pid, fd) hold it.
-    Processes(Vec<(u32, u32)>),
+    /// These (pid, fd) hold the socket of this inode.
+    Processes { inode: u64, by: Vec<(u32, u32)> },
     /// The kernel lists it without a file: still in its listener's accept queue.
     Unaccepted,
-    /// Not found (gone, or in a namespace that could not be read): the hint stays.
+    /// Not found (gone, or in a namespace that could not be read): what was known stands (the
+    /// hint, or the holders an earlier lookup found).
     Unknown,
 }
 
 impl Table {
     /// CLOSE_WAIT sockets whose holders were never looked up since they entered the state, or
-    /// not for [`RECHECK_NS`]; at most `max`, those never looked up first.
+    /// not in the current [`RECHECK_NS`] period (periods are aligned, so that the rechecks of
+    /// one process's sockets come together and its descriptors are read once); at most `max`,
+    /// those never looked up first.
     pub fn holders_to_resolve(&self, now_ns: u64, max: usize) -> Vec<HolderQuery> {
         let mut due: Vec<(bool, HolderQuery)> = self
             .sockets
@@ -60,7 +69,7 @@ impl Table {
             .filter(|(_, s)| s.state == TcpState::CloseWait)
             .filter(|(_, s)| match s.held.checked_ns {
                 None => true,
-                Some(t) => t < s.since_ns || now_ns.saturating_sub(t) >= RECHECK_NS,
+                Some(t) => t < s.since_ns || t / RECHECK_NS != now_ns / RECHECK_NS,
             })
             .map(|(&key, s)| {
                 let hint = s
@@ -76,6 +85,13 @@ impl Table {
                         local: s.local,
                         remote: s.remote,
                         hint,
+                        inode: (s.held.inode != 0).then_some(s.held.inode),
+                        holders: s
+                            .held
+                            .by
+                            .iter()
+                            .filter_map(|(id, _)| self.procs.get(id).map(|p| p.pid))
+                            .collect(),
                     },
                 )
             })
@@ -94,16 +110,17 @@ impl Table {
             return;
         }
         let held = match held_by {
+            // Not found this time: what an earlier lookup found stands.
             HeldBy::Unknown => Held {
                 checked_ns: Some(now_ns),
-                ..Default::default()
+                ..self.sockets[&key].held.clone()
             },
             HeldBy::Unaccepted => Held {
                 checked_ns: Some(now_ns),
-                by: Vec::new(),
                 unaccepted: true,
+                ..Default::default()
             },
-            HeldBy::Processes(list) => {
+            HeldBy::Processes { inode, by: list } => {
                 let mut by = Vec::with_capacity(list.len());
                 for (pid, fd) in list {
                     let id = self.proc_for_pid(pid, None, now_ns);
@@ -114,6 +131,7 @@ impl Table {
                     checked_ns: Some(now_ns),
                     by,
                     unaccepted: false,
+                    inode,
                 }
             }
         };
@@ -281,9 +299,30 @@ mod tests {
         assert_eq!(q.len(), 3);
         assert!(q.iter().all(|q| q.hint == Some(10)));
         // Worker 11 holds two, worker 12 one, and both hold the third (after a fork).
-        t.set_holders(100, HeldBy::Processes(vec![(11, 5)]), now);
-        t.set_holders(101, HeldBy::Processes(vec![(11, 6)]), now);
-        t.set_holders(102, HeldBy::Processes(vec![(11, 7), (12, 7)]), now);
+        t.set_holders(
+            100,
+            HeldBy::Processes {
+                inode: 5,
+                by: vec![(11, 5)],
+            },
+            now,
+        );
+        t.set_holders(
+            101,
+            HeldBy::Processes {
+                inode: 6,
+                by: vec![(11, 6)],
+            },
+            now,
+        );
+        t.set_holders(
+            102,
+            HeldBy::Processes {
+                inode: 7,
+                by: vec![(11, 7), (12, 7)],
+            },
+            now,
+        );
         let s = t.snapshot(now, &SnapshotOptions::default());
         assert_eq!(cw(&s, 10), None, "the parent holds none");
         assert_eq!(cw(&s, 11), Some((3, 3, 0)));
@@ -298,9 +337,14 @@ mod tests {
                 crate::state::snapshot::HolderView { pid: 12, fd: 7 }
             ]
         );
-        // Nothing is due again until RECHECK_NS has passed.
-        assert!(t.holders_to_resolve(now + NS, 100).is_empty());
-        assert_eq!(t.holders_to_resolve(now + RECHECK_NS, 100).len(), 3);
+        // Nothing is due again until the next RECHECK_NS period (now is 20 s: 20..25 s),
+        // then all three at once, with their inodes.
+        assert!(t.holders_to_resolve(now + 4 * NS, 100).is_empty());
+        let again = t.holders_to_resolve(now + RECHECK_NS, 100);
+        assert_eq!(again.len(), 3);
+        let mut inodes: Vec<_> = again.iter().map(|q| q.inode).collect();
+        inodes.sort();
+        assert_eq!(inodes, vec![Some(5), Some(6), Some(7)]);
     }
 
     #[test]
@@ -323,10 +367,24 @@ mod tests {
         procs.0.lock().unwrap().insert(10, "inetd".into());
         procs.0.lock().unwrap().insert(11, "inetd".into());
         let mut t = table_with_close_wait(&procs, 10, 1);
-        t.set_holders(100, HeldBy::Processes(vec![(11, 0)]), 20 * NS);
+        t.set_holders(
+            100,
+            HeldBy::Processes {
+                inode: 9,
+                by: vec![(11, 0)],
+            },
+            20 * NS,
+        );
         procs.0.lock().unwrap().insert(11, "handler".into());
         let later = 20 * NS + RECHECK_NS;
-        t.set_holders(100, HeldBy::Processes(vec![(11, 0)]), later);
+        t.set_holders(
+            100,
+            HeldBy::Processes {
+                inode: 9,
+                by: vec![(11, 0)],
+            },
+            later,
+        );
         let s = t.snapshot(later, &SnapshotOptions::default());
         let p = s.processes.iter().find(|p| p.pid == 11).unwrap();
         assert_eq!(p.comm, "handler");
