@@ -12,6 +12,8 @@
 //! 3. Leak latency: CLOSE_WAIT sockets made one at a time under `watch --leak-after 2` (and the
 //!    daemon, asked on its control socket).
 //! 4. Start-up: `watch` started in a namespace holding `--sockets` connected sockets.
+//! 5. Holders: the daemon's CPU while it keeps track of who holds `--holder-sockets` CLOSE_WAIT
+//!    sockets among `--holder-procs` processes.
 //!
 //! The load saturates every core, so other processes' CPU shows as overhead: before each round
 //! the bench waits a little for the machine to go quiet, and the report gives, per
@@ -23,6 +25,7 @@
 
 mod bpf_stats;
 mod configs;
+mod holders;
 mod host;
 mod kernel_cost;
 mod leak_latency;
@@ -70,6 +73,15 @@ pub struct BenchArgs {
     /// Existing sockets for the start-up phase (connected pairs on loopback).
     #[arg(long, default_value_t = 100_000)]
     sockets: usize,
+    /// CLOSE_WAIT sockets of the holder phase.
+    #[arg(long, default_value_t = 50_000)]
+    holder_sockets: usize,
+    /// Idle processes of the holder phase (what a scan of every process must read).
+    #[arg(long, default_value_t = 5_000)]
+    holder_procs: usize,
+    /// Seconds the holder phase measures the daemon's CPU.
+    #[arg(long, default_value_t = 60.0)]
+    holder_secs: f64,
     /// Where to write the report [default: BENCHMARKS.md at the workspace root; with --smoke, a
     /// file in the temporary directory].
     #[arg(long, value_name = "FILE")]
@@ -89,6 +101,9 @@ impl BenchArgs {
             threads: None,
             leak_sockets: 3,
             sockets: 1000,
+            holder_sockets: 500,
+            holder_procs: 50,
+            holder_secs: 3.0,
             output: None,
             smoke: true,
         }
@@ -199,6 +214,9 @@ struct Plan {
     threads: usize,
     leak_sockets: usize,
     sockets: usize,
+    holder_sockets: usize,
+    holder_procs: usize,
+    holder_secs: f64,
     output: PathBuf,
     smoke: bool,
     command: String,
@@ -218,6 +236,9 @@ impl Plan {
                 threads,
                 leak_sockets: 3,
                 sockets: 1000,
+                holder_sockets: 500,
+                holder_procs: 50,
+                holder_secs: 3.0,
                 output: a
                     .output
                     .unwrap_or_else(|| std::env::temp_dir().join("tcptrace-bench-smoke.md")),
@@ -231,6 +252,9 @@ impl Plan {
                 threads,
                 leak_sockets: a.leak_sockets.max(1),
                 sockets: a.sockets.max(2),
+                holder_sockets: a.holder_sockets.max(1),
+                holder_procs: a.holder_procs,
+                holder_secs: a.holder_secs.max(1.0),
                 output: a
                     .output
                     .unwrap_or_else(|| crate::workspace_root().join("BENCHMARKS.md")),
@@ -296,14 +320,19 @@ impl Bench {
         let t = Instant::now();
         let startup = self.startup()?;
         took("start-up", t);
+        let t = Instant::now();
+        let holder = self.holder_cost()?;
+        took("holders", t);
 
         if self.plan.smoke {
             smoke_checks(&configs, &samples, &costs, &leaks, &startup)?;
         }
         let waited = QUIET_BUDGET.saturating_sub(self.quiet_budget);
-        Ok(render(
+        let mut report = render(
             &host, &self.plan, waited, &configs, &samples, &per_conn, &costs, &leaks, &startup,
-        ))
+        );
+        report.push_str(&holders::render(&holder));
+        Ok(report)
     }
 }
 

@@ -12,7 +12,13 @@
 //! * `hold`: opens `--pairs` connected pairs, prints `ready pairs=N secs=F`, and holds them until
 //!   stdin closes. One process holds what its hard RLIMIT_NOFILE allows: run several for more.
 //!
-//! `leak` and `hold` end when stdin reaches end of file, so a killed parent leaves nothing behind.
+//!   With `--close-clients` the client ends are closed (FIN) once all are open, so the process
+//!   holds `--pairs` CLOSE_WAIT sockets.
+//! * `idle`: forks `--procs` children that sleep, prints `ready procs=N`, holds until stdin
+//!   closes (the children die with it).
+//!
+//! `leak`, `hold` and `idle` end when stdin reaches end of file, so a killed parent leaves
+//! nothing behind.
 
 use std::{
     io::{Read as _, Write as _},
@@ -75,6 +81,14 @@ enum Cmd {
         /// ephemeral port space).
         #[arg(long, default_value_t = 8)]
         listeners: usize,
+        /// Close the client ends (FIN): the held server ends sit in CLOSE_WAIT.
+        #[arg(long)]
+        close_clients: bool,
+    },
+    /// Fork idle processes and hold them until stdin closes.
+    Idle {
+        #[arg(long)]
+        procs: usize,
     },
 }
 
@@ -94,7 +108,12 @@ fn main() -> Result<()> {
             listeners,
         } => churn(secs, close, threads, port, listeners),
         Cmd::Leak { count, every } => leak(count, every),
-        Cmd::Hold { pairs, listeners } => hold(pairs, listeners),
+        Cmd::Hold {
+            pairs,
+            listeners,
+            close_clients,
+        } => hold(pairs, listeners, close_clients),
+        Cmd::Idle { procs } => idle(procs),
     }
 }
 
@@ -326,7 +345,29 @@ fn raise_nofile(n: u64) -> Result<()> {
     Ok(())
 }
 
-fn hold(pairs: usize, listeners: usize) -> Result<()> {
+fn idle(procs: usize) -> Result<()> {
+    exit_on_stdin_eof();
+    for i in 0..procs {
+        // SAFETY: the child only calls async-signal-safe functions (prctl, pause) before it
+        // is killed.
+        match unsafe { libc::fork() } {
+            -1 => bail!("fork #{i}: {}", std::io::Error::last_os_error()),
+            0 => loop {
+                // SAFETY: plain syscalls; the child dies with its parent.
+                unsafe {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    libc::pause();
+                }
+            },
+            _ => {}
+        }
+    }
+    println!("ready procs={procs}");
+    std::io::stdout().flush()?;
+    park_forever()
+}
+
+fn hold(pairs: usize, listeners: usize, close_clients: bool) -> Result<()> {
     exit_on_stdin_eof();
     raise_nofile(2 * pairs as u64 + listeners as u64 + 32)?;
     let ls: Vec<(TcpListener, SocketAddr)> = (0..listeners.max(1))
@@ -342,10 +383,14 @@ fn hold(pairs: usize, listeners: usize) -> Result<()> {
     for i in 0..pairs {
         let (l, addr) = &ls[i % ls.len()];
         let c = TcpStream::connect(addr).with_context(|| format!("connect #{i}"))?;
-        set_linger_zero(&c)?;
+        if !close_clients {
+            set_linger_zero(&c)?;
+        }
         // Loopback completes the handshake inside connect(): the accept does not wait.
         let (s, _) = l.accept().with_context(|| format!("accept #{i}"))?;
-        kept.push(c);
+        if !close_clients {
+            kept.push(c);
+        }
         kept.push(s);
     }
     println!("ready pairs={pairs} secs={:.3}", t0.elapsed().as_secs_f64());
