@@ -5,7 +5,6 @@
 
 use std::fmt;
 
-use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
@@ -13,7 +12,7 @@ use aya::{
 };
 use tcptrace_common::{COUNTER_DROPPED, Event, Offsets};
 
-use crate::kernel::tracefs;
+use crate::kernel::{Error, tracefs};
 
 /// The programs, in attach order: (program name, tracepoint category, tracepoint name).
 pub const PROGRAMS: &[(&str, &str, &str)] = &[
@@ -73,13 +72,13 @@ pub fn check_privileges() -> Result<(), MissingPrivilege> {
 }
 
 /// The BPF ring buffer needs Linux 5.8.
-fn check_kernel() -> Result<()> {
+fn check_kernel() -> Result<(), Error> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let release = release.trim();
     match tracefs::kernel_version(release) {
-        Some(v) if v < (5, 8) => {
-            bail!("Linux {release} is too old: tcptrace needs 5.8 or later (BPF ring buffer)")
-        }
+        Some(v) if v < (5, 8) => Err(Error::KernelTooOld {
+            release: release.to_string(),
+        }),
         _ => Ok(()),
     }
 }
@@ -134,7 +133,7 @@ pub fn ring_size(bytes: u32) -> u32 {
 
 impl Probes {
     /// Checks privileges, reads tracepoint offsets, loads and attaches every program.
-    pub fn attach(opts: ProbeOptions) -> Result<Self> {
+    pub fn attach(opts: ProbeOptions) -> Result<Self, Error> {
         check_privileges()?;
         check_kernel()?;
         raise_memlock();
@@ -145,12 +144,14 @@ impl Probes {
         Ok(probes)
     }
 
-    fn attach_with(offsets: Offsets, opts: ProbeOptions, skip_error_report: bool) -> Result<Self> {
+    fn attach_with(
+        offsets: Offsets,
+        opts: ProbeOptions,
+        skip_error_report: bool,
+    ) -> Result<Self, Error> {
         let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
         if object.is_empty() {
-            bail!(
-                "this tcptrace binary was built without its eBPF programs (AYA_BUILD_SKIP): rebuild with `cargo xtask build`"
-            );
+            return Err(Error::NotBuiltIn);
         }
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
@@ -158,7 +159,7 @@ impl Probes {
             .map_max_entries("EVENTS", ring_size(opts.ring_bytes))
             .map_max_entries("OWNERS", opts.owner_entries.max(1024))
             .load(object)
-            .context("loading the eBPF programs into the kernel failed")?;
+            .map_err(Error::Load)?;
         let mut attached = Vec::new();
         for (prog, cat, name) in PROGRAMS {
             if skip_error_report && *name == "inet_sk_error_report" {
@@ -166,18 +167,25 @@ impl Probes {
             }
             let p: &mut TracePoint = ebpf
                 .program_mut(prog)
-                .with_context(|| format!("program {prog} missing from the eBPF object"))?
+                .ok_or(Error::ProgramMissing { program: prog })?
                 .try_into()
-                .with_context(|| format!("program {prog} is not a tracepoint"))?;
-            p.load()
-                .with_context(|| format!("the kernel refused program {prog}"))?;
-            p.attach(cat, name)
-                .with_context(|| format!("attaching to tracepoint {cat}:{name} failed"))?;
+                .map_err(|source| Error::NotATracepoint {
+                    program: prog,
+                    source,
+                })?;
+            p.load().map_err(|source| Error::Refused {
+                program: prog,
+                source,
+            })?;
+            p.attach(cat, name).map_err(|source| Error::Attach {
+                tracepoint: format!("{cat}:{name}"),
+                source,
+            })?;
             attached.push(*prog);
         }
-        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
-        let counters =
-            PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS missing")?)?;
+        let mut take = |map: &'static str| ebpf.take_map(map).ok_or(Error::MapMissing { map });
+        let ring = RingBuf::try_from(take("EVENTS")?)?;
+        let counters = PerCpuArray::try_from(take("COUNTERS")?)?;
         Ok(Self {
             ring,
             counters,
