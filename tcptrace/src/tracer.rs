@@ -21,6 +21,7 @@ use anyhow::{Context as _, Result};
 use crate::{
     host::procfs,
     kernel::event::{TcpEvent, TcpState, decode},
+    kernel::log::KernelLog,
     kernel::probes::{KernelCounters, ProbeOptions, Probes},
     state::snapshot::Snapshot,
     state::table::{
@@ -129,6 +130,7 @@ struct Shared {
     started: Instant,
     attached: Vec<&'static str>,
     degraded: Vec<String>,
+    kernel_log: KernelLog,
 }
 
 /// A running tracer. Dropping it stops the reader and detaches every program.
@@ -155,6 +157,7 @@ impl Tracer {
             started: Instant::now(),
             attached: probes.attached().to_vec(),
             degraded: probes.degraded().to_vec(),
+            kernel_log: probes.kernel_log(),
         });
         let reader_shared = shared.clone();
         let every = opts.drain_every;
@@ -212,6 +215,11 @@ impl Tracer {
     /// What works less well on this kernel (missing optional tracepoints), one sentence each.
     pub fn degraded(&self) -> &[String] {
         &self.shared.degraded
+    }
+
+    /// What the kernel programs logged on their rare failure paths, read once per second.
+    pub fn kernel_log(&self) -> &KernelLog {
+        &self.shared.kernel_log
     }
 
     /// Stops the reader and detaches every program.
@@ -278,6 +286,7 @@ fn reader_loop(
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
             *shared.kernel.lock().unwrap() = probes.counters();
+            probes.drain_kernel_log();
             let unowned = {
                 let mut table = shared.table.lock().unwrap();
                 table.tick(monotonic_ns());

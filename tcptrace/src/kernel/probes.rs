@@ -10,9 +10,14 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
+use aya_log::EbpfLogger;
 use tcptrace_common::{COUNTER_DROPPED, Event, Offsets};
 
-use crate::kernel::{Error, tracefs};
+use crate::kernel::{
+    Error,
+    log::{Collector, KernelLog},
+    tracefs,
+};
 
 /// The programs, in attach order: (program name, tracepoint category, tracepoint name).
 pub const PROGRAMS: &[(&str, &str, &str)] = &[
@@ -96,10 +101,13 @@ fn raise_memlock() {
 
 /// Loaded and attached programs plus the maps userspace reads.
 pub struct Probes {
-    // Field order matters for drop: the ring buffer and counters are dropped before the object.
+    // Field order matters for drop: the ring buffers and counters are dropped before the object.
     ring: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
+    /// None when the object logs nothing (no AYA_LOGS map) or the map could not be opened.
+    logger: Option<EbpfLogger<Collector>>,
     _ebpf: Ebpf,
+    kernel_log: KernelLog,
     attached: Vec<&'static str>,
     degraded: Vec<String>,
 }
@@ -186,12 +194,27 @@ impl Probes {
         let mut take = |map: &'static str| ebpf.take_map(map).ok_or(Error::MapMissing { map });
         let ring = RingBuf::try_from(take("EVENTS")?)?;
         let counters = PerCpuArray::try_from(take("COUNTERS")?)?;
+        // Kernel diagnostics are a help, not a need: without them the tracer runs as well.
+        let kernel_log = KernelLog::default();
+        let mut degraded = Vec::new();
+        let logger = match EbpfLogger::init_with_logger(&mut ebpf, Collector(kernel_log.clone())) {
+            Ok(logger) => Some(logger),
+            Err(aya_log::Error::MapNotFound) => None,
+            Err(e) => {
+                degraded.push(format!(
+                    "kernel diagnostics are not forwarded to the log: {e}"
+                ));
+                None
+            }
+        };
         Ok(Self {
             ring,
             counters,
+            logger,
             _ebpf: ebpf,
+            kernel_log,
             attached,
-            degraded: Vec::new(),
+            degraded,
         })
     }
 
@@ -237,6 +260,31 @@ impl Probes {
             n += 1;
         }
         n
+    }
+
+    /// Moves what the kernel programs logged into [`Probes::kernel_log`]. Cheap when nothing
+    /// was logged (one read of the ring's positions): call it once per tick, not per event.
+    pub fn drain_kernel_log(&mut self) {
+        let Some(logger) = self.logger.as_mut() else {
+            return;
+        };
+        // aya-log panics on a record it cannot decode, which only a mismatch between the
+        // kernel and user halves of aya-log could write: stop reading rather than lose the
+        // reader thread.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush()));
+        if read.is_err() {
+            self.logger = None;
+            self.kernel_log.push(
+                "error",
+                "kernel: a log record could not be decoded; kernel diagnostics are off".into(),
+            );
+        }
+    }
+
+    /// The lines the kernel programs logged, filled by [`Probes::drain_kernel_log`]; the
+    /// handle stays valid after the probes are dropped.
+    pub fn kernel_log(&self) -> KernelLog {
+        self.kernel_log.clone()
     }
 
     /// Kernel-side counters summed over CPUs.
