@@ -17,6 +17,10 @@
 //! Cost matters: these programs run in the workload's own context on every connection. Maps
 //! whose entries are always removed use plain hashes; the LRU maps use per-CPU LRU lists
 //! (BPF_F_NO_COMMON_LRU) so that inserts on different CPUs do not contend.
+//!
+//! Failures that should not happen (a record or a user sockaddr that cannot be read, an owner
+//! map insert refused) are logged with aya-log ([`rare!`]), out of line: the per-transition path
+//! never logs and only gains the test of a helper's result.
 #![no_std]
 #![no_main]
 
@@ -31,6 +35,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
+use aya_log_ebpf::{error, warn};
 use tcptrace_common::{
     AF_INET, AF_INET6, COUNTER_DROPPED, COUNTERS_LEN, DEFAULT_RING_BYTES, Event,
     FLAG_OWNER_CURRENT, FLAG_OWNER_INHERITED, FLAG_OWNER_RECORDED, IPPROTO_TCP, KIND_CONNECT,
@@ -67,6 +72,21 @@ macro_rules! off {
         // the compile-time default.
         unsafe { core::ptr::read_volatile(&raw const OFFSETS.$field) }
     };
+}
+
+/// Logs from a rare failure path through aya-log (forwarded to the user-space log). The
+/// statement (a few hundred instructions) lives in its own cold function: the caller only gains
+/// a call, in a branch the common path does not take. Arguments are named locals, passed as
+/// i64: `rare!(warn, ctx, "... {}", err)`.
+macro_rules! rare {
+    ($level:ident, $ctx:expr, $fmt:literal $(, $arg:ident)*) => {{
+        #[cold]
+        #[inline(never)]
+        fn rare_log(ctx: &TracePointContext $(, $arg: i64)*) {
+            $level!(ctx, $fmt $(, $arg)*);
+        }
+        rare_log($ctx $(, $arg as i64)*);
+    }};
 }
 
 /// Who owns a socket, recorded in process context.
@@ -160,7 +180,14 @@ fn set_owner(ev: &mut Event, o: &Owner, flag: u32) {
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    let _ = try_set_state(&ctx);
+    if let Err(err) = try_set_state(&ctx) {
+        rare!(
+            error,
+            &ctx,
+            "inet_sock_set_state: reading the tracepoint record failed (error {}); transition lost",
+            err
+        );
+    }
     0
 }
 
@@ -299,10 +326,19 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         // The owner is the current task: record it.
         let o = current_owner();
         set_owner(ev, &o, FLAG_OWNER_CURRENT);
-        let _ = OWNERS.insert(&skaddr, &o, 0);
+        if let Err(err) = OWNERS.insert(&skaddr, &o, 0) {
+            owner_insert_failed(ctx, err);
+        }
         if new == tcp_state::LISTEN {
             let key = (family as u32) << 16 | sport as u32;
-            let _ = LISTENERS.insert(&key, &Listener { owner: o, skaddr }, 0);
+            if let Err(err) = LISTENERS.insert(&key, &Listener { owner: o, skaddr }, 0) {
+                rare!(
+                    warn,
+                    ctx,
+                    "inet_sock_set_state: LISTENERS insert failed (error {}); sockets accepted from this listener get no owner",
+                    err
+                );
+            }
         } else if let Some(c) = CONNECTS.get_ptr_mut(o.tid) {
             // SAFETY: entry of this thread, written only by this thread.
             unsafe { (*c).skaddr = skaddr };
@@ -314,7 +350,9 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         if let Some(l) = unsafe { LISTENERS.get(&key) } {
             let o = l.owner;
             set_owner(ev, &o, FLAG_OWNER_INHERITED);
-            let _ = OWNERS.insert(&skaddr, &o, 0);
+            if let Err(err) = OWNERS.insert(&skaddr, &o, 0) {
+                owner_insert_failed(ctx, err);
+            }
         }
     } else if new == tcp_state::CLOSE_WAIT {
         // Runs in softirq, on whatever task was on the CPU: the recorded owner is the truth.
@@ -346,16 +384,53 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
+/// An OWNERS insert failed: the socket's later softirq transitions are reported without owner.
+#[inline(always)]
+fn owner_insert_failed(ctx: &TracePointContext, err: i32) {
+    rare!(
+        warn,
+        ctx,
+        "inet_sock_set_state: OWNERS insert failed (error {}); the socket is reported without owner",
+        err
+    );
+}
+
 #[tracepoint]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    let _ = try_enter_connect(&ctx);
+    if let Err(err) = try_enter_connect(&ctx) {
+        rare!(
+            error,
+            &ctx,
+            "sys_enter_connect: reading the tracepoint record failed (error {}); connect not followed",
+            err
+        );
+    }
     0
+}
+
+/// A connect() whose sockaddr could not be read from user memory (bad pointer, page not present).
+#[inline(always)]
+fn sockaddr_unreadable(ctx: &TracePointContext, err: i32) {
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    rare!(
+        warn,
+        ctx,
+        "sys_enter_connect: reading the sockaddr from user memory failed (error {}, pid {}); connect not followed",
+        err,
+        pid
+    );
 }
 
 fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
     let uaddr = read::<u64>(ctx, off!(ce_uservaddr))? as *const [u8; 16];
     // SAFETY: user memory read through bpf_probe_read_user.
-    let head = unsafe { bpf_probe_read_user(uaddr)? };
+    let head = match unsafe { bpf_probe_read_user(uaddr) } {
+        Ok(head) => head,
+        Err(err) => {
+            sockaddr_unreadable(ctx, err);
+            return Ok(());
+        }
+    };
     let family = u16::from_ne_bytes([head[0], head[1]]) as u8;
     if family != AF_INET && family != AF_INET6 {
         return Ok(());
@@ -372,17 +447,40 @@ fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         // sockaddr_in6: family, port, flowinfo (4 bytes), then the 16-byte address at offset 8.
         // SAFETY: user memory read through bpf_probe_read_user.
-        let full = unsafe { bpf_probe_read_user(uaddr as *const [u8; 24])? };
+        let full = match unsafe { bpf_probe_read_user(uaddr as *const [u8; 24]) } {
+            Ok(full) => full,
+            Err(err) => {
+                sockaddr_unreadable(ctx, err);
+                return Ok(());
+            }
+        };
         c.daddr.copy_from_slice(&full[8..24]);
     }
     let id = bpf_get_current_pid_tgid();
-    let _ = CONNECTS.insert(&(id as u32), &c, 0);
+    if let Err(err) = CONNECTS.insert(&(id as u32), &c, 0) {
+        // Full (more threads inside connect() than entries) or busy.
+        let pid = id >> 32;
+        rare!(
+            warn,
+            ctx,
+            "sys_enter_connect: CONNECTS insert failed (error {}, pid {}); connect not followed",
+            err,
+            pid
+        );
+    }
     Ok(())
 }
 
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    let _ = try_exit_connect(&ctx);
+    if let Err(err) = try_exit_connect(&ctx) {
+        rare!(
+            error,
+            &ctx,
+            "sys_exit_connect: reading the tracepoint record failed (error {}); connect result lost",
+            err
+        );
+    }
     0
 }
 
@@ -431,7 +529,14 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
 
 #[tracepoint]
 pub fn inet_sk_error_report(ctx: TracePointContext) -> u32 {
-    let _ = try_error_report(&ctx);
+    if let Err(err) = try_error_report(&ctx) {
+        rare!(
+            error,
+            &ctx,
+            "inet_sk_error_report: reading the tracepoint record failed (error {}); error lost",
+            err
+        );
+    }
     0
 }
 

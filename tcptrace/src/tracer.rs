@@ -23,6 +23,7 @@ use crate::{
         procfs,
     },
     kernel::event::{TcpEvent, TcpState, decode},
+    kernel::log::KernelLog,
     kernel::probes::{KernelCounters, ProbeOptions, Probes},
     state::snapshot::Snapshot,
     state::{
@@ -36,7 +37,7 @@ use crate::{
 pub enum TracerError {
     /// Loading or attaching the kernel programs failed.
     #[error(transparent)]
-    Kernel(Box<dyn std::error::Error + Send + Sync>),
+    Kernel(#[from] crate::kernel::Error),
     #[error("reading /proc/net/tcp")]
     Sockets(#[source] std::io::Error),
     #[error("starting the reader thread")]
@@ -125,6 +126,7 @@ struct Shared {
     started: Instant,
     attached: Vec<&'static str>,
     degraded: Vec<String>,
+    kernel_log: KernelLog,
 }
 
 /// A running tracer. Dropping it stops the reader and detaches every program.
@@ -136,7 +138,7 @@ pub struct Tracer {
 impl Tracer {
     /// Attaches, loads the existing sockets, starts the reader.
     pub fn start(opts: TracerOptions, sink: Option<EventSink>) -> Result<Self, TracerError> {
-        let probes = Probes::attach(opts.probes).map_err(|e| TracerError::Kernel(e.into()))?;
+        let probes = Probes::attach(opts.probes)?;
         let mut table = Table::new(opts.table, Box::new(SysProcs));
         if sink.is_some() {
             table.record_failures();
@@ -151,6 +153,7 @@ impl Tracer {
             started: Instant::now(),
             attached: probes.attached().to_vec(),
             degraded: probes.degraded().to_vec(),
+            kernel_log: probes.kernel_log(),
         });
         let reader_shared = shared.clone();
         let every = opts.drain_every;
@@ -208,6 +211,11 @@ impl Tracer {
     /// What works less well on this kernel (missing optional tracepoints), one sentence each.
     pub fn degraded(&self) -> &[String] {
         &self.shared.degraded
+    }
+
+    /// What the kernel programs logged on their rare failure paths, read once per second.
+    pub fn kernel_log(&self) -> &KernelLog {
+        &self.shared.kernel_log
     }
 
     /// Stops the reader and detaches every program.
@@ -275,6 +283,7 @@ fn reader_loop(
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
             *shared.kernel.lock().unwrap() = probes.counters();
+            probes.drain_kernel_log();
             let unowned = {
                 let mut table = shared.table.lock().unwrap();
                 table.tick(monotonic_ns());

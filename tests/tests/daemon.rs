@@ -1163,3 +1163,35 @@ fn report_without_daemon_shows_sockets_now() {
             .is_some_and(|a| a.len() == 2)
     );
 }
+
+/// A connect() whose sockaddr pointer is bad (EFAULT) is a real rare path of the kernel
+/// programs: the sockaddr cannot be read, sys_enter_connect logs it (aya-log), and the daemon
+/// writes the line to its log.
+#[test]
+fn kernel_log_reaches_the_daemon_log() {
+    if !root_or_skip("kernel_log_reaches_the_daemon_log") {
+        return;
+    }
+    let d = Daemon::start("klog", &[]);
+    // SAFETY: plain syscalls; the kernel rejects the bad address with EFAULT.
+    let rc = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let rc = libc::connect(fd, 8 as *const libc::sockaddr, 16);
+        libc::close(fd);
+        rc
+    };
+    assert_eq!(rc, -1, "connect with a bad address must fail");
+    let want = format!(
+        "level=warn msg=\"kernel: sys_enter_connect: reading the sockaddr from user memory failed (error -14, pid {}); connect not followed\"",
+        std::process::id()
+    );
+    if let Err(e) = poll(10, || {
+        d.proc
+            .err
+            .find(&want)
+            .ok_or_else(|| "line not logged yet".to_string())
+    }) {
+        panic!("{e}: want {want}\n{}", d.proc.describe());
+    }
+}

@@ -224,6 +224,9 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
                 }
             }
             _ = tick.tick() => {
+                for line in state.tracer.kernel_log().take() {
+                    log(line.level, &line.msg, &[]);
+                }
                 let alerts_cfg = state.cfg.lock().unwrap().alerts.clone();
                 let snap = state.tracer.snapshot(&SnapshotOptions::default());
                 for a in alerter.evaluate(&snap, unix_now(), &alerts_cfg) {

@@ -1,7 +1,12 @@
 //! The kernel side seen from user space: loading and attaching the programs, tracefs field
-//! offsets, draining the ring buffer, decoding records into typed events.
+//! offsets, struct offsets from BTF, draining the ring buffer, decoding records into typed
+//! events, forwarding what the programs log.
 pub mod btf;
 pub mod errno;
+mod error;
 pub mod event;
+pub mod log;
 pub mod probes;
 pub mod tracefs;
+
+pub use error::Error;

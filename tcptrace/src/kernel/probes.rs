@@ -5,15 +5,19 @@
 
 use std::fmt;
 
-use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
+use aya_log::EbpfLogger;
 use tcptrace_common::{COUNTER_DROPPED, Event, Offsets};
 
-use crate::kernel::tracefs;
+use crate::kernel::{
+    Error,
+    log::{Collector, KernelLog},
+    tracefs,
+};
 
 /// The programs, in attach order: (program name, tracepoint category, tracepoint name).
 pub const PROGRAMS: &[(&str, &str, &str)] = &[
@@ -73,13 +77,13 @@ pub fn check_privileges() -> Result<(), MissingPrivilege> {
 }
 
 /// The BPF ring buffer needs Linux 5.8.
-fn check_kernel() -> Result<()> {
+fn check_kernel() -> Result<(), Error> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let release = release.trim();
     match tracefs::kernel_version(release) {
-        Some(v) if v < (5, 8) => {
-            bail!("Linux {release} is too old: tcptrace needs 5.8 or later (BPF ring buffer)")
-        }
+        Some(v) if v < (5, 8) => Err(Error::KernelTooOld {
+            release: release.to_string(),
+        }),
         _ => Ok(()),
     }
 }
@@ -97,10 +101,13 @@ fn raise_memlock() {
 
 /// Loaded and attached programs plus the maps userspace reads.
 pub struct Probes {
-    // Field order matters for drop: the ring buffer and counters are dropped before the object.
+    // Field order matters for drop: the ring buffers and counters are dropped before the object.
     ring: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
+    /// None when the object logs nothing (no AYA_LOGS map) or the map could not be opened.
+    logger: Option<EbpfLogger<Collector>>,
     _ebpf: Ebpf,
+    kernel_log: KernelLog,
     attached: Vec<&'static str>,
     degraded: Vec<String>,
 }
@@ -134,7 +141,7 @@ pub fn ring_size(bytes: u32) -> u32 {
 
 impl Probes {
     /// Checks privileges, reads tracepoint offsets, loads and attaches every program.
-    pub fn attach(opts: ProbeOptions) -> Result<Self> {
+    pub fn attach(opts: ProbeOptions) -> Result<Self, Error> {
         check_privileges()?;
         check_kernel()?;
         raise_memlock();
@@ -145,12 +152,14 @@ impl Probes {
         Ok(probes)
     }
 
-    fn attach_with(offsets: Offsets, opts: ProbeOptions, skip_error_report: bool) -> Result<Self> {
+    fn attach_with(
+        offsets: Offsets,
+        opts: ProbeOptions,
+        skip_error_report: bool,
+    ) -> Result<Self, Error> {
         let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
         if object.is_empty() {
-            bail!(
-                "this tcptrace binary was built without its eBPF programs (AYA_BUILD_SKIP): rebuild with `cargo xtask build`"
-            );
+            return Err(Error::NotBuiltIn);
         }
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
@@ -158,7 +167,7 @@ impl Probes {
             .map_max_entries("EVENTS", ring_size(opts.ring_bytes))
             .map_max_entries("OWNERS", opts.owner_entries.max(1024))
             .load(object)
-            .context("loading the eBPF programs into the kernel failed")?;
+            .map_err(Error::Load)?;
         let mut attached = Vec::new();
         for (prog, cat, name) in PROGRAMS {
             if skip_error_report && *name == "inet_sk_error_report" {
@@ -166,24 +175,46 @@ impl Probes {
             }
             let p: &mut TracePoint = ebpf
                 .program_mut(prog)
-                .with_context(|| format!("program {prog} missing from the eBPF object"))?
+                .ok_or(Error::ProgramMissing { program: prog })?
                 .try_into()
-                .with_context(|| format!("program {prog} is not a tracepoint"))?;
-            p.load()
-                .with_context(|| format!("the kernel refused program {prog}"))?;
-            p.attach(cat, name)
-                .with_context(|| format!("attaching to tracepoint {cat}:{name} failed"))?;
+                .map_err(|source| Error::NotATracepoint {
+                    program: prog,
+                    source,
+                })?;
+            p.load().map_err(|source| Error::Refused {
+                program: prog,
+                source,
+            })?;
+            p.attach(cat, name).map_err(|source| Error::Attach {
+                tracepoint: format!("{cat}:{name}"),
+                source,
+            })?;
             attached.push(*prog);
         }
-        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
-        let counters =
-            PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS missing")?)?;
+        let mut take = |map: &'static str| ebpf.take_map(map).ok_or(Error::MapMissing { map });
+        let ring = RingBuf::try_from(take("EVENTS")?)?;
+        let counters = PerCpuArray::try_from(take("COUNTERS")?)?;
+        // Kernel diagnostics are a help, not a need: without them the tracer runs as well.
+        let kernel_log = KernelLog::default();
+        let mut degraded = Vec::new();
+        let logger = match EbpfLogger::init_with_logger(&mut ebpf, Collector(kernel_log.clone())) {
+            Ok(logger) => Some(logger),
+            Err(aya_log::Error::MapNotFound) => None,
+            Err(e) => {
+                degraded.push(format!(
+                    "kernel diagnostics are not forwarded to the log: {e}"
+                ));
+                None
+            }
+        };
         Ok(Self {
             ring,
             counters,
+            logger,
             _ebpf: ebpf,
+            kernel_log,
             attached,
-            degraded: Vec::new(),
+            degraded,
         })
     }
 
@@ -229,6 +260,31 @@ impl Probes {
             n += 1;
         }
         n
+    }
+
+    /// Moves what the kernel programs logged into [`Probes::kernel_log`]. Cheap when nothing
+    /// was logged (one read of the ring's positions): call it once per tick, not per event.
+    pub fn drain_kernel_log(&mut self) {
+        let Some(logger) = self.logger.as_mut() else {
+            return;
+        };
+        // aya-log panics on a record it cannot decode, which only a mismatch between the
+        // kernel and user halves of aya-log could write: stop reading rather than lose the
+        // reader thread.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush()));
+        if read.is_err() {
+            self.logger = None;
+            self.kernel_log.push(
+                "error",
+                "kernel: a log record could not be decoded; kernel diagnostics are off".into(),
+            );
+        }
+    }
+
+    /// The lines the kernel programs logged, filled by [`Probes::drain_kernel_log`]; the
+    /// handle stays valid after the probes are dropped.
+    pub fn kernel_log(&self) -> KernelLog {
+        self.kernel_log.clone()
     }
 
     /// Kernel-side counters summed over CPUs.

@@ -2,8 +2,9 @@
 
 use std::{collections::HashMap, fs, path::PathBuf};
 
-use anyhow::{Context as _, Result, anyhow, bail};
 use tcptrace_common::Offsets;
+
+use crate::kernel::Error;
 
 /// One field of a tracepoint record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,7 +49,7 @@ pub fn parse_format(text: &str) -> HashMap<String, Field> {
 }
 
 /// Where tracefs is mounted, mounting it at /sys/kernel/tracing when it is not.
-pub fn tracefs_root() -> Result<PathBuf> {
+pub fn tracefs_root() -> Result<PathBuf, Error> {
     for p in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
         let p = PathBuf::from(p);
         if p.join("events").is_dir() {
@@ -69,33 +70,41 @@ pub fn tracefs_root() -> Result<PathBuf> {
     if rc == 0 && PathBuf::from("/sys/kernel/tracing/events").is_dir() {
         return Ok(PathBuf::from("/sys/kernel/tracing"));
     }
-    bail!(
-        "tracefs is not mounted and mounting it failed ({}): run `mount -t tracefs nodev /sys/kernel/tracing` as root",
-        std::io::Error::last_os_error()
-    )
+    Err(Error::TracefsUnavailable {
+        cause: std::io::Error::last_os_error(),
+    })
 }
 
-fn read_event(root: &std::path::Path, cat: &str, name: &str) -> Result<HashMap<String, Field>> {
+fn read_event(
+    root: &std::path::Path,
+    cat: &str,
+    name: &str,
+) -> Result<HashMap<String, Field>, Error> {
     let path = root.join("events").join(cat).join(name).join("format");
-    let text = fs::read_to_string(&path).with_context(|| {
-        format!(
-            "tracepoint {cat}:{name} is missing ({}): this kernel is too old or lacks it",
-            path.display()
-        )
-    })?;
-    Ok(parse_format(&text))
+    match fs::read_to_string(&path) {
+        Ok(text) => Ok(parse_format(&text)),
+        Err(source) => Err(Error::TracepointMissing {
+            tracepoint: format!("{cat}:{name}"),
+            path,
+            source,
+        }),
+    }
 }
 
-fn get(fields: &HashMap<String, Field>, tp: &str, name: &str) -> Result<Field> {
+fn get(
+    fields: &HashMap<String, Field>,
+    tracepoint: &'static str,
+    field: &'static str,
+) -> Result<Field, Error> {
     fields
-        .get(name)
+        .get(field)
         .copied()
-        .ok_or_else(|| anyhow!("tracepoint {tp} has no field `{name}`: unsupported kernel"))
+        .ok_or(Error::FieldMissing { tracepoint, field })
 }
 
 /// Builds the offsets from the format files under `root`. `sock:inet_sk_error_report` (Linux
 /// 5.14) is optional: without it the second value says what is lost.
-pub fn offsets_from(root: &std::path::Path) -> Result<(Offsets, Option<String>)> {
+pub fn offsets_from(root: &std::path::Path) -> Result<(Offsets, Option<String>), Error> {
     let ss = read_event(root, "sock", "inet_sock_set_state")?;
     let (er, degraded) = match read_event(root, "sock", "inet_sk_error_report") {
         Ok(er) => (er, None),
@@ -137,7 +146,7 @@ pub fn offsets_from_fields(
     er: &HashMap<String, Field>,
     ce: &HashMap<String, Field>,
     cx: &HashMap<String, Field>,
-) -> Result<Offsets> {
+) -> Result<Offsets, Error> {
     let s = "sock:inet_sock_set_state";
     let e = "sock:inet_sk_error_report";
     let ss_proto = get(ss, s, "protocol")?;
