@@ -33,8 +33,9 @@ pub struct Event {
     pub cgroup: u64,
     /// Owner process (thread-group id); 0 when no owner is known.
     pub pid: u32,
-    /// Owner thread id.
-    pub tid: u32,
+    /// Network namespace of the socket: the inode of its `/proc/PID/ns/net` (0 when unknown:
+    /// error reports, or a kernel without BTF).
+    pub netns: u32,
     pub kind: u8,
     pub oldstate: u8,
     pub newstate: u8,
@@ -118,6 +119,16 @@ impl Offsets {
     };
 }
 
+/// Byte offsets inside kernel structs, from the kernel's BTF at start-up, for reading a socket's
+/// network namespace: `sock->__sk_common.skc_net.net` then `net->ns.inum`. Zero: not known
+/// (the programs then report netns 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetnsOffsets {
+    pub skc_net: u32,
+    pub net_inum: u32,
+}
+
 /// Index into the per-CPU `COUNTERS` array: records lost because the ring buffer was full.
 pub const COUNTER_DROPPED: u32 = 0;
 pub const COUNTERS_LEN: u32 = 1;
@@ -151,6 +162,8 @@ mod user {
     unsafe impl aya::Pod for super::Event {}
     // SAFETY: plain-old-data, repr(C), every bit pattern valid.
     unsafe impl aya::Pod for super::Offsets {}
+    // SAFETY: plain-old-data, repr(C), every bit pattern valid.
+    unsafe impl aya::Pod for super::NetnsOffsets {}
 }
 
 const _: () = assert!(core::mem::size_of::<Event>() == 96);

@@ -29,7 +29,7 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, bpf_probe_read_kernel_buf, bpf_probe_read_user,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user,
     },
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -39,7 +39,7 @@ use aya_log_ebpf::{error, warn};
 use tcptrace_common::{
     AF_INET, AF_INET6, COUNTER_DROPPED, COUNTERS_LEN, DEFAULT_RING_BYTES, Event,
     FLAG_OWNER_CURRENT, FLAG_OWNER_INHERITED, FLAG_OWNER_RECORDED, IPPROTO_TCP, KIND_CONNECT,
-    KIND_ERROR, KIND_STATE, Offsets, TP_RECORD_MAX, tcp_state,
+    KIND_ERROR, KIND_STATE, NetnsOffsets, Offsets, TP_RECORD_MAX, tcp_state,
 };
 
 /// Overridden at load time with the offsets tracefs gives (read-only data: the verifier knows
@@ -47,6 +47,42 @@ use tcptrace_common::{
 /// the stack.
 #[unsafe(no_mangle)]
 static OFFSETS: Offsets = Offsets::DEFAULT;
+
+/// Where a socket's network namespace number is (from BTF, set by userspace; zeros: unknown).
+#[unsafe(no_mangle)]
+static NETNS: NetnsOffsets = NetnsOffsets {
+    skc_net: 0,
+    net_inum: 0,
+};
+
+/// The network namespace (inode number) of the socket at `sk`; 0 when unknown.
+#[inline(always)]
+fn sock_netns(sk: u64) -> u32 {
+    // SAFETY: aligned reads of a static; volatile so the load-time values are used.
+    let (skc_net, inum) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const NETNS.skc_net),
+            core::ptr::read_volatile(&raw const NETNS.net_inum),
+        )
+    };
+    if skc_net == 0 || sk == 0 {
+        return 0;
+    }
+    // SAFETY: kernel memory read through bpf_probe_read_kernel; a bad address reads as 0.
+    let net = unsafe { bpf_probe_read_kernel((sk + skc_net as u64) as *const u64) }.unwrap_or(0);
+    if net == 0 {
+        return 0;
+    }
+    // SAFETY: as above.
+    unsafe { bpf_probe_read_kernel((net + inum as u64) as *const u32) }.unwrap_or(0)
+}
+
+/// (netns, family, port) of a listening socket, the key of LISTENERS: namespaces have ports of
+/// their own.
+#[inline(always)]
+fn listener_key(netns: u32, family: u8, port: u16) -> u64 {
+    (netns as u64) << 32 | (family as u64) << 16 | port as u64
+}
 
 /// Unread bytes in the ring buffer beyond which a record wakes the reader at once (set by
 /// userspace to a quarter of the ring). Below it, records are submitted without wake-up and
@@ -135,9 +171,9 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 
 #[map]
 static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(131072, NO_COMMON_LRU);
 
-/// (family << 16 | port) -> owner of the listening socket, inherited by accepted sockets.
+/// (netns, family, port) -> owner of the listening socket, inherited by accepted sockets.
 #[map]
-static LISTENERS: LruHashMap<u32, Listener> = LruHashMap::with_max_entries(8192, NO_COMMON_LRU);
+static LISTENERS: LruHashMap<u64, Listener> = LruHashMap::with_max_entries(8192, NO_COMMON_LRU);
 
 /// thread id -> connect() in flight. Every entry is removed when the syscall returns.
 #[map]
@@ -172,7 +208,6 @@ fn read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i32> {
 #[inline(always)]
 fn set_owner(ev: &mut Event, o: &Owner, flag: u32) {
     ev.pid = o.pid;
-    ev.tid = o.tid;
     ev.cgroup = o.cgroup;
     ev.comm = o.comm;
     ev.flags |= flag;
@@ -298,7 +333,8 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     ev.skaddr = skaddr;
     ev.cgroup = 0;
     ev.pid = 0;
-    ev.tid = 0;
+    let netns = sock_netns(skaddr);
+    ev.netns = netns;
     ev.kind = KIND_STATE;
     ev.oldstate = old;
     ev.newstate = new;
@@ -330,7 +366,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             owner_insert_failed(ctx, err);
         }
         if new == tcp_state::LISTEN {
-            let key = (family as u32) << 16 | sport as u32;
+            let key = listener_key(netns, family, sport);
             if let Err(err) = LISTENERS.insert(&key, &Listener { owner: o, skaddr }, 0) {
                 rare!(
                     warn,
@@ -345,7 +381,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
     } else if new == tcp_state::SYN_RECV {
         // A connection on its way to accept(): it belongs to the listener's owner.
-        let key = (family as u32) << 16 | sport as u32;
+        let key = listener_key(netns, family, sport);
         // SAFETY: value copied out before use.
         if let Some(l) = unsafe { LISTENERS.get(&key) } {
             let o = l.owner;
@@ -371,7 +407,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     if new == tcp_state::CLOSE {
         let _ = OWNERS.remove(&skaddr);
         if old == tcp_state::LISTEN {
-            let key = (family as u32) << 16 | sport as u32;
+            let key = listener_key(netns, family, sport);
             // SAFETY: value read before removal.
             if let Some(l) = unsafe { LISTENERS.get(&key) } {
                 if l.skaddr == skaddr {
@@ -505,7 +541,7 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
         skaddr: c.skaddr,
         cgroup: o.cgroup,
         pid: o.pid,
-        tid: o.tid,
+        netns: sock_netns(c.skaddr),
         kind: KIND_CONNECT,
         oldstate: 0,
         newstate: 0,

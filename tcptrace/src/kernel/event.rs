@@ -170,7 +170,7 @@ pub fn decode(ev: &Event) -> Option<TcpEvent> {
         };
         Some(Owner {
             pid: ev.pid,
-            tid: ev.tid,
+            tid: 0,
             cgroup: ev.cgroup,
             comm: ev.comm,
             source,

@@ -11,10 +11,11 @@ use aya::{
     programs::TracePoint,
 };
 use aya_log::EbpfLogger;
-use tcptrace_common::{COUNTER_DROPPED, Event, Offsets};
+use tcptrace_common::{COUNTER_DROPPED, Event, NetnsOffsets, Offsets};
 
 use crate::kernel::{
     Error,
+    btf::{Btf, BtfError},
     log::{Collector, KernelLog},
     tracefs,
 };
@@ -139,6 +140,15 @@ pub fn ring_size(bytes: u32) -> u32 {
         .unwrap_or(1 << 31)
 }
 
+/// Where the programs find a socket's network namespace number, from the kernel's BTF.
+fn netns_offsets() -> Result<NetnsOffsets, BtfError> {
+    let btf = Btf::from_sys()?;
+    Ok(NetnsOffsets {
+        skc_net: btf.offset_of("sock_common", "skc_net.net")?,
+        net_inum: btf.offset_of("net", "ns.inum")?,
+    })
+}
+
 impl Probes {
     /// Checks privileges, reads tracepoint offsets, loads and attaches every program.
     pub fn attach(opts: ProbeOptions) -> Result<Self, Error> {
@@ -147,13 +157,28 @@ impl Probes {
         raise_memlock();
         let root = tracefs::tracefs_root()?;
         let (offsets, degraded) = tracefs::offsets_from(&root)?;
-        let mut probes = Self::attach_with(offsets, opts, degraded.is_some())?;
+        let (netns, netns_degraded) = match netns_offsets() {
+            Ok(n) => (n, None),
+            Err(e) => (
+                NetnsOffsets::default(),
+                Some(format!(
+                    "network namespaces of sockets unknown ({e}{}): sockets of every namespace \
+                     are counted as the host's",
+                    std::error::Error::source(&e)
+                        .map(|c| format!(": {c}"))
+                        .unwrap_or_default()
+                )),
+            ),
+        };
+        let mut probes = Self::attach_with(offsets, netns, opts, degraded.is_some())?;
         probes.degraded.extend(degraded);
+        probes.degraded.extend(netns_degraded);
         Ok(probes)
     }
 
     fn attach_with(
         offsets: Offsets,
+        netns: NetnsOffsets,
         opts: ProbeOptions,
         skip_error_report: bool,
     ) -> Result<Self, Error> {
@@ -163,6 +188,7 @@ impl Probes {
         }
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
+            .override_global("NETNS", &netns, true)
             .override_global("WAKE_AT", &(ring_size(opts.ring_bytes) as u64 / 4), true)
             .map_max_entries("EVENTS", ring_size(opts.ring_bytes))
             .map_max_entries("OWNERS", opts.owner_entries.max(1024))
