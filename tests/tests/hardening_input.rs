@@ -170,17 +170,34 @@ fn spawn_guarded(name: &str, cmd: &mut Command) -> Guarded {
     }
 }
 
-/// Position of a raw ESC or BEL byte, for the failure message.
-fn raw_control(bytes: &[u8]) -> Option<usize> {
-    bytes.iter().position(|&b| b == 0x1b || b == 0x07)
-}
+/// Failed checks, collected so that one run shows every output that went wrong.
+#[derive(Default)]
+struct Problems(Vec<String>);
 
-fn assert_no_raw_control(what: &str, bytes: &[u8]) {
-    if let Some(i) = raw_control(bytes) {
-        panic!(
-            "{what}: raw control byte {:#04x} at offset {i}: {:?}",
-            bytes[i],
-            String::from_utf8_lossy(bytes)
+impl Problems {
+    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) {
+        if !ok {
+            self.0.push(what());
+        }
+    }
+
+    /// No raw ESC or BEL byte in `bytes`.
+    fn no_raw_control(&mut self, what: &str, bytes: &[u8]) {
+        if let Some(i) = bytes.iter().position(|&b| b == 0x1b || b == 0x07) {
+            self.0.push(format!(
+                "{what}: raw control byte {:#04x} at offset {i}: {:?}",
+                bytes[i],
+                String::from_utf8_lossy(bytes)
+            ));
+        }
+    }
+
+    fn finish(self) {
+        assert!(
+            self.0.is_empty(),
+            "{} check(s) failed:\n\n{}",
+            self.0.len(),
+            self.0.join("\n\n")
         );
     }
 }
@@ -308,21 +325,24 @@ fn control_bytes_in_names_never_reach_the_terminal() {
         }
         thread::sleep(Duration::from_millis(200));
     };
-    assert_eq!(p["comm"], ESC_COMM, "report --json keeps the name: {p}");
-    assert!(
+    let mut problems = Problems::default();
+    problems.check(p["comm"] == ESC_COMM, || {
+        format!("report --json must keep the name as it is: {p}")
+    });
+    problems.check(
         p["cmdline"]
             .as_str()
             .is_some_and(|c| c.starts_with(&*exe.to_string_lossy())),
-        "report --json cmdline: {p}"
+        || format!("report --json cmdline: {p}"),
     );
     let report = daemon.cli(&["report", "--pid", &pid_s]);
     assert!(report.status.success(), "report: {report:?}");
-    assert_no_raw_control("report text", &report.stdout);
+    problems.no_raw_control("report text", &report.stdout);
     let text = String::from_utf8_lossy(&report.stdout);
-    assert!(
+    problems.check(
         text.contains(&format!("PID {pid} {ESC_SHOWN}"))
             && text.contains(&format!("command: {shown_exe} leak-server")),
-        "report text must show the name and command escaped:\n{text}"
+        || format!("report text must show the name and command escaped:\n{text}"),
     );
 
     // The daemon's alert line names the process, escaped.
@@ -338,15 +358,14 @@ fn control_bytes_in_names_never_reach_the_terminal() {
         );
         thread::sleep(Duration::from_millis(200));
     };
-    assert_no_raw_control("daemon log", log.as_bytes());
+    problems.no_raw_control("daemon log", log.as_bytes());
     let line = log
         .lines()
         .find(|l| l.contains(&format!("pid={pid} ")))
         .unwrap();
-    assert!(
-        line.contains(&format!("comm=\"{ESC_SHOWN}\"")),
-        "daemon log line must show comm escaped and quoted: {line}"
-    );
+    problems.check(line.contains(&format!("comm=\"{ESC_SHOWN}\"")), || {
+        format!("daemon log line must show comm escaped and quoted: {line}")
+    });
 
     // watch, piped text, --wide: the COMMAND column holds the escaped command line.
     let out = run_tcptrace(&[
@@ -359,18 +378,20 @@ fn control_bytes_in_names_never_reach_the_terminal() {
         "--duration",
         "2.5",
     ]);
-    assert_no_raw_control("watch --wide text", &out.stdout);
+    problems.no_raw_control("watch --wide text", &out.stdout);
     let text = String::from_utf8_lossy(&out.stdout);
     let row = text
         .lines()
         .find(|l| l.trim_start().starts_with(&format!("{pid} ")))
         .unwrap_or_else(|| panic!("watch --wide: no row for pid {pid}:\n{text}"));
-    assert!(
-        row.contains(r"\x1b[2J\x1b]0;p")
-            && row.ends_with(&format!(
-                "{shown_exe} leak-server --addr 127.0.0.1:{ESC_PORT} --count 5"
-            )),
-        "watch --wide row must show the name and the command line escaped: {row:?}"
+    problems.check(row.contains(r"\x1b[2J\x1b]0;p"), || {
+        format!("watch --wide row must show the name escaped: {row:?}")
+    });
+    problems.check(
+        row.ends_with(&format!(
+            " {shown_exe} leak-server --addr 127.0.0.1:{ESC_PORT} --count 5"
+        )),
+        || format!("watch --wide COMMAND column must show the command line escaped: {row:?}"),
     );
 
     // watch on a terminal (script gives it one): its own screen control only, no title.
@@ -385,9 +406,9 @@ fn control_bytes_in_names_never_reach_the_terminal() {
         .expect("run script");
     assert!(out.status.success(), "script: {out:?}");
     let screen = String::from_utf8_lossy(&out.stdout);
-    assert!(
+    problems.check(
         !screen.contains("\x1b]0;pwned") && screen.contains(r"\x1b[2J\x1b]0;p"),
-        "watch screen must show the name escaped, never as a title sequence: {screen:?}"
+        || format!("watch screen must show the name escaped, never as a title: {screen:?}"),
     );
 
     // The event stream: the leaker's lines show its name escaped; no raw control at all.
@@ -398,17 +419,18 @@ fn control_bytes_in_names_never_reach_the_terminal() {
         events.stderr.tail(4000)
     );
     let bytes = std::fs::read(&events_out).unwrap();
-    assert_no_raw_control("watch --events text", &bytes);
+    problems.no_raw_control("watch --events text", &bytes);
     let text = String::from_utf8_lossy(&bytes);
     let mine: Vec<&str> = text
         .lines()
         .filter(|l| l.split_whitespace().nth(1) == Some(pid_s.as_str()))
         .collect();
-    assert!(
+    problems.check(
         !mine.is_empty() && mine.iter().all(|l| l.contains(r"\x1b[2J\x1b]0;p")),
-        "watch --events: lines of pid {pid} must show its name escaped: {mine:#?}"
+        || format!("watch --events: lines of pid {pid} must show its name escaped: {mine:#?}"),
     );
     drop(leaker);
+    problems.finish();
 }
 
 /// Item 8: out-of-range flags get one clear line and exit 2, no panic, nothing on stdout.

@@ -73,9 +73,22 @@ pub fn push_escaped(out: &mut String, c: char) {
     }
 }
 
-/// The first `max` characters of [`escape`]d `s`, for fixed-width columns.
+/// [`escape`]d `s` cut to at most `max` characters, for fixed-width columns; an escape is
+/// kept whole or left out, never cut.
 pub fn escape_cut(s: &str, max: usize) -> String {
-    escape(s).chars().take(max).collect()
+    let mut out = String::new();
+    let mut unit = String::new();
+    let mut len = 0;
+    for c in s.chars() {
+        unit.clear();
+        push_escaped(&mut unit, c);
+        len += unit.chars().count();
+        if len > max {
+            break;
+        }
+        out.push_str(&unit);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -110,5 +123,7 @@ mod tests {
             );
         }
         assert_eq!(escape_cut("\x1b[2Jabcdefghijkl", 10), "\\x1b[2Jabc");
+        assert_eq!(escape_cut("ab\x1b[2J", 5), "ab");
+        assert_eq!(escape_cut("ééé", 2), "éé");
     }
 }

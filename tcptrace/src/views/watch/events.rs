@@ -200,5 +200,14 @@ mod tests {
         assert_eq!(j["type"], "connect_failed");
         assert_eq!(j["errno"], "ECONNREFUSED");
         assert!(j.get("old").is_none());
+        // A name with control bytes is shown escaped in text, kept as it is in JSON.
+        let hostile = EventLine {
+            comm: "\x1b]0;pwned\x07",
+            ..l
+        };
+        let text = text_event(&hostile);
+        assert!(text.contains(" \\x1b]0;pwned "), "{text}");
+        let j = serde_json::to_value(&hostile).unwrap();
+        assert_eq!(j["comm"], "\x1b]0;pwned\x07");
     }
 }
