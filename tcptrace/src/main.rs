@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use tcptrace::{
     daemon::client,
-    daemon::config::{Config, DEFAULT_SOCKET},
+    daemon::config::{Config, DEFAULT_SOCKET, bounds},
     daemon::server as daemon,
     kernel::probes::ProbeOptions,
     state::Filter,
@@ -56,7 +56,7 @@ struct DaemonArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// A socket in CLOSE_WAIT for longer than this many seconds counts as leaked [default: 5]
-    #[arg(long, value_parser = non_negative_secs, value_name = "SECS")]
+    #[arg(long, value_parser = leak_after_secs, value_name = "SECS")]
     leak_after: Option<f64>,
 }
 
@@ -85,8 +85,8 @@ struct StatusArgs {
 
 #[derive(Args, Debug)]
 struct WatchArgs {
-    /// Seconds between refreshes.
-    #[arg(long, short = 'i', default_value = "1", value_parser = positive_secs, value_name = "SECS")]
+    /// Seconds between refreshes (0.1 to 86400).
+    #[arg(long, short = 'i', default_value = "1", value_parser = interval_secs, value_name = "SECS")]
     interval: f64,
     /// Print every state transition and failed connect instead of the per-process view.
     #[arg(long, short = 'e')]
@@ -94,8 +94,8 @@ struct WatchArgs {
     /// Newline-delimited JSON: one object per interval (or per event with --events).
     #[arg(long, short = 'j')]
     json: bool,
-    /// A socket in CLOSE_WAIT for longer than this many seconds counts as leaked.
-    #[arg(long, default_value = "5", value_parser = non_negative_secs, value_name = "SECS")]
+    /// A socket in CLOSE_WAIT for longer than this many seconds (0 to 86400) counts as leaked.
+    #[arg(long, default_value = "5", value_parser = leak_after_secs, value_name = "SECS")]
     leak_after: f64,
     /// Show only this process (repeatable).
     #[arg(long, short = 'p', value_name = "PID")]
@@ -106,29 +106,44 @@ struct WatchArgs {
     /// Show only processes with a socket or connect on this local or remote port (repeatable).
     #[arg(long, value_name = "PORT")]
     port: Vec<u16>,
-    /// Exit after this many seconds.
-    #[arg(long, short = 'd', value_parser = positive_secs, value_name = "SECS")]
+    /// Exit after this many seconds (0.1 to ten years).
+    #[arg(long, short = 'd', value_parser = duration_secs, value_name = "SECS")]
     duration: Option<f64>,
     /// Wide output: TIME_WAIT count, top remote endpoint and command line.
     #[arg(long, short = 'w')]
     wide: bool,
-    /// Kernel ring buffer size in KiB (rounded up to a power of two).
-    #[arg(long, default_value_t = tcptrace_common::DEFAULT_RING_BYTES / 1024, value_name = "KIB")]
+    /// Kernel ring buffer size in KiB, 4 to 1048576 (rounded up to a power of two).
+    #[arg(long, default_value_t = tcptrace_common::DEFAULT_RING_BYTES / 1024, value_parser = ring_buffer_kib, value_name = "KIB")]
     ring_buffer_kib: u32,
 }
 
-fn positive_secs(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("`{s}` is not a positive number of seconds")),
-    }
+/// Seconds within `range`, for the flags; the bounds are the config file's.
+fn secs_in(s: &str, range: (f64, f64)) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    bounds::secs(v, range)
 }
 
-fn non_negative_secs(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("`{s}` is not a number of seconds >= 0")),
-    }
+fn interval_secs(s: &str) -> Result<f64, String> {
+    secs_in(s, bounds::INTERVAL_SECS)
+}
+
+fn duration_secs(s: &str) -> Result<f64, String> {
+    secs_in(s, bounds::DURATION_SECS)
+}
+
+fn leak_after_secs(s: &str) -> Result<f64, String> {
+    secs_in(s, bounds::LEAK_AFTER_SECS)
+}
+
+fn ring_buffer_kib(s: &str) -> Result<u32, String> {
+    let v: u32 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number of KiB"))?;
+    bounds::ring_buffer_kib(v)
 }
 
 fn main() -> ExitCode {

@@ -49,7 +49,17 @@ pub struct SysProcs;
 
 impl ProcSource for SysProcs {
     fn start_time(&mut self, pid: u32) -> Option<u64> {
-        procfs::start_time(pid)
+        match procfs::pid_status(pid) {
+            procfs::PidStatus::Started(t) => Some(t),
+            procfs::PidStatus::Gone | procfs::PidStatus::Unknown => None,
+        }
+    }
+    fn still_running(&mut self, pid: u32, start: u64) -> bool {
+        match procfs::pid_status(pid) {
+            procfs::PidStatus::Started(t) => t == start,
+            procfs::PidStatus::Gone => false,
+            procfs::PidStatus::Unknown => true,
+        }
     }
     fn meta(&mut self, pid: u32) -> Option<ProcMeta> {
         procfs::process_info(pid).map(|p| ProcMeta {

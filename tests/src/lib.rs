@@ -162,35 +162,8 @@ impl Scenario {
             }
             None => Command::new(scenario_bin),
         };
-        cmd.args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let name = format!("scenario {}", args.join(" "));
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let stderr = Captured::default();
-        stderr.collect(child.stderr.take().unwrap());
-        let stdin = child.stdin.take();
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Scenario {
-            proc: Guarded {
-                name,
-                child,
-                stderr,
-            },
-            lines: rx,
-            seen: Vec::new(),
-            stdin,
-        }
+        cmd.args(args);
+        Scenario::from_command(cmd, format!("scenario {}", args.join(" ")))
     }
 
     pub fn pid(&self) -> u32 {
@@ -647,4 +620,80 @@ mod tests {
         let e = std::net::TcpStream::connect(c.addr()).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
     }
+}
+
+impl Scenario {
+    /// Runs a prepared command (stdin, stdout and stderr are piped here), e.g. a copy of the
+    /// `scenario` binary under a name that is not UTF-8.
+    pub fn from_command(mut cmd: Command, name: String) -> Scenario {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let stderr = Captured::default();
+        stderr.collect(child.stderr.take().unwrap());
+        let stdin = child.stdin.take();
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Scenario {
+            proc: Guarded {
+                name,
+                child,
+                stderr,
+            },
+            lines: rx,
+            seen: Vec::new(),
+            stdin,
+        }
+    }
+}
+
+/// A temporary directory (mode 0755: user nobody may run what it holds), removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("tctest-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        TempDir(dir)
+    }
+
+    /// Copies `from` into the directory as `name` (any bytes but '/' and NUL), mode 0755.
+    pub fn copy_exe(&self, from: &std::path::Path, name: &std::ffi::OsStr) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let to = self.0.join(name);
+        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy to {to:?}: {e}"));
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+        to
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `setpriv` running `program` as user nobody, with no groups and no capabilities.
+pub fn as_nobody(program: &std::path::Path) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ])
+    .arg(program);
+    cmd
 }

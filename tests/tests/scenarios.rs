@@ -505,14 +505,7 @@ fn not_root_is_refused_clearly() {
     std::fs::copy(tcptrace_bin(), &bin).unwrap();
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
 
-    let mut child = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(&bin)
+    let mut child = tcptrace_tests::as_nobody(&bin)
         .args(["watch", "--json", "--duration", "2"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -34,6 +34,43 @@ use crate::views::findings::Thresholds;
 pub const DEFAULT_SOCKET: &str = "/run/tcptrace/tcptrace.sock";
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
 
+/// Bounds of the settings, one place for the command-line flags (`watch`, `daemon`) and this
+/// file, so that a value is refused the same way wherever it is given.
+pub mod bounds {
+    const DAY: f64 = 86_400.0;
+
+    /// `watch --interval`: faster redraws only burn CPU; slower than a day is not live.
+    pub const INTERVAL_SECS: (f64, f64) = (0.1, DAY);
+    /// `watch --duration`: at least one shortest interval, at most ten years (far below where
+    /// clock arithmetic would overflow).
+    pub const DURATION_SECS: (f64, f64) = (0.1, 3650.0 * DAY);
+    /// `--leak-after`, `leak_after_secs`: a socket idle in CLOSE_WAIT for a day is a leak.
+    pub const LEAK_AFTER_SECS: (f64, f64) = (0.0, DAY);
+    /// `alerts.close_wait_sustain_secs`, `alerts.quiet_secs`.
+    pub const ALERT_SECS: (f64, f64) = (0.0, DAY);
+    /// `--ring-buffer-kib`, `ring_buffer_kib`: 4 KiB (one page) to 1 GiB.
+    pub const RING_BUFFER_KIB: (u32, u32) = (4, 1 << 20);
+
+    /// Checks a number of seconds; the error says what is expected.
+    pub fn secs(v: f64, (min, max): (f64, f64)) -> Result<f64, String> {
+        if v.is_finite() && v >= min && v <= max {
+            Ok(v)
+        } else {
+            Err(format!("must be a number of seconds from {min} to {max}"))
+        }
+    }
+
+    /// Checks a ring buffer size in KiB.
+    pub fn ring_buffer_kib(v: u32) -> Result<u32, String> {
+        let (min, max) = RING_BUFFER_KIB;
+        if (min..=max).contains(&v) {
+            Ok(v)
+        } else {
+            Err(format!("must be between {min} and {max} KiB"))
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -212,18 +249,27 @@ impl Config {
 
     /// Checks every value; the error names the key and what is wrong.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn secs(key: &'static str, v: f64) -> Result<(), ConfigError> {
-            if !(v.is_finite() && v >= 0.0) {
-                return invalid(key, format!("must be a number of seconds >= 0, got {v}"));
+        fn secs(key: &'static str, v: f64, range: (f64, f64)) -> Result<(), ConfigError> {
+            match bounds::secs(v, range) {
+                Ok(_) => Ok(()),
+                Err(problem) => invalid(key, format!("{problem}, got {v}")),
             }
-            Ok(())
         }
-        secs("leak_after_secs", self.leak_after_secs)?;
+        secs(
+            "leak_after_secs",
+            self.leak_after_secs,
+            bounds::LEAK_AFTER_SECS,
+        )?;
         secs(
             "alerts.close_wait_sustain_secs",
             self.alerts.close_wait_sustain_secs,
+            bounds::ALERT_SECS,
         )?;
-        secs("alerts.quiet_secs", self.alerts.quiet_secs)?;
+        secs(
+            "alerts.quiet_secs",
+            self.alerts.quiet_secs,
+            bounds::ALERT_SECS,
+        )?;
         if !(self.alerts.port_share > 0.0 && self.alerts.port_share <= 1.0) {
             return invalid(
                 "alerts.port_share",
@@ -254,13 +300,10 @@ impl Config {
                 "must be at least 1".into(),
             );
         }
-        if self.ring_buffer_kib < 4 || self.ring_buffer_kib > 1 << 20 {
+        if let Err(problem) = bounds::ring_buffer_kib(self.ring_buffer_kib) {
             return invalid(
                 "ring_buffer_kib",
-                format!(
-                    "must be between 4 and 1048576, got {}",
-                    self.ring_buffer_kib
-                ),
+                format!("{problem}, got {}", self.ring_buffer_kib),
             );
         }
         if self.socket.as_os_str().is_empty() || !self.socket.is_absolute() {
@@ -341,6 +384,15 @@ mod tests {
         assert!(!e.contains('\n'), "{e}");
         let e = parse("socket = \"/x\"\n[limits]\nmax_sockets = -3\n").unwrap_err();
         assert!(e.contains("line 3: key `limits.max_sockets`"), "{e}");
+        let e = parse("leak_after_secs = 1e30").unwrap_err();
+        assert!(
+            e.contains("leak_after_secs") && e.contains("from 0 to 86400"),
+            "{e}"
+        );
+        let e = parse("[alerts]\nquiet_secs = 1e30").unwrap_err();
+        assert!(e.contains("alerts.quiet_secs"), "{e}");
+        let e = parse("ring_buffer_kib = 0").unwrap_err();
+        assert!(e.contains("between 4 and 1048576 KiB"), "{e}");
         let e = parse("[alerts\n").unwrap_err();
         assert!(e.starts_with("config t.toml line 1:"), "{e}");
     }

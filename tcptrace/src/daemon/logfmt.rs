@@ -3,6 +3,8 @@
 
 use std::fmt::Write as _;
 
+use crate::views::format::{needs_escape, push_escaped};
+
 /// An error and its causes on one line, "what failed: why: why", as `{:#}` shows an
 /// anyhow error; for the daemon's log lines, where errors are not turned into anyhow's.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -16,10 +18,13 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// Quotes a value when it needs it.
+/// Quotes a value when it needs it. Inside quotes `"` and `\\` are escaped with a backslash,
+/// newline as `\n`, and every other control or invisible formatting character as the views
+/// write it (`\x1b`, `\u{9b}`): values come from other processes (command names, cgroups)
+/// and must not reach a terminal that shows the log, nor split or forge a log line.
 fn push_value(out: &mut String, v: &str) {
     if !v.is_empty()
-        && !v.contains(|c: char| c.is_whitespace() || c == '"' || c == '=' || c == '\\')
+        && !v.contains(|c: char| c.is_whitespace() || c == '"' || c == '=' || needs_escape(c))
     {
         out.push_str(v);
         return;
@@ -28,9 +33,8 @@ fn push_value(out: &mut String, v: &str) {
     for c in v.chars() {
         match c {
             '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
             '\n' => out.push_str("\\n"),
-            c => out.push(c),
+            c => push_escaped(out, c),
         }
     }
     out.push('"');
@@ -73,5 +77,23 @@ mod tests {
             ),
             "level=warn msg=\"CLOSE_WAIT leak\" pid=42 cmdline=\"a \\\"b\\\"\" x=\"\""
         );
+    }
+
+    #[test]
+    fn controls_are_escaped() {
+        let l = line(
+            "warn",
+            "leak",
+            &[
+                ("comm", "\x1b[2J\x1b]0;pwned\x07".into()),
+                ("cmdline", "a\nlevel=error msg=forged\u{9b}\\".into()),
+            ],
+        );
+        assert_eq!(
+            l,
+            "level=warn msg=leak comm=\"\\x1b[2J\\x1b]0;pwned\\x07\" \
+             cmdline=\"a\\nlevel=error msg=forged\\u{9b}\\\\\""
+        );
+        assert!(!l.chars().any(char::is_control), "{l:?}");
     }
 }

@@ -244,24 +244,50 @@ pub fn for_each_fd_socket(dir_path: &[u8], mut f: impl FnMut(u32, u64) -> bool) 
 pub struct ProcInfo {
     pub pid: u32,
     /// Field 22 of /proc/<pid>/stat, clock ticks since boot; (pid, start_time) is unique.
+    /// 0 when stat could not be parsed.
     pub start_time: u64,
+    /// The name is bytes, any but NUL: decoded lossily (an invalid or cut UTF-8 sequence
+    /// becomes U+FFFD). Views escape control characters when they print it.
     pub comm: String,
-    /// NULs replaced by spaces, trimmed; empty for kernel threads.
+    /// NULs replaced by spaces, trimmed, lossily decoded; empty for kernel threads.
     pub cmdline: String,
-    /// cgroup v2 path (the "0::" line), e.g. "/system.slice/nginx.service"; empty if unknown.
+    /// cgroup v2 path (the "0::" line), e.g. "/system.slice/nginx.service", lossily decoded;
+    /// empty if unknown.
     pub cgroup: String,
     /// First 12 chars of a container id found in the cgroup path.
     pub container: Option<String>,
 }
 
+/// What /proc says about a pid right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PidStatus {
+    /// /proc/<pid> does not exist: no such process (or it is a thread id, not a process).
+    Gone,
+    /// The process exists and started at this time (field 22 of stat).
+    Started(u64),
+    /// The process exists but its stat could not be read or parsed. Not a reason to think it
+    /// gone: only [`PidStatus::Gone`] or another start time says that.
+    Unknown,
+}
+
 /// Reads stat, comm, cmdline and cgroup of `pid`; None if the process does not exist.
-/// Files that disappear after stat was read leave their fields empty.
+/// Files that disappear or cannot be parsed leave their fields empty (start time 0): a
+/// process whose name is not UTF-8 is still described.
 pub fn process_info(pid: u32) -> Option<ProcInfo> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (stat_comm, start_time) = parse_stat(&stat)?;
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or(stat_comm);
+    let stat = match std::fs::read(format!("/proc/{pid}/stat")) {
+        Ok(b) => Some(b),
+        Err(_) if !pid_dir_exists(pid) => return None,
+        Err(_) => None,
+    };
+    let (stat_comm, start_time) = match stat.as_deref().and_then(parse_stat) {
+        Some((c, t)) => (Some(c), t),
+        None => (None, 0),
+    };
+    let comm = std::fs::read(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|b| lossy(b.strip_suffix(b"\n").unwrap_or(&b)))
+        .or(stat_comm)
+        .unwrap_or_default();
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| {
             let b: Vec<u8> = b
@@ -271,7 +297,9 @@ pub fn process_info(pid: u32) -> Option<ProcInfo> {
             String::from_utf8_lossy(&b).trim().to_string()
         })
         .unwrap_or_default();
-    let cgroup_text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let cgroup_text = std::fs::read(format!("/proc/{pid}/cgroup"))
+        .map(|b| lossy(&b))
+        .unwrap_or_default();
     let cgroup = cgroup_text
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
@@ -294,27 +322,52 @@ pub fn process_info(pid: u32) -> Option<ProcInfo> {
     })
 }
 
-/// Only field 22 of /proc/<pid>/stat; None if the process does not exist.
-pub fn start_time(pid: u32) -> Option<u64> {
-    let mut buf = [0u8; 1024];
-    // One read is enough: stat is generated whole on the first read and is well under 1 KiB.
-    let n = io::Read::read(&mut File::open(format!("/proc/{pid}/stat")).ok()?, &mut buf).ok()?;
-    let text = std::str::from_utf8(&buf[..n]).ok()?;
-    parse_stat(text).map(|(_, t)| t)
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
 }
 
-/// Parses /proc/<pid>/stat: returns (comm, start_time). comm may contain spaces and ')', so
-/// it spans from the first '(' to the last ')'.
-pub fn parse_stat(text: &str) -> Option<(String, u64)> {
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
+fn pid_dir_exists(pid: u32) -> bool {
+    match std::fs::metadata(format!("/proc/{pid}")) {
+        Ok(_) => true,
+        Err(e) => e.kind() != io::ErrorKind::NotFound,
+    }
+}
+
+/// Whether `pid` exists and since when, from field 22 of /proc/<pid>/stat.
+pub fn pid_status(pid: u32) -> PidStatus {
+    let mut buf = [0u8; 1024];
+    // One read is enough: stat is generated whole on the first read and is well under 1 KiB.
+    let n = match File::open(format!("/proc/{pid}/stat"))
+        .and_then(|mut f| io::Read::read(&mut f, &mut buf))
+    {
+        Ok(n) => n,
+        // ESRCH: it exited between open and read.
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return PidStatus::Gone,
+        Err(_) if !pid_dir_exists(pid) => return PidStatus::Gone,
+        Err(_) => return PidStatus::Unknown,
+    };
+    match parse_stat(&buf[..n]) {
+        Some((_, t)) => PidStatus::Started(t),
+        None => PidStatus::Unknown,
+    }
+}
+
+/// Parses /proc/<pid>/stat: returns (comm, start_time). comm is any bytes but NUL, spaces
+/// and ')' included (it spans from the first '(' to the last ')'), and is decoded lossily;
+/// the numbers after it are ASCII.
+pub fn parse_stat(text: &[u8]) -> Option<(String, u64)> {
+    let open = text.iter().position(|&b| b == b'(')?;
+    let close = text.iter().rposition(|&b| b == b')')?;
     if close < open {
         return None;
     }
-    let comm = &text[open + 1..close];
+    let comm = lossy(&text[open + 1..close]);
     // After ')' come fields 3 (state) onwards; field 22 is the 20th of them.
-    let start = text[close + 1..].split_ascii_whitespace().nth(22 - 3)?;
-    Some((comm.to_string(), start.parse().ok()?))
+    let start = text[close + 1..]
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|f| !f.is_empty())
+        .nth(22 - 3)?;
+    Some((comm, parse_dec(start)?))
 }
 
 /// Extracts a container id from a cgroup path and returns its first 12 chars. Recognized:
@@ -469,15 +522,29 @@ mod tests {
     fn parses_stat_with_odd_comm() {
         let stat = "4242 (my ) (prog) 1) S 1 4242 4242 0 -1 4194560 120 0 0 0 3 1 0 0 20 0 1 0 987654 12345678 300 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
         assert_eq!(
-            parse_stat(stat),
+            parse_stat(stat.as_bytes()),
             Some(("my ) (prog) 1".to_string(), 987654))
         );
         assert_eq!(
-            parse_stat("1 (systemd) S 0 1 1 0 -1 4194560 1 2 3 4 5 6 7 8 20 0 1 0 42 0 0"),
+            parse_stat(b"1 (systemd) S 0 1 1 0 -1 4194560 1 2 3 4 5 6 7 8 20 0 1 0 42 0 0"),
             Some(("systemd".to_string(), 42))
         );
-        assert_eq!(parse_stat("1 (x) S 0 1"), None);
-        assert_eq!(parse_stat(""), None);
+        assert_eq!(parse_stat(b"1 (x) S 0 1"), None);
+        assert_eq!(parse_stat(b""), None);
+        // Names are bytes: 7 two-byte letters and the first byte of an eighth (the kernel
+        // cuts at 15 bytes), and a 0xff byte. The start time must still be read.
+        let mut cut = b"77 (".to_vec();
+        cut.extend_from_slice(&"ééééééé".as_bytes()[..14]);
+        cut.push(0xc3);
+        cut.extend_from_slice(b") S 1 77 77 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5555 0 0\n");
+        assert_eq!(
+            parse_stat(&cut),
+            Some(("ééééééé\u{FFFD}".to_string(), 5555))
+        );
+        assert_eq!(
+            parse_stat(b"78 (a\xffb) S 1 78 78 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 6666 0 0\n"),
+            Some(("a\u{FFFD}b".to_string(), 6666))
+        );
     }
 
     #[test]
@@ -590,9 +657,9 @@ mod tests {
         assert_eq!(info.pid, me);
         assert!(!info.comm.is_empty() && !info.cmdline.is_empty());
         assert!(info.start_time > 0);
-        assert_eq!(start_time(me), Some(info.start_time));
+        assert_eq!(pid_status(me), PidStatus::Started(info.start_time));
         assert_eq!(process_info(u32::MAX), None);
-        assert_eq!(start_time(u32::MAX), None);
+        assert_eq!(pid_status(u32::MAX), PidStatus::Gone);
         assert!(clock_ticks_per_sec() > 0);
         assert!(boot_time_unix().unwrap() > 1_000_000_000);
         let (lo, hi) = ephemeral_port_range().unwrap();

@@ -22,8 +22,16 @@ const MAX_PROC_DESTS: usize = 64;
 /// What the table needs to know about processes, from /proc in production and from a fake in
 /// tests. Called when a pid is first seen and once per tick per live process, never per event.
 pub trait ProcSource {
-    /// Start time of the process `pid` now has, or None when no such process exists.
+    /// Start time of the process `pid` now has, or None when no such process exists (or its
+    /// start time cannot be read).
     fn start_time(&mut self, pid: u32) -> Option<u64>;
+    /// Whether `pid` is still the process that started at `start`. False only when the pid
+    /// is gone or has another start time, never because something could not be read or
+    /// parsed: a process must not drop out of the views (and hide its sockets) by having an
+    /// odd name.
+    fn still_running(&mut self, pid: u32, start: u64) -> bool {
+        self.start_time(pid) == Some(start)
+    }
     /// Descriptive fields; None when the process is gone.
     fn meta(&mut self, pid: u32) -> Option<ProcMeta>;
 }
@@ -127,7 +135,7 @@ impl Table {
         let start_time = start_time.unwrap_or(0);
         let mut meta = self.src.meta(pid).unwrap_or_default();
         if meta.comm.is_empty() {
-            meta.comm = comm.unwrap_or("?").to_string();
+            meta.comm = comm.filter(|c| !c.is_empty()).unwrap_or("?").to_string();
         }
         let id = self.next_proc;
         self.next_proc += 1;
@@ -155,7 +163,10 @@ impl Table {
     }
 
     pub(super) fn owner_id(&mut self, owner: &Owner, now_ns: u64) -> ProcId {
-        self.proc_for_pid(owner.pid, Some(owner.comm_str()), now_ns)
+        // The kernel's name is bytes: decode lossily, as /proc's.
+        let end = owner.comm.iter().position(|&b| b == 0);
+        let comm = String::from_utf8_lossy(&owner.comm[..end.unwrap_or(owner.comm.len())]);
+        self.proc_for_pid(owner.pid, Some(&comm), now_ns)
     }
 
     /// Drops one process to respect `max_processes`: the exited one that left first, else the
@@ -202,7 +213,7 @@ impl Table {
             }
         }
         for (id, pid, start) in exited_now {
-            if self.src.start_time(pid) != Some(start) {
+            if !self.src.still_running(pid, start) {
                 if let Some(p) = self.procs.get_mut(&id) {
                     p.exited_ns = Some(now_ns);
                 }

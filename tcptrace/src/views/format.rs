@@ -25,3 +25,105 @@ pub fn fmt_age(secs: f64) -> String {
         format!("{:.1}d", secs / 86400.0)
     }
 }
+
+/// Text from other processes (command names and lines, cgroup and container names) made safe
+/// for a terminal: every C0 control, DEL, C1 control and Unicode bidirectional or invisible
+/// formatting character is written as an escape (`\x1b`, `\x7f`, `\u{9b}`, `\u{202e}`) and
+/// a backslash as `\\`, so that no name can move the cursor, clear the screen, retitle the
+/// terminal or reorder what is shown, and an escaped name cannot pass for another one. Text
+/// without such characters is returned as it is.
+pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(needs_escape) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        push_escaped(&mut out, c);
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Whether [`escape`] rewrites `c`.
+pub fn needs_escape(c: char) -> bool {
+    c == '\\' || is_unsafe(c)
+}
+
+/// Characters a terminal or a text viewer may act on rather than show.
+fn is_unsafe(c: char) -> bool {
+    c.is_control() // C0, DEL and C1
+        || matches!(c,
+            '\u{200B}'..='\u{200F}' // zero-width spaces and joiners, LRM, RLM
+            | '\u{2028}'..='\u{202E}' // line and paragraph separators, bidi embeddings
+            | '\u{2060}'..='\u{2069}' // word joiner, invisible operators, bidi isolates
+            | '\u{FEFF}') // zero-width no-break space
+}
+
+/// Appends `c` as [`escape`] writes it.
+pub fn push_escaped(out: &mut String, c: char) {
+    use std::fmt::Write as _;
+    match c {
+        '\\' => out.push_str("\\\\"),
+        c if (c as u32) < 0x80 && is_unsafe(c) => {
+            let _ = write!(out, "\\x{:02x}", c as u32);
+        }
+        c if is_unsafe(c) => {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        }
+        c => out.push(c),
+    }
+}
+
+/// [`escape`]d `s` cut to at most `max` characters, for fixed-width columns; an escape is
+/// kept whole or left out, never cut.
+pub fn escape_cut(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    let mut unit = String::new();
+    let mut len = 0;
+    for c in s.chars() {
+        unit.clear();
+        push_escaped(&mut unit, c);
+        len += unit.chars().count();
+        if len > max {
+            break;
+        }
+        out.push_str(&unit);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_every_control() {
+        assert_eq!(escape("nginx: worker"), "nginx: worker");
+        assert!(matches!(escape("plain"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(
+            escape("\x1b[2J\x1b]0;pwned\x07"),
+            "\\x1b[2J\\x1b]0;pwned\\x07"
+        );
+        assert_eq!(
+            escape("a\tb\nc\rd\0e\x7f"),
+            "a\\x09b\\x0ac\\x0dd\\x00e\\x7f"
+        );
+        // C1 controls (CSI U+009B, OSC U+009D) and bidi overrides.
+        assert_eq!(escape("x\u{9b}2J\u{9d}y"), "x\\u{9b}2J\\u{9d}y");
+        assert_eq!(escape("ab\u{202e}cd"), "ab\\u{202e}cd");
+        // A literal backslash is doubled, so a name spelled `\x1b` stays distinguishable.
+        assert_eq!(escape("\\x1b"), "\\\\x1b");
+        // Non-ASCII letters and the replacement character of a lossy decode are kept.
+        assert_eq!(escape("ééé\u{FFFD}"), "ééé\u{FFFD}");
+        for c in (0u32..0x110000).filter_map(char::from_u32) {
+            let e = escape(&c.to_string()).into_owned();
+            assert!(
+                !e.chars().any(|x| x.is_control()),
+                "U+{:04X} escaped to {e:?}",
+                c as u32
+            );
+        }
+        assert_eq!(escape_cut("\x1b[2Jabcdefghijkl", 10), "\\x1b[2Jabc");
+        assert_eq!(escape_cut("ab\x1b[2J", 5), "ab");
+        assert_eq!(escape_cut("ééé", 2), "éé");
+    }
+}

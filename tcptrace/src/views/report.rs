@@ -6,7 +6,10 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::findings::{Thresholds, advice, findings, host_thresholds, range_size};
+use super::{
+    findings::{Thresholds, advice, findings, host_thresholds, range_size},
+    format::escape,
+};
 use crate::{
     host::services::service_of,
     state::snapshot::{DestView, Snapshot},
@@ -94,7 +97,7 @@ fn fmt_counts(m: &serde_json::Map<String, serde_json::Value>) -> String {
         return "none".into();
     }
     m.iter()
-        .map(|(k, v)| format!("{k} {v}"))
+        .map(|(k, v)| format!("{} {v}", escape(k)))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -134,7 +137,7 @@ pub fn render_text(r: &Report) -> String {
         .map(|d| {
             format!(
                 "{}{} {} ports",
-                d["remote"].as_str().unwrap_or("?"),
+                escape(d["remote"].as_str().unwrap_or("?")),
                 d["service"]
                     .as_str()
                     .map(|s| format!(" ({s})"))
@@ -159,7 +162,7 @@ pub fn render_text(r: &Report) -> String {
             o,
             "\nPID {} {}{}{}",
             p["pid"],
-            p["comm"].as_str().unwrap_or("?"),
+            escape(p["comm"].as_str().unwrap_or("?")),
             if p["exited"].as_bool() == Some(true) {
                 " (exited)"
             } else {
@@ -167,14 +170,14 @@ pub fn render_text(r: &Report) -> String {
             },
             p["container"]
                 .as_str()
-                .map(|c| format!("  container {c}"))
+                .map(|c| format!("  container {}", escape(c)))
                 .unwrap_or_default(),
         );
         if let Some(c) = p["cmdline"].as_str().filter(|c| !c.is_empty()) {
-            let _ = writeln!(o, "  command: {c}");
+            let _ = writeln!(o, "  command: {}", escape(c));
         }
         if let Some(c) = p["cgroup"].as_str() {
-            let _ = writeln!(o, "  cgroup: {c}");
+            let _ = writeln!(o, "  cgroup: {}", escape(c));
         }
         let _ = writeln!(
             o,
@@ -194,7 +197,8 @@ pub fn render_text(r: &Report) -> String {
                 .map(|x| {
                     let remote = x["remote"].as_str().unwrap_or("?");
                     format!(
-                        "{remote}{} x{}",
+                        "{}{} x{}",
+                        escape(remote),
                         service_of(remote)
                             .map(|s| format!(" ({s})"))
                             .unwrap_or_default(),
@@ -232,7 +236,8 @@ pub fn render_text(r: &Report) -> String {
                 .unwrap_or_default();
             let _ = writeln!(
                 o,
-                "    {remote}{}: ok {}, failed {}, ports in use {}",
+                "    {}{}: ok {}, failed {}, ports in use {}",
+                escape(remote),
                 service_of(remote)
                     .map(|s| format!(" ({s})"))
                     .unwrap_or_default(),

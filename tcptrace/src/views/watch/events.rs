@@ -1,7 +1,10 @@
 //! The event stream of `watch --events`: one line (or JSON object) per state transition and
 //! per connect failure the table counted, printed from the reader thread.
 
-use std::io::Write;
+use std::{
+    io::Write,
+    sync::{Arc, Once},
+};
 
 use serde::Serialize;
 
@@ -10,7 +13,7 @@ use crate::{
     kernel::{errno, event::TcpEvent},
     state::Filter,
     tracer::{EventContext, EventSink},
-    views::format::clock,
+    views::format::{clock, escape_cut},
 };
 
 /// One line of the event stream (`--events --json`).
@@ -34,22 +37,38 @@ struct EventLine<'a> {
     errno: Option<String>,
 }
 
+/// The header line of the text event stream, printed once: by [`EventHeader::print`] once the
+/// tracer is attached, or before the first event if that comes first. Nothing is printed
+/// before the tracer is attached, so a start that fails leaves stdout empty.
+#[derive(Clone)]
+pub(super) struct EventHeader(Arc<Once>);
+
+impl EventHeader {
+    pub(super) fn new() -> Self {
+        EventHeader(Arc::new(Once::new()))
+    }
+
+    pub(super) fn print(&self, json: bool) {
+        self.0.call_once(|| {
+            if json {
+                return;
+            }
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "{:<12} {:>7} {:<15} {:<26} {:<26} TRANSITION",
+                "TIME", "PID", "COMM", "LOCAL", "REMOTE"
+            );
+            let _ = out.flush();
+        });
+    }
+}
+
 /// Prints the event stream; runs on the reader thread.
-pub(super) fn event_sink(json: bool, filter: Filter) -> EventSink {
+pub(super) fn event_sink(json: bool, filter: Filter, header: EventHeader) -> EventSink {
     // Offset from the kernel's monotonic clock to wall-clock time.
     let offset = unix_now() - monotonic_ns() as f64 / 1e9;
     let out = std::io::stdout();
-    if !json {
-        let _ = writeln!(
-            out.lock(),
-            "{:<12} {:>7} {:<15} {:<26} {:<26} TRANSITION",
-            "TIME",
-            "PID",
-            "COMM",
-            "LOCAL",
-            "REMOTE"
-        );
-    }
     Box::new(move |ev: &TcpEvent, ctx: &EventContext| {
         let ts = offset + ev.ts_ns() as f64 / 1e9;
         let mut lines: Vec<EventLine> = Vec::new();
@@ -96,6 +115,7 @@ pub(super) fn event_sink(json: bool, filter: Filter) -> EventSink {
         if lines.is_empty() {
             return;
         }
+        header.print(json);
         let mut out = out.lock();
         for line in &lines {
             let r = if json {
@@ -117,7 +137,7 @@ pub(super) fn event_sink(json: bool, filter: Filter) -> EventSink {
 
 fn text_event(l: &EventLine) -> String {
     let time = clock(l.ts);
-    let comm: String = l.comm.chars().take(15).collect();
+    let comm = escape_cut(l.comm, 15);
     match l.kind {
         "state" => format!(
             "{time:<12} {:>7} {comm:<15} {:<26} {:<26} {} -> {}{}",
@@ -180,5 +200,14 @@ mod tests {
         assert_eq!(j["type"], "connect_failed");
         assert_eq!(j["errno"], "ECONNREFUSED");
         assert!(j.get("old").is_none());
+        // A name with control bytes is shown escaped in text, kept as it is in JSON.
+        let hostile = EventLine {
+            comm: "\x1b]0;pwned\x07",
+            ..l
+        };
+        let text = text_event(&hostile);
+        assert!(text.contains(" \\x1b]0;pwned "), "{text}");
+        let j = serde_json::to_value(&hostile).unwrap();
+        assert_eq!(j["comm"], "\x1b]0;pwned\x07");
     }
 }

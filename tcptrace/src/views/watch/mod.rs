@@ -11,7 +11,7 @@ use std::{
 };
 
 use self::{
-    events::{event_sink, print_dropped},
+    events::{EventHeader, event_sink, print_dropped},
     screen::Screen,
     text::{print_json, print_text},
 };
@@ -43,13 +43,17 @@ pub struct WatchOptions {
 }
 /// Runs `watch` until Ctrl-C, SIGTERM or `--duration`.
 pub async fn run(opts: WatchOptions) -> Result<(), WatchError> {
+    let header = EventHeader::new();
     let sink = opts
         .events
-        .then(|| event_sink(opts.json, opts.filter.clone()));
+        .then(|| event_sink(opts.json, opts.filter.clone(), header.clone()));
     let mut signals = Signals::new()?;
     let tracer = Tracer::start(opts.tracer.clone(), sink)?;
     for d in tracer.degraded() {
         eprintln!("tcptrace: warning: {d}");
+    }
+    if opts.events {
+        header.print(opts.json);
     }
     let deadline = opts.duration.map(|d| Instant::now() + d);
     let mode = if opts.events {
@@ -62,10 +66,7 @@ pub async fn run(opts: WatchOptions) -> Result<(), WatchError> {
         Mode::Text
     };
     let mut screen = (mode == Mode::Screen).then(Screen::enter);
-    let snap_opts = SnapshotOptions {
-        filter: opts.filter.clone(),
-        ..Default::default()
-    };
+    let snap_opts = snapshot_options(&opts, mode);
     let leak_after = opts.tracer.table.leak_after_ns;
     let mut next = Instant::now();
     let mut dropped_seen = 0;
@@ -128,6 +129,16 @@ enum Mode {
     Screen,
     Text,
 }
+/// What the snapshots of `watch` hold: with `--wide` on the screen or in text, the command
+/// line (the COMMAND column) too.
+fn snapshot_options(opts: &WatchOptions, mode: Mode) -> SnapshotOptions {
+    SnapshotOptions {
+        filter: opts.filter.clone(),
+        detail: opts.wide && matches!(mode, Mode::Screen | Mode::Text),
+        ..Default::default()
+    }
+}
+
 /// The table settings `watch` and `daemon` share.
 pub fn table_config(leak_after: f64) -> TableConfig {
     let d = TableConfig::default();
@@ -136,5 +147,30 @@ pub fn table_config(leak_after: f64) -> TableConfig {
         max_time_wait: crate::host::procfs::max_tw_buckets().unwrap_or(d.max_time_wait),
         resolve_holders: true,
         ..d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(wide: bool) -> WatchOptions {
+        WatchOptions {
+            interval: Duration::from_secs(1),
+            events: false,
+            json: false,
+            wide,
+            filter: Filter::default(),
+            duration: None,
+            tracer: TracerOptions::default(),
+        }
+    }
+
+    #[test]
+    fn wide_text_asks_for_the_command_line() {
+        assert!(snapshot_options(&opts(true), Mode::Text).detail);
+        assert!(snapshot_options(&opts(true), Mode::Screen).detail);
+        assert!(!snapshot_options(&opts(false), Mode::Text).detail);
+        assert!(!snapshot_options(&opts(true), Mode::Json).detail);
     }
 }

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use crate::{
     state::snapshot::{ProcessView, Snapshot},
-    views::format::{clock, fmt_age},
+    views::format::{clock, escape, escape_cut, fmt_age},
 };
 
 pub(super) fn print_json(snap: &Snapshot) -> bool {
@@ -72,7 +72,7 @@ pub fn render(
     }
     lines.push(header);
     for p in snap.processes.iter().take(rows) {
-        let comm: String = p.comm.chars().take(15).collect();
+        let comm = escape_cut(&p.comm, 15);
         let mut l = format!(
             "{:>7} {:<15} {:>6} {:>6} {:>6} {:>6} {:>6} {:<13} {:>7.1}",
             p.pid,
@@ -97,7 +97,7 @@ pub fn render(
                 " {:>6} {:<22} {}",
                 p.churn.time_wait,
                 remote,
-                p.cmdline.as_deref().unwrap_or("")
+                escape(p.cmdline.as_deref().unwrap_or(""))
             ));
         }
         lines.push(l);
