@@ -218,7 +218,7 @@ mod tests {
             ts_ns: 5,
             skaddr: 0xffff_0001,
             pid: 42,
-            tid: 43,
+            netns: 43,
             kind: KIND_STATE,
             oldstate: 1,
             newstate: 8,
