@@ -25,17 +25,19 @@
 #![no_main]
 
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
     },
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::{error, warn};
+
+mod record;
+use record::Record;
 use tcptrace_common::{
     AF_INET, AF_INET6, COUNTER_DROPPED, COUNTERS_LEN, DEFAULT_RING_BYTES, Event,
     FLAG_OWNER_CURRENT, FLAG_OWNER_INHERITED, FLAG_OWNER_RECORDED, IPPROTO_TCP, KIND_CONNECT,
@@ -161,7 +163,7 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
 /// Per-CPU scratch space for one tracepoint record (too big for the 512-byte stack beside the rest).
 #[map]
-static SCRATCH: PerCpuArray<[u8; TP_RECORD_MAX]> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static SCRATCH: PerCpuArray<[u8; TP_RECORD_MAX]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
@@ -224,87 +226,6 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         );
     }
     0
-}
-
-/// A tracepoint record copied to the stack in one read; fields are then plain loads at the
-/// offsets from tracefs (constants to the verifier: they live in read-only global data).
-struct Record(*const [u8; TP_RECORD_MAX]);
-
-impl Record {
-    #[inline(always)]
-    fn read(ctx: &TracePointContext) -> Result<Self, i32> {
-        let buf = SCRATCH.get_ptr_mut(0).ok_or(-1)?;
-        // SAFETY: per-CPU slot, used by one program at a time on this CPU; the record is read with
-        // bpf_probe_read_kernel.
-        unsafe { bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut *buf)? };
-        Ok(Record(buf))
-    }
-
-    #[inline(always)]
-    fn bytes<const N: usize>(&self, off: u16) -> [u8; N] {
-        // SAFETY: points to the per-CPU slot filled by `read`.
-        let rec = unsafe { &*self.0 };
-        let o = off as usize;
-        let mut out = [0u8; N];
-        if o + N > TP_RECORD_MAX {
-            return out;
-        }
-        if N % 8 == 0 && o % 8 == 0 {
-            // Word copies where the layout allows (the usual case for the address arrays).
-            let mut i = 0;
-            while i < N {
-                // SAFETY: in bounds (checked above) and 8-byte aligned (map values are).
-                let w = unsafe { core::ptr::read(rec.as_ptr().add(o + i) as *const u64) };
-                out[i..i + 8].copy_from_slice(&w.to_ne_bytes());
-                i += 8;
-            }
-        } else {
-            let mut i = 0;
-            while i < N {
-                out[i] = rec[o + i];
-                i += 1;
-            }
-        }
-        out
-    }
-
-    #[inline(always)]
-    fn u16(&self, off: u16) -> u16 {
-        u16::from_ne_bytes(self.bytes::<2>(off))
-    }
-
-    #[inline(always)]
-    fn i32(&self, off: u16) -> i32 {
-        i32::from_ne_bytes(self.bytes::<4>(off))
-    }
-
-    #[inline(always)]
-    fn u64(&self, off: u16) -> u64 {
-        u64::from_ne_bytes(self.bytes::<8>(off))
-    }
-
-    #[inline(always)]
-    fn proto(&self, off: u16, size: u16) -> u16 {
-        if size == 1 {
-            self.bytes::<1>(off)[0] as u16
-        } else {
-            self.u16(off)
-        }
-    }
-
-    /// The address pair into `ev` (v4 into the first 4 bytes).
-    #[inline(always)]
-    fn addrs(&self, ev: &mut Event, v4: (u16, u16), v6: (u16, u16)) {
-        if ev.family == AF_INET6 {
-            ev.saddr = self.bytes::<16>(v6.0);
-            ev.daddr = self.bytes::<16>(v6.1);
-        } else {
-            ev.saddr = [0; 16];
-            ev.daddr = [0; 16];
-            ev.saddr[..4].copy_from_slice(&self.bytes::<4>(v4.0));
-            ev.daddr[..4].copy_from_slice(&self.bytes::<4>(v4.1));
-        }
-    }
 }
 
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {

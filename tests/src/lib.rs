@@ -565,6 +565,26 @@ impl Drop for ClosedPort {
     }
 }
 
+/// Calls `check` every 100 ms until it returns Ok or `secs` pass; the Err says after how long
+/// and carries the last reason.
+pub fn poll<T>(secs: u64, mut check: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut last = check();
+    while last.is_err() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+        last = check();
+    }
+    last.map_err(|e| format!("after {secs} s: {e}"))
+}
+
+/// A loopback TCP port free a moment ago (for a daemon's metrics address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

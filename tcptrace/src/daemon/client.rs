@@ -16,6 +16,8 @@ use crate::{
 pub enum ClientError {
     #[error("no tcptrace daemon on {}: start one with `tcptrace daemon` (or pass --socket)", socket.display())]
     NoDaemon { socket: PathBuf },
+    #[error("{}: the listener there runs as uid {uid}, not root: not trusting it (a tcptrace daemon runs as root; remove that socket or pass --socket)", socket.display())]
+    Untrusted { socket: PathBuf, uid: u32 },
     #[error("asking the daemon on {}", socket.display())]
     Daemon {
         socket: PathBuf,
@@ -49,6 +51,33 @@ fn snapshot_report() -> Result<Report, ClientError> {
     Ok(report::build(&snap, "snapshot", &Thresholds::default()))
 }
 
+/// The error for a failed request that is not "no daemon".
+fn daemon_error(socket: &Path, source: RequestError) -> ClientError {
+    match source {
+        RequestError::Untrusted { uid } => ClientError::Untrusted {
+            socket: socket.to_path_buf(),
+            uid,
+        },
+        source => ClientError::Daemon {
+            socket: socket.to_path_buf(),
+            source,
+        },
+    }
+}
+
+/// A string from the daemon, with control bytes shown as escapes rather than sent raw.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<(), ClientError> {
     let mut r: Report = match protocol::request(socket, "report").await {
         Ok(v) => serde_json::from_value(v["report"].clone()).map_err(|source| {
@@ -70,12 +99,7 @@ pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<(), Clien
             }
             snapshot_report()?
         }
-        Err(source) => {
-            return Err(ClientError::Daemon {
-                socket: socket.to_path_buf(),
-                source,
-            });
-        }
+        Err(source) => return Err(daemon_error(socket, source)),
     };
     if !pids.is_empty() {
         r.processes.retain(|p| {
@@ -103,12 +127,7 @@ pub async fn status(socket: &Path, json: bool) -> Result<(), ClientError> {
                 socket: socket.to_path_buf(),
             });
         }
-        Err(source) => {
-            return Err(ClientError::Daemon {
-                socket: socket.to_path_buf(),
-                source,
-            });
-        }
+        Err(source) => return Err(daemon_error(socket, source)),
     };
     let s: Status =
         serde_json::from_value(v["status"].clone()).map_err(|source| ClientError::Malformed {
@@ -126,7 +145,7 @@ pub async fn status(socket: &Path, json: bool) -> Result<(), ClientError> {
     println!(
         "programs attached: {} ({})",
         s.programs_attached.len(),
-        s.programs_attached.join(", ")
+        printable(&s.programs_attached.join(", "))
     );
     println!(
         "events seen {}, dropped {}, for unknown sockets {}",
@@ -142,11 +161,11 @@ pub async fn status(socket: &Path, json: bool) -> Result<(), ClientError> {
     );
     println!(
         "control socket {}, metrics {}",
-        s.socket.display(),
-        s.metrics_addr
+        printable(&s.socket.to_string_lossy()),
+        printable(&s.metrics_addr)
     );
     if let Some(c) = &s.config_file {
-        println!("config {}", c.display());
+        println!("config {}", printable(&c.to_string_lossy()));
     }
     Ok(())
 }

@@ -1,22 +1,111 @@
-//! The Prometheus endpoint: a minimal HTTP/1.1 responder for GET /metrics.
+//! The Prometheus endpoint: a minimal HTTP/1.1 responder for GET (and HEAD) /metrics, a
+//! bounded number of connections at a time.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::OwnedSemaphorePermit,
+};
 
-/// Answers one HTTP request; `metrics` renders the exposition text.
-pub async fn serve_metrics(mut stream: tokio::net::TcpStream, metrics: impl FnOnce() -> Bytes) {
+/// Metrics connections served at once; the next one is answered 503 and closed.
+pub const MAX_METRICS_CLIENTS: usize = 8;
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether `buf` holds a whole request head: an empty line, ended by CRLF or by a bare LF.
+fn head_complete(buf: &[u8]) -> bool {
+    buf.windows(2).any(|w| w == b"\n\n") || buf.windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// Answers a connection over the cap at once with 503, without reading its request; the
+/// answer is small enough for the socket buffer, so this never blocks.
+pub fn refuse_busy(stream: &TcpStream) {
+    let body = "busy: too many metrics requests at once; retry\n";
+    let _ = stream.try_write(
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+}
+
+/// The status line, content type, extra header lines and body for a request line.
+fn route(
+    first: &str,
+    metrics: impl FnOnce() -> Bytes,
+) -> (&'static str, &'static str, &'static str, Bytes) {
+    let mut parts = first.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method != "GET" && method != "HEAD" {
+        return (
+            "405 Method Not Allowed",
+            "text/plain",
+            "Allow: GET, HEAD\r\n",
+            Bytes::from_static(b"only GET and HEAD\n"),
+        );
+    }
+    if path == "/metrics" || path.starts_with("/metrics?") {
+        (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            "",
+            metrics(),
+        )
+    } else if path == "/" {
+        (
+            "200 OK",
+            "text/plain",
+            "",
+            Bytes::from_static(b"tcptrace: metrics at /metrics\n"),
+        )
+    } else {
+        (
+            "404 Not Found",
+            "text/plain",
+            "",
+            Bytes::from_static(b"not found; metrics are at /metrics\n"),
+        )
+    }
+}
+
+/// The whole answer to one request head: HEAD gets GET's head (same length) and no body.
+fn respond(req: &[u8], metrics: impl FnOnce() -> Bytes) -> (String, Bytes) {
+    let req = String::from_utf8_lossy(req);
+    let first = req.lines().next().unwrap_or("");
+    let (status, ctype, extra, body) = route(first, metrics);
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+        body.len()
+    );
+    let body = if first.starts_with("HEAD ") {
+        Bytes::new()
+    } else {
+        body
+    };
+    (head, body)
+}
+
+/// Answers one HTTP request; `metrics` renders the exposition text. `_permit` holds one of
+/// the connection slots until the answer is written or the client is dropped.
+pub async fn serve_metrics(
+    mut stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    metrics: impl FnOnce() -> Bytes,
+) {
     let mut buf = vec![0u8; 8192];
     let mut n = 0;
     // Read the request head (we only need its first line).
-    let head = tokio::time::timeout(Duration::from_secs(5), async {
+    let head = tokio::time::timeout(READ_TIMEOUT, async {
         loop {
             match stream.read(&mut buf[n..]).await {
                 Ok(0) | Err(_) => break,
                 Ok(k) => {
                     n += k;
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || n == buf.len() {
+                    if head_complete(&buf[..n]) || n == buf.len() {
                         break;
                     }
                 }
@@ -27,50 +116,54 @@ pub async fn serve_metrics(mut stream: tokio::net::TcpStream, metrics: impl FnOn
     if head.is_err() {
         return;
     }
-    let req = String::from_utf8_lossy(&buf[..n]);
-    let first = req.lines().next().unwrap_or("");
-    let mut parts = first.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) = if method != "GET" {
-        (
-            "405 Method Not Allowed",
-            "text/plain",
-            Bytes::from_static(b"only GET\n"),
-        )
-    } else if path == "/metrics" || path.starts_with("/metrics?") {
-        (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics(),
-        )
-    } else if path == "/" {
-        (
-            "200 OK",
-            "text/plain",
-            Bytes::from_static(b"tcptrace: metrics at /metrics\n"),
-        )
-    } else {
-        (
-            "404 Not Found",
-            "text/plain",
-            Bytes::from_static(b"not found; metrics are at /metrics\n"),
-        )
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
+    let (head, body) = respond(&buf[..n], metrics);
     // Head and body go out in one write (the body is shared, not copied into the head).
-    let mut bufs = [
-        std::io::IoSlice::new(head.as_bytes()),
-        std::io::IoSlice::new(&body),
-    ];
-    let mut bufs = &mut bufs[..];
-    while !bufs.is_empty() {
-        match stream.write_vectored(bufs).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+        let mut bufs = [
+            std::io::IoSlice::new(head.as_bytes()),
+            std::io::IoSlice::new(&body),
+        ];
+        let mut bufs = &mut bufs[..];
+        while !bufs.is_empty() {
+            match stream.write_vectored(bufs).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
+            }
         }
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body() -> Bytes {
+        Bytes::from_static(b"tcptrace_events_total 1\n")
     }
-    let _ = stream.shutdown().await;
+
+    #[test]
+    fn head_like_get_without_body() {
+        let (get_head, get_body) = respond(b"GET /metrics HTTP/1.1\r\n\r\n", body);
+        let (head_head, head_body) = respond(b"HEAD /metrics HTTP/1.1\r\n\r\n", body);
+        assert!(get_head.starts_with("HTTP/1.1 200 OK\r\n"), "{get_head}");
+        assert_eq!(head_head, get_head);
+        assert!(head_head.contains("Content-Length: 24\r\n"), "{head_head}");
+        assert_eq!(get_body, body());
+        assert!(head_body.is_empty());
+        let (post, _) = respond(b"POST /metrics HTTP/1.1\r\n\r\n", body);
+        assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+        assert!(post.contains("Allow: GET, HEAD\r\n"), "{post}");
+    }
+
+    #[test]
+    fn bare_lf_ends_the_head() {
+        assert!(head_complete(b"GET /metrics HTTP/1.0\n\n"));
+        assert!(head_complete(b"GET /metrics HTTP/1.0\nHost: x\n\n"));
+        assert!(head_complete(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n"));
+        assert!(!head_complete(b"GET /metrics HTTP/1.0\r\nHost: x\r\n"));
+        let (h, _) = respond(b"GET /metrics HTTP/1.0\nHost: x\n\n", body);
+        assert!(h.starts_with("HTTP/1.1 200 OK"), "{h}");
+    }
 }

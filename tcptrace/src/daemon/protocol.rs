@@ -69,6 +69,11 @@ pub enum RequestError {
     Malformed(#[source] serde_json::Error),
     #[error("the daemon refused: {0}")]
     Refused(String),
+    /// What listens there runs as another user than root or us: not a daemon to believe.
+    #[error(
+        "the listener there runs as uid {uid}, not root: not trusting it (a tcptrace daemon runs as root; remove that socket or pass --socket)"
+    )]
+    Untrusted { uid: u32 },
 }
 
 impl RequestError {
@@ -81,13 +86,25 @@ impl RequestError {
     }
 }
 
-/// Sends one request to the daemon.
+/// Whether a daemon running as `uid` may be believed by a client running as `me`: root, or
+/// ourselves (a process of our own user could do anything to us anyway).
+pub fn trusted_peer(uid: u32, me: u32) -> bool {
+    uid == 0 || uid == me
+}
+
+/// Sends one request to the daemon, after checking (SO_PEERCRED) that root or we run it.
 pub async fn request(socket: &Path, cmd: &str) -> Result<serde_json::Value, RequestError> {
     let mut s = UnixStream::connect(socket)
         .await
         .map_err(RequestError::Connect)?;
+    let peer = s.peer_cred().map_err(RequestError::Io)?;
+    // SAFETY: geteuid has no preconditions.
+    if !trusted_peer(peer.uid(), unsafe { libc::geteuid() }) {
+        return Err(RequestError::Untrusted { uid: peer.uid() });
+    }
     let req = reply_line(&serde_json::json!({"cmd": cmd}));
-    s.write_all(&req).await.map_err(RequestError::Io)?;
+    // A busy daemon answers before reading and closes: its reply is still there to read.
+    let sent = s.write_all(&req).await;
     let mut reply = String::new();
     tokio::time::timeout(
         Duration::from_secs(30),
@@ -96,6 +113,9 @@ pub async fn request(socket: &Path, cmd: &str) -> Result<serde_json::Value, Requ
     .await
     .map_err(|_| RequestError::Timeout)?
     .map_err(RequestError::Io)?;
+    if reply.is_empty() {
+        sent.map_err(RequestError::Io)?;
+    }
     let v: serde_json::Value = serde_json::from_str(&reply).map_err(RequestError::Malformed)?;
     if v["ok"].as_bool() != Some(true) {
         return Err(RequestError::Refused(

@@ -5,17 +5,17 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 
 use super::{
     alerts::Alerter,
     config::{Config, ConfigError},
-    control::{ControlError, bind_control, serve_control},
-    http::serve_metrics,
+    control::{ControlError, MAX_CONTROL_CLIENTS, bind_control, refuse_busy, serve_control},
+    http::{MAX_METRICS_CLIENTS, refuse_busy as refuse_metrics_busy, serve_metrics},
     logfmt::{error_chain, log},
     metrics,
     protocol::{Evictions, Request, Status, reply_line},
@@ -62,8 +62,45 @@ fn table_config(cfg: &Config) -> TableConfig {
     }
 }
 
+/// How long one rendered report or metrics page is served to every client that asks.
+const REPLY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One rendered reply, shared (not copied) by every client within [`REPLY_INTERVAL`]: memory
+/// does not grow with the number of clients, and at most one is rendered at a time.
+#[derive(Default)]
+struct SharedReply(Mutex<Option<(Instant, Bytes)>>);
+
+impl SharedReply {
+    fn get(&self, render: impl FnOnce() -> Bytes) -> Bytes {
+        let mut slot = self.0.lock().unwrap();
+        if let Some((at, bytes)) = &*slot
+            && at.elapsed() < REPLY_INTERVAL
+        {
+            return bytes.clone();
+        }
+        // Drop the old one before rendering the new one: one copy at a time.
+        *slot = None;
+        let bytes = render();
+        *slot = Some((Instant::now(), bytes.clone()));
+        bytes
+    }
+
+    /// Forgets a reply past its interval (the clients still writing it keep their reference).
+    fn expire(&self) {
+        let mut slot = self.0.lock().unwrap();
+        if slot
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() >= REPLY_INTERVAL)
+        {
+            *slot = None;
+        }
+    }
+}
+
 struct State {
     tracer: Tracer,
+    report_reply: SharedReply,
+    metrics_reply: SharedReply,
     cfg: Mutex<Config>,
     config_file: Option<PathBuf>,
     /// `metrics_addr` as configured (the running config shows the bound address).
@@ -102,50 +139,67 @@ impl State {
         }
     }
 
-    fn report(&self) -> report::Report {
-        let alerts = self.cfg.lock().unwrap().alerts.clone();
-        let snap = self.tracer.snapshot(&SnapshotOptions {
-            detail: true,
-            ..Default::default()
-        });
-        report::build(&snap, "daemon", &alerts.thresholds())
+    /// The `report` reply line, rendered at most once per [`REPLY_INTERVAL`].
+    fn report_reply(&self) -> Bytes {
+        self.report_reply.get(|| {
+            let alerts = self.cfg.lock().unwrap().alerts.clone();
+            let snap = self.tracer.snapshot(&SnapshotOptions {
+                detail: true,
+                ..Default::default()
+            });
+            let report = report::build(&snap, "daemon", &alerts.thresholds());
+            drop(snap);
+            // Serialized straight from the report, without a JSON tree in between.
+            #[derive(serde::Serialize)]
+            struct Reply<'a> {
+                ok: bool,
+                report: &'a report::Report,
+            }
+            let mut bytes = serde_json::to_vec(&Reply {
+                ok: true,
+                report: &report,
+            })
+            .unwrap_or_default();
+            bytes.push(b'\n');
+            Bytes::from(bytes)
+        })
     }
 
+    /// The metrics page, rendered at most once per [`REPLY_INTERVAL`].
     fn metrics(&self) -> Bytes {
-        let limits = self.cfg.lock().unwrap().limits.clone();
-        let snap = self.tracer.snapshot(&SnapshotOptions {
-            detail: true,
-            ..Default::default()
-        });
-        Bytes::from(metrics::render(
-            &snap,
-            &self.status(),
-            limits.metrics_top_processes,
-            limits.metrics_top_destinations,
-        ))
+        self.metrics_reply.get(|| {
+            let limits = self.cfg.lock().unwrap().limits.clone();
+            let snap = self.tracer.snapshot(&SnapshotOptions {
+                detail: true,
+                max_destinations: Some(usize::MAX),
+                ..Default::default()
+            });
+            Bytes::from(metrics::render(
+                &snap,
+                &self.status(),
+                limits.metrics_top_processes,
+                limits.metrics_top_destinations,
+            ))
+        })
     }
 }
 
 /// Answers one control request.
-fn answer(state: &State, line: &str) -> Bytes {
-    reply_line(&answer_value(state, line))
-}
-
-fn answer_value(state: &State, line: &str) -> serde_json::Value {
-    let req: Request = match serde_json::from_str(line.trim()) {
+fn answer(state: &State, line: &[u8]) -> Bytes {
+    let req: Request = match serde_json::from_slice(line.trim_ascii()) {
         Ok(r) => r,
         Err(e) => {
-            return serde_json::json!({"ok": false, "error": format!(
+            return reply_line(&serde_json::json!({"ok": false, "error": format!(
                 "malformed request ({e}): send one JSON line such as {{\"cmd\":\"report\"}}"
-            )});
+            )}));
         }
     };
     match req.cmd.as_str() {
-        "report" => serde_json::json!({"ok": true, "report": state.report()}),
-        "status" => serde_json::json!({"ok": true, "status": state.status()}),
-        other => serde_json::json!({"ok": false, "error": format!(
+        "report" => state.report_reply(),
+        "status" => reply_line(&serde_json::json!({"ok": true, "status": state.status()})),
+        other => reply_line(&serde_json::json!({"ok": false, "error": format!(
             "unknown command `{other}`: expected \"report\" or \"status\""
-        )}),
+        )})),
     }
 }
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -183,6 +237,8 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
     shown_cfg.metrics_addr = metrics_local.clone();
     let state = Arc::new(State {
         tracer,
+        report_reply: SharedReply::default(),
+        metrics_reply: SharedReply::default(),
         cfg: Mutex::new(shown_cfg),
         config_file: config_file.clone(),
         metrics_configured: cfg.metrics_addr.clone(),
@@ -204,12 +260,19 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
 
     let mut alerter = Alerter::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let control_slots = Arc::new(Semaphore::new(MAX_CONTROL_CLIENTS));
+    let metrics_slots = Arc::new(Semaphore::new(MAX_METRICS_CLIENTS));
     let result = loop {
         tokio::select! {
             r = control.accept() => {
                 if let Ok((s, _)) = r {
-                    let state = state.clone();
-                    tokio::spawn(serve_control(s, move |line| answer(&state, line)));
+                    match control_slots.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let state = state.clone();
+                            tokio::spawn(serve_control(s, permit, move |line| answer(&state, line)));
+                        }
+                        Err(_) => refuse_busy(&s),
+                    }
                 }
             }
             r = async {
@@ -219,14 +282,21 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
                 }
             } => {
                 if let Ok((s, _)) = r {
-                    let state = state.clone();
-                    tokio::spawn(serve_metrics(s, move || state.metrics()));
+                    match metrics_slots.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let state = state.clone();
+                            tokio::spawn(serve_metrics(s, permit, move || state.metrics()));
+                        }
+                        Err(_) => refuse_metrics_busy(&s),
+                    }
                 }
             }
             _ = tick.tick() => {
                 for line in state.tracer.kernel_log().take() {
                     log(line.level, &line.msg, &[]);
                 }
+                state.report_reply.expire();
+                state.metrics_reply.expire();
                 let alerts_cfg = state.cfg.lock().unwrap().alerts.clone();
                 let snap = state.tracer.snapshot(&SnapshotOptions::default());
                 for a in alerter.evaluate(&snap, unix_now(), &alerts_cfg) {

@@ -180,6 +180,9 @@ pub struct SnapshotOptions {
     pub unix_now: f64,
     pub dropped_events: u64,
     pub port_range: (u16, u16),
+    /// Most destinations listed (None: 50 with `detail`, else 20); metrics ask for all of
+    /// them to sum the ones past their top N under `remote="other"`.
+    pub max_destinations: Option<usize>,
 }
 
 impl Table {
@@ -409,7 +412,10 @@ impl Table {
                 .cmp(&(fa, a.ports_in_use, a.connects_ok))
                 .then(a.remote.cmp(&b.remote))
         });
-        destinations.truncate(if opts.detail { 50 } else { 20 });
+        destinations.truncate(
+            opts.max_destinations
+                .unwrap_or(if opts.detail { 50 } else { 20 }),
+        );
 
         Snapshot {
             ts: round3(opts.unix_now),

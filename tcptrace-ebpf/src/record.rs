@@ -1,0 +1,88 @@
+//! One tracepoint record, read from the kernel in one go into per-CPU scratch space, and its
+//! fields at the offsets userspace found in tracefs.
+
+use aya_ebpf::{EbpfContext as _, helpers::bpf_probe_read_kernel_buf, programs::TracePointContext};
+use tcptrace_common::{AF_INET6, Event, TP_RECORD_MAX};
+
+use crate::SCRATCH;
+
+/// A tracepoint record copied to the stack in one read; fields are then plain loads at the
+/// offsets from tracefs (constants to the verifier: they live in read-only global data).
+pub(crate) struct Record(*const [u8; TP_RECORD_MAX]);
+
+impl Record {
+    #[inline(always)]
+    pub(crate) fn read(ctx: &TracePointContext) -> Result<Self, i32> {
+        let buf = SCRATCH.get_ptr_mut(0).ok_or(-1)?;
+        // SAFETY: per-CPU slot, used by one program at a time on this CPU; the record is read with
+        // bpf_probe_read_kernel.
+        unsafe { bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut *buf)? };
+        Ok(Record(buf))
+    }
+
+    #[inline(always)]
+    pub(crate) fn bytes<const N: usize>(&self, off: u16) -> [u8; N] {
+        // SAFETY: points to the per-CPU slot filled by `read`.
+        let rec = unsafe { &*self.0 };
+        let o = off as usize;
+        let mut out = [0u8; N];
+        if o + N > TP_RECORD_MAX {
+            return out;
+        }
+        if N % 8 == 0 && o % 8 == 0 {
+            // Word copies where the layout allows (the usual case for the address arrays).
+            let mut i = 0;
+            while i < N {
+                // SAFETY: in bounds (checked above) and 8-byte aligned (map values are).
+                let w = unsafe { core::ptr::read(rec.as_ptr().add(o + i) as *const u64) };
+                out[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+                i += 8;
+            }
+        } else {
+            let mut i = 0;
+            while i < N {
+                out[i] = rec[o + i];
+                i += 1;
+            }
+        }
+        out
+    }
+
+    #[inline(always)]
+    pub(crate) fn u16(&self, off: u16) -> u16 {
+        u16::from_ne_bytes(self.bytes::<2>(off))
+    }
+
+    #[inline(always)]
+    pub(crate) fn i32(&self, off: u16) -> i32 {
+        i32::from_ne_bytes(self.bytes::<4>(off))
+    }
+
+    #[inline(always)]
+    pub(crate) fn u64(&self, off: u16) -> u64 {
+        u64::from_ne_bytes(self.bytes::<8>(off))
+    }
+
+    #[inline(always)]
+    pub(crate) fn proto(&self, off: u16, size: u16) -> u16 {
+        if size == 1 {
+            self.bytes::<1>(off)[0] as u16
+        } else {
+            self.u16(off)
+        }
+    }
+
+    /// The address pair into `ev` (v4 into the first 4 bytes).
+    #[inline(always)]
+    pub(crate) fn addrs(&self, ev: &mut Event, v4: (u16, u16), v6: (u16, u16)) {
+        if ev.family == AF_INET6 {
+            ev.saddr = self.bytes::<16>(v6.0);
+            ev.daddr = self.bytes::<16>(v6.1);
+        } else {
+            ev.saddr = [0; 16];
+            ev.daddr = [0; 16];
+            ev.saddr[..4].copy_from_slice(&self.bytes::<4>(v4.0));
+            ev.daddr[..4].copy_from_slice(&self.bytes::<4>(v4.1));
+        }
+    }
+}
