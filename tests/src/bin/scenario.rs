@@ -9,7 +9,7 @@
 //! scenario clients --to ADDR --count K [--wait-stdin]        READY <pid>, [CONNECTED K], DONE
 //! scenario serve --addr 127.0.0.1:0                          READY <port>
 //! scenario churn --to ADDR --count N [--rst]                 READY <pid>, DONE N
-//! scenario exhaust --count F                                  READY 5555, DONE F
+//! scenario exhaust --count F [--hold H]                       READY 5555, DONE F
 //! scenario refused --to ADDR --count N [--nonblocking]        READY <pid>, DONE N
 //! ```
 
@@ -35,7 +35,7 @@ fn main() {
         "clients" => clients(opts.addr("--to"), opts.count(), opts.flag("--wait-stdin")),
         "serve" => serve(opts.addr("--addr")),
         "churn" => churn(opts.addr("--to"), opts.count(), opts.flag("--rst")),
-        "exhaust" => exhaust(opts.count()),
+        "exhaust" => exhaust(opts.count(), opts.number("--hold").unwrap_or(2)),
         "refused" => refused(opts.addr("--to"), opts.count(), opts.flag("--nonblocking")),
         other => die(&format!("unknown subcommand {other:?}")),
     }
@@ -119,12 +119,14 @@ fn churn(to: SocketAddr, count: usize, rst: bool) -> ! {
 
 /// Meant for a network namespace whose ip_local_port_range holds exactly two ports: holds two
 /// connections to 127.0.0.1:5555, then expects `count` more connects to fail with EADDRNOTAVAIL.
-fn exhaust(count: usize) -> ! {
+/// Holds `hold` connections to 127.0.0.1:5555 (all of a range of that many ports), then makes
+/// `count` connects that must fail with EADDRNOTAVAIL.
+fn exhaust(count: usize, ports: usize) -> ! {
     let addr: SocketAddr = ([127, 0, 0, 1], EXHAUST_PORT).into();
     let listener = TcpListener::bind(addr).unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
     say(&format!("READY {EXHAUST_PORT}"));
     let mut held = Vec::new();
-    for i in 0..2 {
+    for i in 0..ports {
         let c = TcpStream::connect(addr)
             .unwrap_or_else(|e| die(&format!("connect #{i} to {addr}: {e}")));
         let (a, _) = listener
@@ -140,7 +142,7 @@ fn exhaust(count: usize) -> ! {
             )),
             Ok(s) => die(&format!(
                 "failing connect #{i} to {addr}: expected EADDRNOTAVAIL, but it connected from {:?} \
-                 (is ip_local_port_range really two ports?)",
+                 (is ip_local_port_range really {ports} ports?)",
                 s.local_addr()
             )),
         }
@@ -336,6 +338,15 @@ impl Opts<'_> {
             .unwrap_or_else(|| die(&format!("missing {name} ADDR")));
         v.parse()
             .unwrap_or_else(|e| die(&format!("{name} {v:?}: {e}")))
+    }
+
+    /// An optional number option.
+    fn number(&self, name: &str) -> Option<usize> {
+        let v = self.value(name)?;
+        Some(
+            v.parse()
+                .unwrap_or_else(|e| die(&format!("{name} {v:?}: {e}"))),
+        )
     }
 
     fn count(&self) -> usize {

@@ -1,0 +1,132 @@
+//! Network namespaces: every container and pod has its own, with its own ports and its own
+//! `ip_local_port_range`. The same addresses in two namespaces are two sockets of two
+//! processes; a namespace's port exhaustion is judged against that namespace's range.
+//!
+//! They need root; without it each prints SKIP and passes. Run with `cargo xtask test`.
+
+use std::os::unix::fs::MetadataExt as _;
+
+use serde_json::Value;
+use tcptrace_tests::{
+    Netns, Scenario, Tcptrace, at, destination, failed, process, require_root, u64_at,
+};
+
+const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
+
+/// The namespace number (nsfs inode) of a named namespace, as /proc/PID/ns/net shows it.
+fn netns_inode(ns: &Netns) -> u64 {
+    std::fs::metadata(format!("/run/netns/{}", ns.name))
+        .expect("the namespace's bind mount")
+        .ino()
+}
+
+fn own_netns_inode() -> u64 {
+    std::fs::metadata("/proc/self/ns/net").unwrap().ino()
+}
+
+/// A leak server holding `k` CLOSE_WAIT sockets on 127.0.0.1:`port`, in `wrapper`'s namespace.
+fn leak(wrapper: &[&str], port: u16, k: usize) -> Scenario {
+    let ks = k.to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = Scenario::spawn(
+        SCENARIO,
+        wrapper,
+        &["leak-server", "--addr", &listen, "--count", &ks],
+    );
+    server.ready_port();
+    let mut clients = Scenario::spawn(
+        SCENARIO,
+        wrapper,
+        &["clients", "--to", &listen, "--count", &ks, "--wait-stdin"],
+    );
+    clients.expect("CONNECTED");
+    server.expect("ACCEPTED");
+    clients.send_line();
+    clients.expect("DONE");
+    server
+}
+
+/// The same leak (same listening address and port) in our namespace and in one the test
+/// creates: two processes, each with exactly its own sockets, each in its own namespace.
+#[test]
+fn the_same_leak_in_two_namespaces_is_two_leaks() {
+    require_root!("the_same_leak_in_two_namespaces_is_two_leaks");
+    let ns = Netns::create();
+    let (mut tt, _) = Tcptrace::watch(&["--leak-after", "1"]);
+    let port = 47_311;
+    let here = leak(&[], port, 3);
+    let there = leak(&["ip", "netns", "exec", &ns.name], port, 2);
+    let (a, b) = (here.pid(), there.pid());
+    let (na, nb) = (own_netns_inode(), netns_inode(&ns));
+    assert_ne!(na, nb);
+    let ok = |v: &Value| {
+        let counts = |pid| {
+            process(v, pid).map(|p| {
+                (
+                    u64_at(p, "close_wait.count"),
+                    u64_at(p, "close_wait.leaked"),
+                    u64_at(p, "netns"),
+                )
+            })
+        };
+        counts(a) == Some((Some(3), Some(3), Some(na)))
+            && counts(b) == Some((Some(2), Some(2), Some(nb)))
+    };
+    let snap = tt.wait_line(
+        &format!("pid {a}: 3 leaked in netns {na}; pid {b}: 2 leaked in netns {nb}"),
+        ok,
+    );
+    for (pid, ns_ino, n) in [(a, na, 3), (b, nb, 2)] {
+        let socks = process(&snap, pid)
+            .and_then(|p| at(p, "close_wait.sockets"))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(socks.len(), n, "{snap}");
+        assert!(
+            socks.iter().all(|s| s["netns"].as_u64() == Some(ns_ino)),
+            "every socket of {pid} in netns {ns_ino}: {socks:?}"
+        );
+    }
+}
+
+/// Port exhaustion in a namespace whose range holds 100 ports: that destination uses all of
+/// that namespace's range, whatever the host's range is.
+#[test]
+fn exhaustion_is_judged_against_the_namespace_range() {
+    require_root!("exhaustion_is_judged_against_the_namespace_range");
+    let ns = Netns::create();
+    ns.sysctl("net.ipv4.ip_local_port_range=40000 40099");
+    let (mut tt, _) = Tcptrace::watch(&[]);
+    let mut ex = Scenario::spawn(
+        SCENARIO,
+        &["ip", "netns", "exec", &ns.name],
+        &["exhaust", "--hold", "100", "--count", "3"],
+    );
+    let pid = ex.pid();
+    ex.expect("DONE");
+    let nsi = netns_inode(&ns);
+    let ok = |v: &Value| {
+        process(v, pid).is_some_and(|p| {
+            failed(p, "connects.failed", "EADDRNOTAVAIL") == Some(3)
+                && destination(p, "127.0.0.1:5555").is_some_and(|d| {
+                    u64_at(d, "ports_in_use") == Some(100)
+                        && d["port_range"] == serde_json::json!([40000, 40099])
+                        && d["port_share"].as_f64() == Some(1.0)
+                        && u64_at(d, "netns") == Some(nsi)
+                })
+        }) && v["destinations"].as_array().is_some_and(|ds| {
+            ds.iter().any(|d| {
+                d["remote"] == "127.0.0.1:5555"
+                    && u64_at(d, "netns") == Some(nsi)
+                    && u64_at(d, "ports_in_use") == Some(100)
+                    && d["port_range"] == serde_json::json!([40000, 40099])
+                    && d["port_share"].as_f64() == Some(1.0)
+            })
+        })
+    };
+    tt.wait_line(
+        "127.0.0.1:5555 in the namespace: 100 ports in use of [40000, 40099], share 1.0",
+        ok,
+    );
+}
