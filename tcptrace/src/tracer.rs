@@ -18,7 +18,7 @@ use std::{
 
 use crate::{
     host::clock::{monotonic_ns, unix_now},
-    host::procfs,
+    host::{procfs, sockdiag},
     kernel::event::{TcpEvent, TcpState, decode},
     kernel::probes::{KernelCounters, ProbeOptions, Probes},
     state::snapshot::Snapshot,
@@ -45,6 +45,9 @@ pub struct SysProcs;
 impl ProcSource for SysProcs {
     fn start_time(&mut self, pid: u32) -> Option<u64> {
         procfs::start_time(pid)
+    }
+    fn netns(&mut self, pid: u32) -> Option<u64> {
+        sockdiag::netns_of(&format!("/proc/{pid}"))
     }
     fn meta(&mut self, pid: u32) -> Option<ProcMeta> {
         procfs::process_info(pid).map(|p| ProcMeta {
@@ -136,6 +139,9 @@ impl Tracer {
         let mut table = Table::new(opts.table, Box::new(SysProcs));
         if sink.is_some() {
             table.record_failures();
+        }
+        if let Some(secs) = sockdiag::tcp_fin_timeout() {
+            table.set_fin_timeout(secs);
         }
         let existing = existing_sockets().map_err(TracerError::Sockets)?;
         table.load_existing(&existing, monotonic_ns());
@@ -236,6 +242,9 @@ fn reader_loop(
     let mut batch: Vec<TcpEvent> = Vec::with_capacity(4096);
     // Beyond this many waiting events the reader waits for the table instead.
     const MAX_PENDING: usize = 200_000;
+    // After lost records, when to compare the table with the kernel's socket list.
+    let mut reconcile_at: Option<Instant> = None;
+    let mut dropped_seen = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
         // Drain the ring buffer first, whatever the table is doing: a view computing a snapshot
         // holds the table for a few milliseconds, and the kernel must not find the buffer full
@@ -269,7 +278,12 @@ fn reader_loop(
         shared.drains.fetch_add(1, Ordering::Release);
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
-            *shared.kernel.lock().unwrap() = probes.counters();
+            let counters = probes.counters();
+            *shared.kernel.lock().unwrap() = counters;
+            if counters.dropped > dropped_seen {
+                dropped_seen = counters.dropped;
+                reconcile_at.get_or_insert(Instant::now() + RECONCILE_AFTER);
+            }
             let unowned = {
                 let mut table = shared.table.lock().unwrap();
                 table.tick(monotonic_ns());
@@ -277,10 +291,38 @@ fn reader_loop(
             };
             resolve_owners(&shared, unowned, &mut tried_owners);
         }
+        // Every event read so far is applied (nothing waits in `batch`): the kernel's list, read
+        // now, can overrule only what happened before.
+        if batch.is_empty() && reconcile_at.is_some_and(|t| Instant::now() >= t) {
+            reconcile_at = None;
+            reconcile(&shared);
+        }
         probes.wait(every);
     }
     // Records still in the buffer are not applied: the tracer is going away.
     drop(probes);
+}
+
+/// How long after records were lost the table is compared with the kernel's socket list: lost
+/// records come in bursts, one comparison after the burst is enough (another follows if records
+/// are still being lost).
+const RECONCILE_AFTER: Duration = Duration::from_secs(1);
+
+/// Corrects the table from the kernel's socket list (sock_diag) after lost records. A failed
+/// read leaves the table as it is (the next loss tries again).
+fn reconcile(shared: &Shared) {
+    let read_at = monotonic_ns();
+    let Ok(kernel) = sockdiag::tcp_sockets() else {
+        return;
+    };
+    let Some(netns) = sockdiag::netns_of("/proc/self") else {
+        return;
+    };
+    shared
+        .table
+        .lock()
+        .unwrap()
+        .reconcile(&kernel, netns, read_at, monotonic_ns());
 }
 
 /// Owner and previous-state time of an event's socket, from the table before it applies it.

@@ -648,3 +648,41 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
     }
 }
+
+/// Number of sockets `ss -tanH state <state>` shows with `port` at either end, and the lines.
+pub fn ss_port_count(state: &str, port: u16) -> (usize, String) {
+    let filter = format!("( sport = :{port} or dport = :{port} )");
+    let text = run("ss", &["-tanH", "state", state, &filter]);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    (lines.len(), lines.join("\n"))
+}
+
+/// Calls `check` every 100 ms until it returns Ok or `secs` pass; Err carries the last reason.
+pub fn poll<T>(secs: u64, mut check: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match check() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(format!("after {secs} s: {e}")),
+            Err(_) => thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// `tcptrace <sub> --socket <socket> --json` (status, report), parsed.
+pub fn daemon_json(sub: &str, socket: &std::path::Path) -> Result<Value, String> {
+    let out = Command::new(tcptrace_bin())
+        .arg(sub)
+        .arg("--socket")
+        .arg(socket)
+        .arg("--json")
+        .output()
+        .map_err(|e| format!("run tcptrace {sub}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "tcptrace {sub}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("tcptrace {sub} output: {e}"))
+}

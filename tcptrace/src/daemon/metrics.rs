@@ -164,6 +164,20 @@ pub fn render(
         .get_or_create(&l(&[("kind", "process")]))
         .set(status.processes_tracked as i64);
     reg.register("tcptrace_tracked", "Table entries tracked now", tracked);
+    let rec: Family<Labels, Counter> = Family::default();
+    let r = &status.reconciled;
+    for (kind, v) in [
+        ("removed", r.removed),
+        ("added", r.added),
+        ("fixed", r.fixed),
+    ] {
+        rec.get_or_create(&l(&[("kind", kind)])).inc_by(v);
+    }
+    reg.register(
+        "tcptrace_reconciled",
+        "Table corrections from the kernel's socket list after lost records",
+        rec,
+    );
 
     let h = &snap.host;
     for (state, v) in [
@@ -171,6 +185,7 @@ pub fn render(
         ("time_wait", h.time_wait),
         ("close_wait", h.close_wait),
         ("listen", h.listen),
+        ("fin_wait2", h.fin_wait2),
         ("total", h.total),
     ] {
         f.host.get_or_create(&l(&[("state", state)])).set(v as i64);
