@@ -295,7 +295,11 @@ fn reader_loop(
         // now, can overrule only what happened before.
         if batch.is_empty() && reconcile_at.is_some_and(|t| Instant::now() >= t) {
             reconcile_at = None;
-            reconcile(&shared);
+            if reconcile(&shared) {
+                // Owners may have been lost with the records, or looked up too early (a socket
+                // still in the accept queue has none): look up unowned sockets again.
+                tried_owners.clear();
+            }
         }
         probes.wait(every);
     }
@@ -309,20 +313,21 @@ fn reader_loop(
 const RECONCILE_AFTER: Duration = Duration::from_secs(1);
 
 /// Corrects the table from the kernel's socket list (sock_diag) after lost records. A failed
-/// read leaves the table as it is (the next loss tries again).
-fn reconcile(shared: &Shared) {
+/// read leaves the table as it is (the next loss tries again) and returns false.
+fn reconcile(shared: &Shared) -> bool {
     let read_at = monotonic_ns();
     let Ok(kernel) = sockdiag::tcp_sockets() else {
-        return;
+        return false;
     };
     let Some(netns) = sockdiag::netns_of("/proc/self") else {
-        return;
+        return false;
     };
     shared
         .table
         .lock()
         .unwrap()
         .reconcile(&kernel, netns, read_at, monotonic_ns());
+    true
 }
 
 /// Owner and previous-state time of an event's socket, from the table before it applies it.

@@ -649,10 +649,10 @@ mod tests {
     }
 }
 
-/// Number of sockets `ss -tanH state <state>` shows with `port` at either end, and the lines.
-pub fn ss_port_count(state: &str, port: u16) -> (usize, String) {
-    let filter = format!("( sport = :{port} or dport = :{port} )");
-    let text = run("ss", &["-tanH", "state", state, &filter]);
+/// Number of sockets `ss -tanH state <state> <filter>` shows (e.g. filter `dport = :8080`),
+/// and the lines.
+pub fn ss_filter_count(state: &str, filter: &str) -> (usize, String) {
+    let text = run("ss", &["-tanH", "state", state, filter]);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     (lines.len(), lines.join("\n"))
 }

@@ -10,7 +10,10 @@
 //!   socket's namespace (the tracepoint does not say). An entry is compared only when its owner
 //!   was in this namespace when the table first saw it (its netns inode, from
 //!   [`super::ProcSource::netns`]); sockets without a known owner, or of processes in other
-//!   namespaces, are left as they are (and TIME_WAIT entries expire by themselves).
+//!   namespaces, are left as they are (and TIME_WAIT entries expire by themselves). One
+//!   exception: a socket without a known owner whose pair the list holds in another state takes
+//!   that state (the pair says it is this namespace's socket); the tracer then looks its owner
+//!   up again.
 
 use std::{collections::HashSet, net::SocketAddr};
 
@@ -73,12 +76,17 @@ impl Table {
         let mut full: Vec<(u64, Option<KernelSocket>)> = Vec::new();
         for (&k, s) in &self.sockets {
             known.insert((s.local, s.remote));
-            if s.since_ns >= read_at_ns || transient(s.state) || !seen_by(s.owner) {
+            if s.since_ns >= read_at_ns || transient(s.state) {
                 continue;
             }
             match kmap.get(&(s.local, s.remote)) {
                 Some(ks) if ks.state == s.state => {}
-                ks => full.push((k, ks.copied())),
+                // Without a known owner, the kernel having the pair says it is this namespace's
+                // socket (the same pair in two namespaces at once is unusual); its absence says
+                // nothing.
+                Some(ks) if s.owner.is_none() => full.push((k, Some(*ks))),
+                ks if seen_by(s.owner) => full.push((k, ks.copied())),
+                _ => {}
             }
         }
         let mut tw: Vec<(usize, Option<KernelSocket>)> = Vec::new();

@@ -238,6 +238,16 @@ fn reconcile_removes_adds_and_fixes_what_the_kernel_says() {
         "10.1.0.3:5000",
         o30,
     ));
+    // Unowned, and its close lost: the kernel has the pair in CLOSE_WAIT.
+    t.apply(&st(
+        S,
+        202,
+        SynRecv,
+        Established,
+        SRV,
+        "127.0.0.1:51010",
+        None,
+    ));
     t.apply(&st(
         S,
         201,
@@ -249,12 +259,17 @@ fn reconcile_removes_adds_and_fixes_what_the_kernel_says() {
     ));
     // One changed after the kernel's list was read (its event came later).
     accepted_then_peer_closes(&mut t, 300, 5 * S, SRV, "127.0.0.1:52000");
-    assert_eq!(snap(&t, 5 * S).host.close_wait, 7);
+    assert_eq!(
+        snap(&t, 5 * S).host.close_wait,
+        7,
+        "51010 is ESTABLISHED here"
+    );
 
     let kernel = [
         // 51000 is still there; 51001 moved to LAST_ACK unseen; 51002, 51003 are gone.
         ks(SRV, "127.0.0.1:51000", CloseWait, false),
         ks(SRV, "127.0.0.1:51001", LastAck, false),
+        ks(SRV, "127.0.0.1:51010", CloseWait, false),
         // Missed entirely: a CLOSE_WAIT socket and a TIME_WAIT one.
         ks(SRV, "127.0.0.1:53000", CloseWait, false),
         ks("127.0.0.1:53001", SRV, TimeWait, true),
@@ -267,13 +282,13 @@ fn reconcile_removes_adds_and_fixes_what_the_kernel_says() {
         Reconciled {
             removed: 2,
             added: 2,
-            fixed: 1
+            fixed: 2
         }
     );
     assert_eq!(t.stats().reconciled, r);
     let s = snap(&t, 6 * S);
-    // 51000, 53000, the other namespace's, the unowned one, the late one.
-    assert_eq!(s.host.close_wait, 5);
+    // 51000, 51010, 53000, the other namespace's, the unowned one, the late one.
+    assert_eq!(s.host.close_wait, 6);
     assert_eq!(s.host.time_wait, 1);
     assert_eq!(proc_view(&s, 10).close_wait.count, 2);
 
@@ -291,7 +306,7 @@ fn reconcile_removes_adds_and_fixes_what_the_kernel_says() {
         "127.0.0.1:53000",
         owner(10, OwnerSource::Current),
     ));
-    assert_eq!(snap(&t, 7 * S).host.close_wait, 4);
+    assert_eq!(snap(&t, 7 * S).host.close_wait, 5);
 }
 
 #[test]
