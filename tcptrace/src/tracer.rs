@@ -244,6 +244,7 @@ fn reader_loop(
     const MAX_PENDING: usize = 200_000;
     // After lost records, when to compare the table with the kernel's socket list.
     let mut reconcile_at: Option<Instant> = None;
+    let mut last_reconcile: Option<Instant> = None;
     let mut dropped_seen = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
         // Drain the ring buffer first, whatever the table is doing: a view computing a snapshot
@@ -282,7 +283,9 @@ fn reader_loop(
             *shared.kernel.lock().unwrap() = counters;
             if counters.dropped > dropped_seen {
                 dropped_seen = counters.dropped;
-                reconcile_at.get_or_insert(Instant::now() + RECONCILE_AFTER);
+                let soon = Instant::now() + RECONCILE_AFTER;
+                let allowed = last_reconcile.map_or(soon, |t| t + RECONCILE_GAP);
+                reconcile_at.get_or_insert(soon.max(allowed));
             }
             let unowned = {
                 let mut table = shared.table.lock().unwrap();
@@ -295,6 +298,7 @@ fn reader_loop(
         // now, can overrule only what happened before.
         if batch.is_empty() && reconcile_at.is_some_and(|t| Instant::now() >= t) {
             reconcile_at = None;
+            last_reconcile = Some(Instant::now());
             if reconcile(&shared) {
                 // Owners may have been lost with the records, or looked up too early (a socket
                 // still in the accept queue has none): look up unowned sockets again.
@@ -311,6 +315,9 @@ fn reader_loop(
 /// records come in bursts, one comparison after the burst is enough (another follows if records
 /// are still being lost).
 const RECONCILE_AFTER: Duration = Duration::from_secs(1);
+/// Least time between two: a host that loses records all the time (a ring buffer too small for
+/// its load) would otherwise pay for a dump of every socket each second.
+const RECONCILE_GAP: Duration = Duration::from_secs(3);
 
 /// Corrects the table from the kernel's socket list (sock_diag) after lost records. A failed
 /// read leaves the table as it is (the next loss tries again) and returns false.

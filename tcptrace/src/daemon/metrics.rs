@@ -294,4 +294,27 @@ mod tests {
         assert!(text.contains("tcptrace_dropped_events_total 0"), "{text}");
         assert!(!text.contains("pid=\"2\""));
     }
+
+    #[test]
+    fn fin_wait2_and_reconciled_series() {
+        let mut snap = Snapshot::default();
+        snap.host.fin_wait2 = 7;
+        let status = Status {
+            reconciled: crate::state::Reconciled {
+                removed: 3,
+                added: 2,
+                fixed: 1,
+            },
+            ..Default::default()
+        };
+        let text = render(&snap, &status, 1, 10);
+        for line in [
+            "tcptrace_sockets{state=\"fin_wait2\"} 7",
+            "tcptrace_reconciled_total{kind=\"removed\"} 3",
+            "tcptrace_reconciled_total{kind=\"added\"} 2",
+            "tcptrace_reconciled_total{kind=\"fixed\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
 }
