@@ -130,3 +130,50 @@ pub fn tcp_fin_timeout() -> Option<u64> {
         .parse()
         .ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A dump needs no privilege for this namespace's sockets: a listener, both ends of a
+    /// connection, and after an active close a FIN_WAIT2 mini-socket, as the kernel has them.
+    #[test]
+    fn dump_lists_this_namespaces_sockets() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let (la, ca) = (l.local_addr().unwrap(), c.local_addr().unwrap());
+        let start = std::time::Instant::now();
+        let all = tcp_sockets().expect("sock_diag dump");
+        println!("{} sockets in {:?}", all.len(), start.elapsed());
+        let find = |local, remote| all.iter().find(|k| k.local == local && k.remote == remote);
+        let unspec: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        assert_eq!(find(la, unspec).map(|k| k.state), Some(TcpState::Listen));
+        assert_eq!(find(ca, la).map(|k| k.state), Some(TcpState::Established));
+        assert_eq!(find(la, ca).map(|k| k.state), Some(TcpState::Established));
+
+        drop(c);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let all = tcp_sockets().expect("sock_diag dump");
+            let got = all
+                .iter()
+                .find(|k| k.local == ca && k.remote == la)
+                .copied();
+            if let Some(k) = got
+                && k.state == TcpState::FinWait2
+            {
+                assert!(k.timewait, "an orphan in FIN_WAIT2 is a mini-socket: {k:?}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no FIN_WAIT2: {got:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        drop(s);
+    }
+}
