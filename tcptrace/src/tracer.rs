@@ -20,15 +20,15 @@ use crate::{
     host::clock::{monotonic_ns, unix_now},
     host::{
         holders::{self, HolderResolver},
-        procfs,
+        procfs, sockdiag,
     },
     kernel::event::{TcpEvent, TcpState, decode},
     kernel::log::KernelLog,
     kernel::probes::{KernelCounters, ProbeOptions, Probes},
     state::snapshot::Snapshot,
     state::{
-        ConnectFailure, ExistingSocket, HeldBy, ProcMeta, ProcSource, SnapshotOptions, Table,
-        TableConfig,
+        ConnectFailure, ExistingSocket, HeldBy, KernelSocket, ProcMeta, ProcSource,
+        SnapshotOptions, Table, TableConfig,
     },
 };
 
@@ -60,6 +60,9 @@ impl ProcSource for SysProcs {
             procfs::PidStatus::Gone => false,
             procfs::PidStatus::Unknown => true,
         }
+    }
+    fn netns(&mut self, pid: u32) -> Option<u64> {
+        sockdiag::netns_of(&format!("/proc/{pid}"))
     }
     fn meta(&mut self, pid: u32) -> Option<ProcMeta> {
         procfs::process_info(pid).map(|p| ProcMeta {
@@ -152,6 +155,9 @@ impl Tracer {
         let mut table = Table::new(opts.table, Box::new(SysProcs));
         if sink.is_some() {
             table.record_failures();
+        }
+        if let Some(secs) = sockdiag::tcp_fin_timeout() {
+            table.set_fin_timeout(secs);
         }
         let existing = existing_sockets().map_err(TracerError::Sockets)?;
         table.load_existing(&existing, monotonic_ns());
@@ -259,6 +265,10 @@ fn reader_loop(
     let mut batch: Vec<TcpEvent> = Vec::with_capacity(4096);
     // Beyond this many waiting events the reader waits for the table instead.
     const MAX_PENDING: usize = 200_000;
+    // After lost records, when to compare the table with the kernel's socket list.
+    let mut reconcile_at: Option<Instant> = None;
+    let mut last_reconcile: Option<Instant> = None;
+    let mut dropped_seen = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
         // Drain the ring buffer first, whatever the table is doing: a view computing a snapshot
         // holds the table for a few milliseconds, and the kernel must not find the buffer full
@@ -292,8 +302,15 @@ fn reader_loop(
         shared.drains.fetch_add(1, Ordering::Release);
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
-            *shared.kernel.lock().unwrap() = probes.counters();
+            let counters = probes.counters();
+            *shared.kernel.lock().unwrap() = counters;
             probes.drain_kernel_log();
+            if counters.dropped > dropped_seen {
+                dropped_seen = counters.dropped;
+                let soon = Instant::now() + RECONCILE_AFTER;
+                let allowed = last_reconcile.map_or(soon, |t| t + RECONCILE_GAP);
+                reconcile_at.get_or_insert(soon.max(allowed));
+            }
             let unowned = {
                 let mut table = shared.table.lock().unwrap();
                 table.tick(monotonic_ns());
@@ -302,10 +319,58 @@ fn reader_loop(
             resolve_owners(&shared, unowned, &mut tried_owners);
             resolve_holders(&shared, &mut holders);
         }
+        // Every event read so far is applied (nothing waits in `batch`): the kernel's list, read
+        // now, can overrule only what happened before.
+        if batch.is_empty() && reconcile_at.is_some_and(|t| Instant::now() >= t) {
+            reconcile_at = None;
+            last_reconcile = Some(Instant::now());
+            if reconcile(&shared) {
+                // Owners may have been lost with the records, or looked up too early (a socket
+                // still in the accept queue has none): look up unowned sockets again.
+                tried_owners.clear();
+            }
+        }
         probes.wait(every);
     }
     // Records still in the buffer are not applied: the tracer is going away.
     drop(probes);
+}
+
+/// How long after records were lost the table is compared with the kernel's socket list: lost
+/// records come in bursts, one comparison after the burst is enough (another follows if records
+/// are still being lost).
+const RECONCILE_AFTER: Duration = Duration::from_secs(1);
+/// Least time between two: a host that loses records all the time (a ring buffer too small for
+/// its load) would otherwise pay for a dump of every socket each second.
+const RECONCILE_GAP: Duration = Duration::from_secs(3);
+
+/// Corrects the table from the kernel's socket list (sock_diag) after lost records. A failed
+/// read leaves the table as it is (the next loss tries again) and returns false.
+fn reconcile(shared: &Shared) -> bool {
+    let read_at = monotonic_ns();
+    let Ok(listed) = sockdiag::tcp_sockets() else {
+        return false;
+    };
+    let kernel: Vec<KernelSocket> = listed
+        .into_iter()
+        .filter_map(|d| {
+            Some(KernelSocket {
+                local: d.local,
+                remote: d.remote,
+                state: TcpState::from_u8(d.state)?,
+                timewait: d.timewait,
+            })
+        })
+        .collect();
+    let Some(netns) = sockdiag::netns_of("/proc/self") else {
+        return false;
+    };
+    shared
+        .table
+        .lock()
+        .unwrap()
+        .reconcile(&kernel, netns, read_at, monotonic_ns());
+    true
 }
 
 /// Owner and previous-state time of an event's socket, from the table before it applies it.

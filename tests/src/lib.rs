@@ -585,6 +585,108 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+impl Scenario {
+    /// Runs a prepared command (stdin, stdout and stderr are piped here), e.g. a copy of the
+    /// `scenario` binary under a name that is not UTF-8.
+    pub fn from_command(mut cmd: Command, name: String) -> Scenario {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let stderr = Captured::default();
+        stderr.collect(child.stderr.take().unwrap());
+        let stdin = child.stdin.take();
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Scenario {
+            proc: Guarded {
+                name,
+                child,
+                stderr,
+            },
+            lines: rx,
+            seen: Vec::new(),
+            stdin,
+        }
+    }
+}
+
+/// Number of sockets `ss -tanH state <state> <filter>` shows (e.g. filter `dport = :8080`),
+/// and the lines.
+pub fn ss_filter_count(state: &str, filter: &str) -> (usize, String) {
+    let text = run("ss", &["-tanH", "state", state, filter]);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    (lines.len(), lines.join("\n"))
+}
+
+/// A temporary directory (mode 0755: user nobody may run what it holds), removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("tctest-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        TempDir(dir)
+    }
+
+    /// Copies `from` into the directory as `name` (any bytes but '/' and NUL), mode 0755.
+    pub fn copy_exe(&self, from: &std::path::Path, name: &std::ffi::OsStr) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let to = self.0.join(name);
+        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy to {to:?}: {e}"));
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+        to
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `setpriv` running `program` as user nobody, with no groups and no capabilities.
+pub fn as_nobody(program: &std::path::Path) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ])
+    .arg(program);
+    cmd
+}
+
+/// `tcptrace <sub> --socket <socket> --json` (status, report), parsed.
+pub fn daemon_json(sub: &str, socket: &std::path::Path) -> Result<Value, String> {
+    let out = Command::new(tcptrace_bin())
+        .arg(sub)
+        .arg("--socket")
+        .arg(socket)
+        .arg("--json")
+        .output()
+        .map_err(|e| format!("run tcptrace {sub}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "tcptrace {sub}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("tcptrace {sub} output: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -640,80 +742,4 @@ mod tests {
         let e = std::net::TcpStream::connect(c.addr()).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
     }
-}
-
-impl Scenario {
-    /// Runs a prepared command (stdin, stdout and stderr are piped here), e.g. a copy of the
-    /// `scenario` binary under a name that is not UTF-8.
-    pub fn from_command(mut cmd: Command, name: String) -> Scenario {
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let stderr = Captured::default();
-        stderr.collect(child.stderr.take().unwrap());
-        let stdin = child.stdin.take();
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Scenario {
-            proc: Guarded {
-                name,
-                child,
-                stderr,
-            },
-            lines: rx,
-            seen: Vec::new(),
-            stdin,
-        }
-    }
-}
-
-/// A temporary directory (mode 0755: user nobody may run what it holds), removed when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = std::env::temp_dir().join(format!("tctest-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        TempDir(dir)
-    }
-
-    /// Copies `from` into the directory as `name` (any bytes but '/' and NUL), mode 0755.
-    pub fn copy_exe(&self, from: &std::path::Path, name: &std::ffi::OsStr) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt as _;
-        let to = self.0.join(name);
-        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy to {to:?}: {e}"));
-        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
-        to
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `setpriv` running `program` as user nobody, with no groups and no capabilities.
-pub fn as_nobody(program: &std::path::Path) -> Command {
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-    ])
-    .arg(program);
-    cmd
 }

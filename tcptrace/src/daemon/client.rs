@@ -156,8 +156,12 @@ pub async fn status(socket: &Path, json: bool) -> Result<(), ClientError> {
         s.sockets_tracked, s.max_sockets, s.processes_tracked, s.max_processes
     );
     println!(
-        "evictions: {} sockets, {} processes",
-        s.evictions.sockets, s.evictions.processes
+        "evictions: {} sockets, {} processes; reconciled after lost records: {} removed, {} added, {} fixed",
+        s.evictions.sockets,
+        s.evictions.processes,
+        s.reconciled.removed,
+        s.reconciled.added,
+        s.reconciled.fixed
     );
     println!(
         "control socket {}, metrics {}",

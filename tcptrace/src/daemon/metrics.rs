@@ -164,6 +164,20 @@ pub fn render(
         .get_or_create(&l(&[("kind", "process")]))
         .set(status.processes_tracked as i64);
     reg.register("tcptrace_tracked", "Table entries tracked now", tracked);
+    let rec: Family<Labels, Counter> = Family::default();
+    let r = &status.reconciled;
+    for (kind, v) in [
+        ("removed", r.removed),
+        ("added", r.added),
+        ("fixed", r.fixed),
+    ] {
+        rec.get_or_create(&l(&[("kind", kind)])).inc_by(v);
+    }
+    reg.register(
+        "tcptrace_reconciled",
+        "Table corrections from the kernel's socket list after lost records",
+        rec,
+    );
 
     let h = &snap.host;
     for (state, v) in [
@@ -171,6 +185,7 @@ pub fn render(
         ("time_wait", h.time_wait),
         ("close_wait", h.close_wait),
         ("listen", h.listen),
+        ("fin_wait2", h.fin_wait2),
         ("total", h.total),
     ] {
         f.host.get_or_create(&l(&[("state", state)])).set(v as i64);
@@ -278,5 +293,28 @@ mod tests {
         );
         assert!(text.contains("tcptrace_dropped_events_total 0"), "{text}");
         assert!(!text.contains("pid=\"2\""));
+    }
+
+    #[test]
+    fn fin_wait2_and_reconciled_series() {
+        let mut snap = Snapshot::default();
+        snap.host.fin_wait2 = 7;
+        let status = Status {
+            reconciled: crate::state::Reconciled {
+                removed: 3,
+                added: 2,
+                fixed: 1,
+            },
+            ..Default::default()
+        };
+        let text = render(&snap, &status, 1, 10);
+        for line in [
+            "tcptrace_sockets{state=\"fin_wait2\"} 7",
+            "tcptrace_reconciled_total{kind=\"removed\"} 3",
+            "tcptrace_reconciled_total{kind=\"added\"} 2",
+            "tcptrace_reconciled_total{kind=\"fixed\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 }

@@ -37,6 +37,9 @@ pub struct Status {
     pub sockets_tracked: u64,
     pub processes_tracked: u64,
     pub evictions: Evictions,
+    /// Corrections from the kernel's socket list after lost records.
+    #[serde(default)]
+    pub reconciled: crate::state::Reconciled,
     pub max_sockets: usize,
     pub max_processes: usize,
     pub socket: PathBuf,

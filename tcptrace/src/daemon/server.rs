@@ -131,6 +131,7 @@ impl State {
                 sockets: stats.evicted_sockets,
                 processes: stats.evicted_processes,
             },
+            reconciled: stats.reconciled,
             max_sockets: cfg.limits.max_sockets,
             max_processes: cfg.limits.max_processes,
             socket: cfg.socket.clone(),

@@ -34,6 +34,11 @@ pub trait ProcSource {
     }
     /// Descriptive fields; None when the process is gone.
     fn meta(&mut self, pid: u32) -> Option<ProcMeta>;
+    /// The process's network namespace (inode of /proc/PID/ns/net), when known: says whether
+    /// its sockets are in this namespace's socket list (see [`Table::reconcile`]).
+    fn netns(&mut self, _pid: u32) -> Option<u64> {
+        None
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -53,6 +58,8 @@ pub(super) struct Proc {
     pub(super) meta: ProcMeta,
     pub(super) last_seen_ns: u64,
     pub(super) exited_ns: Option<u64>,
+    /// Network namespace when first seen (inode), if known.
+    pub(super) netns: Option<u64>,
     pub(super) connects_ok: u64,
     pub(super) failed: ErrCounts,
     pub(super) closed_total: u64,
@@ -147,6 +154,7 @@ impl Table {
                 meta,
                 last_seen_ns: now_ns,
                 exited_ns: None,
+                netns: self.src.netns(pid),
                 connects_ok: 0,
                 failed: ErrCounts::default(),
                 closed_total: 0,

@@ -23,6 +23,9 @@ pub struct HostCounts {
     pub time_wait: u64,
     pub close_wait: u64,
     pub listen: u64,
+    /// FIN_WAIT2: full sockets (shut down, or closed with tcp_fin_timeout above 60 s) and the
+    /// mini-sockets of closed ones waiting for the peer's FIN, as `ss` counts them.
+    pub fin_wait2: u64,
     pub total: u64,
 }
 
@@ -90,6 +93,8 @@ pub struct ChurnView {
     pub time_wait_total: u64,
     /// Sockets of this process in TIME_WAIT now.
     pub time_wait: u64,
+    /// Sockets of this process in FIN_WAIT2 now (the peer has not closed its end).
+    pub fin_wait2: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -194,6 +199,7 @@ impl Table {
             /// CLOSE_WAIT sockets in this process's listeners' accept queues.
             backlog: Vec<&'a Sock>,
             tw_now: u64,
+            fw2_now: u64,
             ports: HashMap<SocketAddr, u64>,
             port_match: bool,
         }
@@ -209,6 +215,7 @@ impl Table {
                 TcpState::Established => host.established += 1,
                 TcpState::CloseWait => host.close_wait += 1,
                 TcpState::Listen => host.listen += 1,
+                TcpState::FinWait2 => host.fin_wait2 += 1,
                 _ => {}
             }
             host.total += 1;
@@ -233,24 +240,37 @@ impl Table {
             }
             if let Some(id) = s.owner {
                 let acc = per_proc.entry(id).or_default();
+                if s.state == TcpState::FinWait2 {
+                    acc.fw2_now += 1;
+                }
                 if uses_port {
                     *acc.ports.entry(s.remote).or_default() += 1;
                 }
                 acc.port_match |= !filter.ports.is_empty() && port_hit(&s.local, &s.remote);
             }
         }
-        for tw in &self.time_wait {
-            if !self.tw_live(tw) {
-                continue;
-            }
-            host.time_wait += 1;
+        // Mini-sockets: TIME_WAIT (false) and FIN_WAIT2 (true).
+        let minis = (self.time_wait.iter())
+            .filter(|tw| self.tw_live(tw))
+            .map(|tw| (tw, false))
+            .chain(self.fin_wait2.by_pair.values().map(|fw| (fw, true)));
+        for (tw, fin_wait2) in minis {
+            *if fin_wait2 {
+                &mut host.fin_wait2
+            } else {
+                &mut host.time_wait
+            } += 1;
             host.total += 1;
             if !tw.inbound {
                 *dest_ports.entry(tw.remote).or_default() += 1;
             }
             if let Some(id) = tw.owner {
                 let acc = per_proc.entry(id).or_default();
-                acc.tw_now += 1;
+                *if fin_wait2 {
+                    &mut acc.fw2_now
+                } else {
+                    &mut acc.tw_now
+                } += 1;
                 if !tw.inbound {
                     *acc.ports.entry(tw.remote).or_default() += 1;
                 }
@@ -370,6 +390,7 @@ impl Table {
                     closed_last_min: p.closes_in(now_ns, 60),
                     time_wait_total: p.time_wait_total,
                     time_wait: acc.tw_now,
+                    fin_wait2: acc.fw2_now,
                 },
                 destinations,
                 findings: None,
@@ -382,6 +403,7 @@ impl Table {
                 || !p.connects.failed.is_empty()
                 || p.churn.closed_total > 0
                 || p.churn.time_wait > 0
+                || p.churn.fin_wait2 > 0
         });
         sort_processes(&mut processes);
 

@@ -6,7 +6,11 @@ use std::net::SocketAddr;
 use rustc_hash::FxHashMap as HashMap;
 
 use super::{
-    connects::ClosedConnect, holders::Held, processes::ProcId, table::Table, time_wait::tuple_key,
+    connects::ClosedConnect,
+    holders::Held,
+    processes::ProcId,
+    table::Table,
+    time_wait::{mini, tuple_key},
 };
 use crate::kernel::event::{Owner, TcpState};
 
@@ -74,6 +78,12 @@ impl Table {
                 self.push_time_wait(now_ns, s.local, s.remote, owner, inbound);
                 continue;
             }
+            // FIN_WAIT2 without an owner: an orphan, almost always the mini-socket, which no
+            // event will end.
+            if s.state == TcpState::FinWait2 && owner.is_none() {
+                self.push_fin_wait2(now_ns, mini(s.local, s.remote, owner, inbound));
+                continue;
+            }
             let key = self.next_synthetic;
             self.next_synthetic += 1;
             if s.state == TcpState::Listen
@@ -81,10 +91,11 @@ impl Table {
             {
                 self.listeners.insert(s.local.port(), o);
             }
-            if s.state == TcpState::CloseWait
-                && let Some(p) = owner.and_then(|id| self.procs.get_mut(&id))
-            {
-                p.cw_entries.push_back(now_ns);
+            if s.state == TcpState::CloseWait {
+                self.close_wait_pair(s.local, s.remote, true);
+                if let Some(p) = owner.and_then(|id| self.procs.get_mut(&id)) {
+                    p.cw_entries.push_back(now_ns);
+                }
             }
             self.sockets.insert(
                 key,
@@ -156,6 +167,8 @@ impl Table {
         let Some(s) = self.sockets.get_mut(&sk) else {
             return;
         };
+        // The state the table had: the event's `old` may differ after lost records.
+        let prev = s.state;
         // The kernel's recorded owner wins; then what we already knew; then, for an accepted
         // socket, the listener's owner.
         if let Some(id) = owner_id {
@@ -175,6 +188,11 @@ impl Table {
         if new == TcpState::SynRecv {
             s.inbound = true;
         }
+        if prev != new && (prev == TcpState::CloseWait || new == TcpState::CloseWait) {
+            let (l, r) = (s.local, s.remote);
+            self.close_wait_pair(l, r, new == TcpState::CloseWait);
+        }
+        let s = self.sockets.get_mut(&sk).unwrap();
         let (owner, local, remote, phase, connected, inbound) = (
             s.owner,
             s.local,
@@ -183,6 +201,14 @@ impl Table {
             s.connected,
             s.inbound,
         );
+        // A socket added by a reconcile (or the start-up snapshot) under this address, now seen
+        // with its kernel address: one socket, not two.
+        if !self.existing.is_empty()
+            && local.port() != 0
+            && let Some(key) = self.existing.remove(&(local, remote))
+        {
+            self.remove_socket(key);
+        }
 
         match (old, new) {
             (TcpState::Close, TcpState::SynSent) => {
@@ -203,6 +229,10 @@ impl Table {
                 if let Some(o) = owner {
                     self.listeners.insert(local.port(), o);
                 }
+            }
+            // The peer of a local orphaned FIN_WAIT2 socket sends its FIN, or an RST.
+            (TcpState::CloseWait, TcpState::LastAck | TcpState::Close) => {
+                self.peer_closed(ts, local, remote, new == TcpState::LastAck);
             }
             (_, TcpState::CloseWait) => {
                 if let Some(p) = owner.and_then(|id| self.procs.get_mut(&id)) {
@@ -237,14 +267,23 @@ impl Table {
                 _ => {}
             }
             if connected || is_connected_state(old) {
+                // A local peer still in CLOSE_WAIT has not sent its FIN: the mini-socket is in
+                // FIN_WAIT2, not TIME_WAIT (see time_wait.rs).
+                let fin_wait2 = old == TcpState::FinWait2
+                    && self
+                        .close_wait_pairs
+                        .contains_key(&tuple_key(&remote, &local));
+                let time_wait = matches!(old, TcpState::FinWait2 | TcpState::Closing) && !fin_wait2;
                 if let Some(p) = owner.and_then(|id| self.procs.get_mut(&id)) {
                     p.count_close(ts);
-                    if matches!(old, TcpState::FinWait2 | TcpState::Closing) {
+                    if time_wait {
                         p.time_wait_total += 1;
                     }
                 }
-                if matches!(old, TcpState::FinWait2 | TcpState::Closing) {
+                if time_wait {
                     self.push_time_wait(ts, local, remote, owner, inbound);
+                } else if fin_wait2 {
+                    self.push_fin_wait2(ts, mini(local, remote, owner, inbound));
                 }
             }
         }
@@ -269,8 +308,13 @@ impl Table {
         if !matches!(old, TcpState::Close | TcpState::Listen) {
             self.stats.unknown_socket_events += 1;
         }
-        if self.sockets.len() + self.time_wait.len() >= self.cfg.max_sockets {
+        if self.sockets.len() + self.time_wait.len() + self.fin_wait2.by_pair.len()
+            >= self.cfg.max_sockets
+        {
             self.evict_socket();
+        }
+        if old == TcpState::CloseWait {
+            self.close_wait_pair(local, remote, true);
         }
         self.sockets.insert(
             sk,
@@ -297,6 +341,9 @@ impl Table {
             self.drop_tw_index(&tw);
             return;
         }
+        if self.pop_oldest_fin_wait2() {
+            return;
+        }
         let victim = self
             .sockets
             .iter()
@@ -304,7 +351,29 @@ impl Table {
             .or_else(|| self.sockets.iter().next())
             .map(|(&k, _)| k);
         if let Some(k) = victim {
-            self.sockets.remove(&k);
+            self.remove_socket(k);
+        }
+    }
+
+    /// Takes a socket out of the table, with its CLOSE_WAIT pair.
+    pub(super) fn remove_socket(&mut self, key: u64) -> Option<Sock> {
+        let s = self.sockets.remove(&key)?;
+        if s.state == TcpState::CloseWait {
+            self.close_wait_pair(s.local, s.remote, false);
+        }
+        Some(s)
+    }
+
+    /// Counts a (local, remote) pair in or out of CLOSE_WAIT.
+    pub(super) fn close_wait_pair(&mut self, local: SocketAddr, remote: SocketAddr, add: bool) {
+        let key = tuple_key(&local, &remote);
+        if add {
+            *self.close_wait_pairs.entry(key).or_default() += 1;
+        } else if let Some(n) = self.close_wait_pairs.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.close_wait_pairs.remove(&key);
+            }
         }
     }
 }

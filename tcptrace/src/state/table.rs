@@ -18,7 +18,7 @@ use super::{
     processes::{Proc, ProcId, ProcSource},
     snapshot::ExitedTotals,
     sockets::{SYNTHETIC, Sock},
-    time_wait::TimeWait,
+    time_wait::{FinWait2, TIME_WAIT_NS, TimeWait},
 };
 use crate::kernel::event::{TcpEvent, TcpState};
 
@@ -64,6 +64,25 @@ pub struct TableStats {
     pub evicted_processes: u64,
     pub sockets: u64,
     pub processes: u64,
+    /// Corrections made by [`Table::reconcile`] since start.
+    pub reconciled: Reconciled,
+}
+
+/// Corrections a reconcile with the kernel's socket list made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reconciled {
+    /// Sockets the table held that the kernel no longer has.
+    pub removed: u64,
+    /// Sockets the kernel has that the table had missed.
+    pub added: u64,
+    /// Sockets whose state differed.
+    pub fixed: u64,
+}
+
+impl Reconciled {
+    pub fn total(&self) -> u64 {
+        self.removed + self.added + self.fixed
+    }
 }
 
 pub struct Table {
@@ -77,6 +96,13 @@ pub struct Table {
     /// hash of (local, remote) -> expiry of the live TIME_WAIT entry for that pair; an entry of
     /// `time_wait` whose expiry differs was reused by a new connection (tcp_tw_reuse) and is dead.
     pub(super) tw_index: HashMap<u64, u64>,
+    /// Orphaned FIN_WAIT2 mini-sockets.
+    pub(super) fin_wait2: FinWait2,
+    /// How long those last: net.ipv4.tcp_fin_timeout.
+    pub(super) fin_timeout_ns: u64,
+    /// hash of (local, remote) -> how many sockets in CLOSE_WAIT have that pair: tells whether the
+    /// local peer of a closing socket has sent its FIN yet.
+    pub(super) close_wait_pairs: HashMap<u64, u32>,
     pub(super) procs: HashMap<ProcId, Proc>,
     pub(super) by_pid: HashMap<u32, ProcId>,
     /// pid -> the process that last exited with it.
@@ -103,6 +129,9 @@ impl Table {
             next_synthetic: SYNTHETIC,
             time_wait: VecDeque::new(),
             tw_index: HashMap::default(),
+            fin_wait2: FinWait2::default(),
+            fin_timeout_ns: TIME_WAIT_NS,
+            close_wait_pairs: HashMap::default(),
             procs: HashMap::default(),
             by_pid: HashMap::default(),
             exited_by_pid: HashMap::default(),
@@ -121,9 +150,17 @@ impl Table {
         self.cfg = cfg;
     }
 
+    /// How long an orphaned FIN_WAIT2 socket waits for the peer's FIN: net.ipv4.tcp_fin_timeout
+    /// (the kernel keeps a full socket for the part above 60 s, then a mini-socket for the rest).
+    pub fn set_fin_timeout(&mut self, secs: u64) {
+        let secs = if secs > 60 { secs - 60 } else { secs.max(1) };
+        self.fin_timeout_ns = secs * NS;
+    }
+
     pub fn stats(&self) -> TableStats {
         TableStats {
-            sockets: (self.sockets.len() + self.time_wait.len()) as u64,
+            sockets: (self.sockets.len() + self.time_wait.len() + self.fin_wait2.by_pair.len())
+                as u64,
             processes: self.procs.len() as u64,
             ..self.stats
         }

@@ -892,3 +892,5 @@ fn live_views_list_the_ten_oldest_close_wait_sockets() {
         15
     );
 }
+
+mod accuracy;

@@ -1,9 +1,27 @@
-//! TIME_WAIT, modelled: the kernel turns an actively closed socket into an
-//! `inet_timewait_sock` that no tracepoint reports, so the table keeps its own entry for 60 s
-//! after FIN_WAIT2/CLOSING -> CLOSE, ended early when the pair is reused (tcp_tw_reuse) and
-//! capped at net.ipv4.tcp_max_tw_buckets like the kernel's own.
+//! TIME_WAIT and orphaned FIN_WAIT2, modelled: the kernel turns an actively closed socket into an
+//! `inet_timewait_sock` that no tracepoint reports (the tracepoint shows FIN_WAIT2/CLOSING ->
+//! CLOSE), so the table keeps its own entries.
+//!
+//! That mini-socket has a substate (`tw_substate`, what `ss` shows):
+//! * TIME_WAIT when the peer's FIN had arrived (tcp_fin in FIN_WAIT2, or CLOSING acked). It lasts
+//!   60 s (TCP_TIMEWAIT_LEN), ended early when the pair is reused (tcp_tw_reuse).
+//! * FIN_WAIT2 when the application closed the socket and the peer had only acked our FIN
+//!   (tcp_rcv_state_process FIN_WAIT1 -> FIN_WAIT2 on an orphan, or tcp_close in FIN_WAIT2 calls
+//!   tcp_time_wait(sk, TCP_FIN_WAIT2, tcp_fin_timeout)). It waits net.ipv4.tcp_fin_timeout
+//!   (default 60 s) for the peer's FIN; that FIN turns it into TIME_WAIT for 60 s
+//!   (tcp_timewait_state_process, no tracepoint), an RST kills it.
+//!
+//! The tracepoint cannot tell the two apart. The table can when the peer is local: its socket is
+//! the mirrored pair. FIN_WAIT2 -> CLOSE while that peer sits in CLOSE_WAIT (it has not sent its
+//! FIN) is a FIN_WAIT2 mini-socket; the peer's CLOSE_WAIT -> LAST_ACK (its FIN) then makes it
+//! TIME_WAIT, its CLOSE_WAIT -> CLOSE (an RST) ends it. With a peer on another host the table
+//! cannot see the FIN and counts TIME_WAIT (what a peer that closes promptly gives); a
+//! reconcile with the kernel's socket list ([`Table::reconcile`]) corrects it.
+//! Both are capped at net.ipv4.tcp_max_tw_buckets like the kernel's own.
 
-use std::net::SocketAddr;
+use std::{collections::VecDeque, net::SocketAddr};
+
+use rustc_hash::FxHashMap as HashMap;
 
 use super::{
     processes::ProcId,
@@ -13,12 +31,36 @@ use super::{
 /// TCP_TIMEWAIT_LEN: a socket stays in TIME_WAIT for 60 s (unless its port is reused first).
 pub const TIME_WAIT_NS: u64 = 60 * NS;
 
+/// Orphaned FIN_WAIT2 mini-sockets: by pair, and in order of expiry (all last the same
+/// tcp_fin_timeout). A queue entry whose expiry differs from the map's is dead.
+#[derive(Default)]
+pub(super) struct FinWait2 {
+    pub(super) by_pair: HashMap<u64, TimeWait>,
+    pub(super) queue: VecDeque<(u64, u64)>,
+}
+
 pub(super) struct TimeWait {
     pub(super) expiry_ns: u64,
     pub(super) local: SocketAddr,
     pub(super) remote: SocketAddr,
     pub(super) owner: Option<ProcId>,
     pub(super) inbound: bool,
+}
+
+/// A mini-socket entry whose expiry is set when it is pushed.
+pub(super) fn mini(
+    local: SocketAddr,
+    remote: SocketAddr,
+    owner: Option<ProcId>,
+    inbound: bool,
+) -> TimeWait {
+    TimeWait {
+        expiry_ns: 0,
+        local,
+        remote,
+        owner,
+        inbound,
+    }
 }
 
 impl Table {
@@ -53,6 +95,62 @@ impl Table {
         }
     }
 
+    /// An orphaned FIN_WAIT2 mini-socket (see the module documentation); `fw.expiry_ns` is set
+    /// here.
+    pub(super) fn push_fin_wait2(&mut self, now_ns: u64, mut fw: TimeWait) {
+        let key = tuple_key(&fw.local, &fw.remote);
+        fw.expiry_ns = now_ns + self.fin_timeout_ns;
+        let expiry_ns = fw.expiry_ns;
+        if self.time_wait.len() + self.fin_wait2.by_pair.len() >= self.cfg.max_time_wait
+            && self.fin_wait2.by_pair.remove(&key).is_none()
+        {
+            self.pop_oldest_fin_wait2();
+        }
+        self.fin_wait2.by_pair.insert(key, fw);
+        self.fin_wait2.queue.push_back((key, expiry_ns));
+        if self.sockets.len() + self.time_wait.len() + self.fin_wait2.by_pair.len()
+            > self.cfg.max_sockets
+            && self.pop_oldest_fin_wait2()
+        {
+            self.stats.evicted_sockets += 1;
+        }
+    }
+
+    /// Drops the oldest live FIN_WAIT2 entry; false when there is none.
+    pub(super) fn pop_oldest_fin_wait2(&mut self) -> bool {
+        while let Some((key, expiry)) = self.fin_wait2.queue.pop_front() {
+            if self.fin_wait2.by_pair.get(&key).map(|f| f.expiry_ns) == Some(expiry) {
+                self.fin_wait2.by_pair.remove(&key);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The local peer of an orphaned FIN_WAIT2 socket sent its FIN (CLOSE_WAIT -> LAST_ACK) or
+    /// its RST (CLOSE_WAIT -> CLOSE): the mini-socket enters TIME_WAIT, or dies.
+    /// `local`/`remote` are the peer's own.
+    pub(super) fn peer_closed(
+        &mut self,
+        ts: u64,
+        local: SocketAddr,
+        remote: SocketAddr,
+        fin: bool,
+    ) {
+        if self.fin_wait2.by_pair.is_empty() {
+            return;
+        }
+        let Some(fw) = self.fin_wait2.by_pair.remove(&tuple_key(&remote, &local)) else {
+            return;
+        };
+        if fin {
+            if let Some(p) = fw.owner.and_then(|id| self.procs.get_mut(&id)) {
+                p.time_wait_total += 1;
+            }
+            self.push_time_wait(ts, fw.local, fw.remote, fw.owner, fw.inbound);
+        }
+    }
+
     /// Whether a TIME_WAIT entry still stands (its pair was not reused by a new connection).
     pub(super) fn tw_live(&self, tw: &TimeWait) -> bool {
         self.tw_index.get(&tuple_key(&tw.local, &tw.remote)) == Some(&tw.expiry_ns)
@@ -65,8 +163,17 @@ impl Table {
         }
     }
 
-    /// Drops the entries whose 60 s are over.
+    /// Drops the entries whose 60 s (TIME_WAIT) or tcp_fin_timeout (FIN_WAIT2) are over.
     pub(super) fn expire_time_wait(&mut self, now_ns: u64) {
+        while let Some(&(key, expiry)) = self.fin_wait2.queue.front() {
+            if expiry > now_ns {
+                break;
+            }
+            self.fin_wait2.queue.pop_front();
+            if self.fin_wait2.by_pair.get(&key).map(|f| f.expiry_ns) == Some(expiry) {
+                self.fin_wait2.by_pair.remove(&key);
+            }
+        }
         while let Some(tw) = self.time_wait.front() {
             if tw.expiry_ns > now_ns {
                 break;

@@ -22,6 +22,8 @@ pub struct ReportHost {
     pub time_wait: u64,
     pub close_wait: u64,
     pub listen: u64,
+    #[serde(default)]
+    pub fin_wait2: u64,
     pub total: u64,
     pub ephemeral_port_range: [u16; 2],
 }
@@ -64,6 +66,7 @@ pub fn build(snap: &Snapshot, source: &str, thresholds: &Thresholds) -> Report {
             time_wait: h.time_wait,
             close_wait: h.close_wait,
             listen: h.listen,
+            fin_wait2: h.fin_wait2,
             total: h.total,
             ephemeral_port_range: snap.ephemeral_port_range,
         },
@@ -116,8 +119,8 @@ pub fn render_text(r: &Report) -> String {
     );
     let _ = writeln!(
         o,
-        "host: established {}  time_wait {}  close_wait {}  listen {}  total {}  dropped events {}",
-        h.established, h.time_wait, h.close_wait, h.listen, h.total, r.dropped_events
+        "host: established {}  time_wait {}  close_wait {}  fin_wait2 {}  listen {}  total {}  dropped events {}",
+        h.established, h.time_wait, h.close_wait, h.fin_wait2, h.listen, h.total, r.dropped_events
     );
     let _ = writeln!(
         o,

@@ -1,0 +1,232 @@
+//! Reconcile: after the kernel lost records (ring buffer full), the table may hold sockets that
+//! closed unseen, miss sockets that opened unseen, or show stale states. [`Table::reconcile`]
+//! compares it with the kernel's own socket list of this network namespace (sock_diag) and
+//! corrects it, counting what it changed.
+//!
+//! Two limits keep it from undoing what it cannot see:
+//! * Time: only entries whose last change is older than the moment the list was read are
+//!   compared, so an event still in flight is never overruled.
+//! * Namespaces: the list holds this network namespace only, and the table does not know a
+//!   socket's namespace (the tracepoint does not say). An entry is compared only when its owner
+//!   was in this namespace when the table first saw it (its netns inode, from
+//!   [`super::ProcSource::netns`]); sockets without a known owner, or of processes in other
+//!   namespaces, are left as they are (and TIME_WAIT entries expire by themselves). One
+//!   exception: a socket without a known owner whose pair the list holds in another state takes
+//!   that state (the pair says it is this namespace's socket); the tracer then looks its owner
+//!   up again.
+
+use std::{collections::HashSet, net::SocketAddr};
+
+use rustc_hash::FxHashMap as HashMap;
+
+use super::{
+    processes::ProcId,
+    sockets::{ConnectPhase, Sock, is_connected_state},
+    table::{Reconciled, Table},
+    time_wait::{TIME_WAIT_NS, mini, tuple_key},
+};
+use crate::kernel::event::TcpState;
+
+/// One socket of the kernel's list (sock_diag, or /proc/net/tcp).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelSocket {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The state as `ss` shows it: for a mini-socket, its substate (TIME_WAIT or FIN_WAIT2).
+    pub state: TcpState,
+    /// A mini-socket (`inet_timewait_sock`) rather than a full socket.
+    pub timewait: bool,
+}
+
+/// States not compared: connection requests and sockets on their way in or out.
+fn transient(s: TcpState) -> bool {
+    matches!(
+        s,
+        TcpState::SynRecv | TcpState::NewSynRecv | TcpState::Close | TcpState::SynSent
+    )
+}
+
+impl Table {
+    /// Makes the table agree with `kernel`, the socket list of network namespace `netns` (its
+    /// inode), read after `read_at_ns` (every event before that has been applied). Returns the
+    /// corrections, also added to [`super::TableStats::reconciled`].
+    pub fn reconcile(
+        &mut self,
+        kernel: &[KernelSocket],
+        netns: u64,
+        read_at_ns: u64,
+        now_ns: u64,
+    ) -> Reconciled {
+        let mut r = Reconciled::default();
+        let kmap: HashMap<(SocketAddr, SocketAddr), KernelSocket> = kernel
+            .iter()
+            .filter(|k| !transient(k.state))
+            .map(|k| ((k.local, k.remote), *k))
+            .collect();
+        let procs = &self.procs;
+        let seen_by = |owner: Option<ProcId>| -> bool {
+            owner
+                .and_then(|id| procs.get(&id))
+                .is_some_and(|p| p.netns == Some(netns))
+        };
+
+        // Every pair the table holds, to find what it misses.
+        let mut known: HashSet<(SocketAddr, SocketAddr)> = HashSet::new();
+        // Full sockets: (key, what the kernel says, or None when it has no such socket).
+        let mut full: Vec<(u64, Option<KernelSocket>)> = Vec::new();
+        for (&k, s) in &self.sockets {
+            known.insert((s.local, s.remote));
+            if s.since_ns >= read_at_ns || transient(s.state) {
+                continue;
+            }
+            match kmap.get(&(s.local, s.remote)) {
+                Some(ks) if ks.state == s.state => {}
+                // Without a known owner, the kernel having the pair says it is this namespace's
+                // socket (the same pair in two namespaces at once is unusual); its absence says
+                // nothing.
+                Some(ks) if s.owner.is_none() => full.push((k, Some(*ks))),
+                ks if seen_by(s.owner) => full.push((k, ks.copied())),
+                _ => {}
+            }
+        }
+        let mut tw: Vec<(usize, Option<KernelSocket>)> = Vec::new();
+        for (i, t) in self.time_wait.iter().enumerate() {
+            if !self.tw_live(t) {
+                continue;
+            }
+            known.insert((t.local, t.remote));
+            if t.expiry_ns.saturating_sub(TIME_WAIT_NS) >= read_at_ns || !seen_by(t.owner) {
+                continue;
+            }
+            match kmap.get(&(t.local, t.remote)) {
+                Some(ks) if ks.state == TcpState::TimeWait => {}
+                ks => tw.push((i, ks.copied())),
+            }
+        }
+        let mut fw2: Vec<(u64, Option<KernelSocket>)> = Vec::new();
+        for (&key, f) in &self.fin_wait2.by_pair {
+            known.insert((f.local, f.remote));
+            if f.expiry_ns.saturating_sub(self.fin_timeout_ns) >= read_at_ns || !seen_by(f.owner) {
+                continue;
+            }
+            match kmap.get(&(f.local, f.remote)) {
+                Some(ks) if ks.state == TcpState::FinWait2 => {}
+                ks => fw2.push((key, ks.copied())),
+            }
+        }
+
+        for (k, ks) in full {
+            match ks {
+                None => {
+                    if let Some(s) = self.remove_socket(k) {
+                        self.forget_listener(&s);
+                    }
+                    r.removed += 1;
+                }
+                Some(ks) if ks.timewait || ks.state == TcpState::TimeWait => {
+                    if let Some(s) = self.remove_socket(k) {
+                        self.forget_listener(&s);
+                        self.add_mini(ks, now_ns, s.owner, s.inbound);
+                    }
+                    r.fixed += 1;
+                }
+                Some(ks) => {
+                    self.set_state(k, ks.state, now_ns);
+                    r.fixed += 1;
+                }
+            }
+        }
+        for (i, ks) in tw {
+            let t = &self.time_wait[i];
+            let (local, remote, owner, inbound) = (t.local, t.remote, t.owner, t.inbound);
+            self.tw_index.remove(&tuple_key(&local, &remote));
+            match ks {
+                Some(ks) if ks.state == TcpState::FinWait2 => {
+                    self.push_fin_wait2(now_ns, mini(local, remote, owner, inbound));
+                    r.fixed += 1;
+                }
+                _ => r.removed += 1,
+            }
+        }
+        for (key, ks) in fw2 {
+            let Some(f) = self.fin_wait2.by_pair.remove(&key) else {
+                continue;
+            };
+            match ks {
+                Some(ks) if ks.state == TcpState::TimeWait => {
+                    self.push_time_wait(now_ns, f.local, f.remote, f.owner, f.inbound);
+                    r.fixed += 1;
+                }
+                _ => r.removed += 1,
+            }
+        }
+
+        for ks in kmap.values() {
+            if known.contains(&(ks.local, ks.remote)) {
+                continue;
+            }
+            r.added += 1;
+            let inbound =
+                ks.state != TcpState::Listen && self.listeners.contains_key(&ks.local.port());
+            if ks.timewait || ks.state == TcpState::TimeWait {
+                self.add_mini(*ks, now_ns, None, inbound);
+                continue;
+            }
+            let key = self.next_synthetic;
+            self.next_synthetic += 1;
+            if ks.state == TcpState::CloseWait {
+                self.close_wait_pair(ks.local, ks.remote, true);
+            }
+            self.sockets.insert(
+                key,
+                Sock {
+                    state: ks.state,
+                    since_ns: now_ns,
+                    local: ks.local,
+                    remote: ks.remote,
+                    owner: None,
+                    connect: ConnectPhase::None,
+                    connected: is_connected_state(ks.state),
+                    inbound,
+                    held: Default::default(),
+                },
+            );
+            self.existing.insert((ks.local, ks.remote), key);
+        }
+        self.stats.reconciled.removed += r.removed;
+        self.stats.reconciled.added += r.added;
+        self.stats.reconciled.fixed += r.fixed;
+        r
+    }
+
+    /// A mini-socket the kernel has: TIME_WAIT, or FIN_WAIT2 waiting for the peer's FIN.
+    fn add_mini(&mut self, ks: KernelSocket, now_ns: u64, owner: Option<ProcId>, inbound: bool) {
+        if ks.state == TcpState::FinWait2 {
+            self.push_fin_wait2(now_ns, mini(ks.local, ks.remote, owner, inbound));
+        } else {
+            self.push_time_wait(now_ns, ks.local, ks.remote, owner, inbound);
+        }
+    }
+
+    fn set_state(&mut self, key: u64, state: TcpState, now_ns: u64) {
+        let Some(s) = self.sockets.get_mut(&key) else {
+            return;
+        };
+        let (prev, local, remote) = (s.state, s.local, s.remote);
+        s.state = state;
+        s.since_ns = now_ns;
+        s.connected |= is_connected_state(state);
+        if prev == TcpState::CloseWait || state == TcpState::CloseWait {
+            self.close_wait_pair(local, remote, state == TcpState::CloseWait);
+        }
+    }
+
+    fn forget_listener(&mut self, s: &Sock) {
+        if s.state == TcpState::Listen
+            && s.owner.is_some()
+            && self.listeners.get(&s.local.port()) == s.owner.as_ref()
+        {
+            self.listeners.remove(&s.local.port());
+        }
+    }
+}
