@@ -74,19 +74,36 @@ impl ProcSource for SysProcs {
     }
 }
 
-/// The sockets of this network namespace now, with owners, as the table takes them.
-pub fn existing_sockets() -> std::io::Result<Vec<ExistingSocket>> {
-    let records = procfs::read_tcp_sockets()?;
-    let wanted: HashSet<u64> = records
+/// The sockets that exist now, with owners, as the table takes them: with `all_namespaces`,
+/// those of every network namespace some process is in (each namespace's list read once,
+/// through one of its processes), each marked with its namespace; else those of ours, with
+/// namespace 0 (unknown, as the records will be).
+pub fn existing_sockets(all_namespaces: bool) -> std::io::Result<Vec<ExistingSocket>> {
+    let mut lists: Vec<(u64, Vec<procfs::SockRecord>)> = Vec::new();
+    if all_namespaces {
+        for (netns, pid) in namespaces() {
+            // A process may exit meanwhile: its namespace is then read through another one next
+            // time, or learned from events.
+            if let Ok(records) = holders::sockets_of_netns(Some(pid)) {
+                lists.push((netns, records));
+            }
+        }
+    }
+    if lists.is_empty() {
+        lists.push((0, procfs::read_tcp_sockets()?));
+    }
+    let wanted: HashSet<u64> = lists
         .iter()
-        .map(|r| r.inode)
+        .flat_map(|(_, l)| l.iter().map(|r| r.inode))
         .filter(|&i| i != 0)
         .collect();
     let owners = procfs::socket_owners(Some(&wanted));
-    Ok(records
+    Ok(lists
         .into_iter()
-        .filter_map(|r| {
+        .flat_map(|(netns, records)| records.into_iter().map(move |r| (netns, r)))
+        .filter_map(|(netns, r)| {
             Some(ExistingSocket {
+                netns,
                 local: r.local,
                 remote: r.remote,
                 state: TcpState::from_u8(r.state)?,
@@ -94,6 +111,24 @@ pub fn existing_sockets() -> std::io::Result<Vec<ExistingSocket>> {
             })
         })
         .collect())
+}
+
+/// Every network namespace some process is in, with one of its processes (ours first for our
+/// own namespace).
+pub fn namespaces() -> Vec<(u64, u32)> {
+    let me = std::process::id();
+    let mut seen: HashMap<u64, u32> = HashMap::new();
+    if let Some(n) = holders::netns_of(me) {
+        seen.insert(n, me);
+    }
+    for pid in procfs::list_pids() {
+        if let Some(n) = holders::netns_of(pid) {
+            seen.entry(n).or_insert(pid);
+        }
+    }
+    let mut v: Vec<(u64, u32)> = seen.into_iter().collect();
+    v.sort_unstable();
+    v
 }
 
 /// Called on the reader thread for every event, after the table has applied it.
@@ -140,6 +175,8 @@ struct Shared {
     attached: Vec<&'static str>,
     degraded: Vec<String>,
     kernel_log: KernelLog,
+    /// ip_local_port_range of each network namespace the table's processes are in.
+    port_ranges: Mutex<std::collections::HashMap<u64, (u16, u16)>>,
 }
 
 /// A running tracer. Dropping it stops the reader and detaches every program.
@@ -159,7 +196,7 @@ impl Tracer {
         if let Some(secs) = sockdiag::tcp_fin_timeout() {
             table.set_fin_timeout(secs);
         }
-        let existing = existing_sockets().map_err(TracerError::Sockets)?;
+        let existing = existing_sockets(probes.netns_known()).map_err(TracerError::Sockets)?;
         table.load_existing(&existing, monotonic_ns());
         let shared = Arc::new(Shared {
             table: Mutex::new(table),
@@ -170,6 +207,7 @@ impl Tracer {
             attached: probes.attached().to_vec(),
             degraded: probes.degraded().to_vec(),
             kernel_log: probes.kernel_log(),
+            port_ranges: Mutex::default(),
         });
         let reader_shared = shared.clone();
         let every = opts.drain_every;
@@ -203,6 +241,8 @@ impl Tracer {
         if opts.port_range == (0, 0) {
             opts.port_range = procfs::ephemeral_port_range().unwrap_or((0, 0));
         }
+        opts.port_ranges = self.shared.port_ranges.lock().unwrap().clone();
+        opts.host_netns = holders::netns_of(std::process::id()).unwrap_or(0);
         let table = self.shared.table.lock().unwrap();
         table.snapshot(monotonic_ns(), &opts)
     }
@@ -262,6 +302,7 @@ fn reader_loop(
     let mut last_tick = Instant::now();
     let mut tried_owners: HashSet<(SocketAddr, SocketAddr)> = HashSet::new();
     let mut holders = HolderResolver::default();
+    let mut port_ranges = PortRanges::default();
     let mut batch: Vec<TcpEvent> = Vec::with_capacity(4096);
     // Beyond this many waiting events the reader waits for the table instead.
     const MAX_PENDING: usize = 200_000;
@@ -311,11 +352,13 @@ fn reader_loop(
                 let allowed = last_reconcile.map_or(soon, |t| t + RECONCILE_GAP);
                 reconcile_at.get_or_insert(soon.max(allowed));
             }
-            let unowned = {
+            let (unowned, namespaces) = {
                 let mut table = shared.table.lock().unwrap();
                 table.tick(monotonic_ns());
-                table.unowned_close_wait()
+                (table.unowned_close_wait(), table.process_namespaces())
             };
+            port_ranges.refresh(&namespaces);
+            *shared.port_ranges.lock().unwrap() = port_ranges.current();
             resolve_owners(&shared, unowned, &mut tried_owners);
             resolve_holders(&shared, &mut holders);
         }
@@ -403,6 +446,40 @@ fn event_context(table: &Table, ev: &TcpEvent) -> EventContext {
             failures: Vec::new(),
         },
         TcpEvent::Error { .. } => EventContext::default(),
+    }
+}
+
+/// ip_local_port_range of the namespaces the table's processes are in, each read again after
+/// [`PORT_RANGE_TTL`].
+#[derive(Default)]
+struct PortRanges(HashMap<u64, (Instant, (u16, u16))>);
+
+const PORT_RANGE_TTL: Duration = Duration::from_secs(10);
+
+impl PortRanges {
+    fn refresh(&mut self, namespaces: &[(u64, u32)]) {
+        self.0.retain(|n, _| namespaces.iter().any(|(m, _)| m == n));
+        for &(netns, pid) in namespaces {
+            if self
+                .0
+                .get(&netns)
+                .is_some_and(|(at, _)| at.elapsed() < PORT_RANGE_TTL)
+            {
+                continue;
+            }
+            match procfs::ephemeral_port_range_of(pid) {
+                Some(r) => {
+                    self.0.insert(netns, (Instant::now(), r));
+                }
+                None => {
+                    self.0.remove(&netns);
+                }
+            }
+        }
+    }
+
+    fn current(&self) -> std::collections::HashMap<u64, (u16, u16)> {
+        self.0.iter().map(|(&n, &(_, r))| (n, r)).collect()
     }
 }
 

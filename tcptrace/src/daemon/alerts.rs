@@ -121,11 +121,19 @@ impl Alerter {
         } else {
             0.0
         };
-        if size > 0.0 {
-            let limit = cfg.port_share * size;
+        {
             for d in &snap.destinations {
+                // The destination's own namespace's range when the snapshot has it.
+                let (share, range) = if d.port_range != [0, 0] {
+                    let r = d.port_range;
+                    (d.port_share, (r[1] - r[0]) as u64 + 1)
+                } else if size > 0.0 {
+                    (d.ports_in_use as f64 / size, size as u64)
+                } else {
+                    continue;
+                };
                 let e = self.ports.entry(d.remote.clone()).or_default();
-                let over = d.ports_in_use as f64 >= limit;
+                let over = share >= cfg.port_share;
                 if over && !e.active {
                     e.active = true;
                     out.push(Alert {
@@ -134,7 +142,7 @@ impl Alerter {
                         fields: vec![
                             ("remote", d.remote.clone()),
                             ("ports_in_use", d.ports_in_use.to_string()),
-                            ("range_size", (size as u64).to_string()),
+                            ("range_size", range.to_string()),
                         ],
                     });
                 } else if !over && e.active {

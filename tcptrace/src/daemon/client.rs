@@ -38,7 +38,7 @@ pub enum ClientError {
 fn snapshot_report() -> Result<Report, ClientError> {
     let mut table = Table::new(TableConfig::default(), Box::new(SysProcs));
     let now = monotonic_ns();
-    table.load_existing(&existing_sockets().map_err(ClientError::Sockets)?, now);
+    table.load_existing(&existing_sockets(false).map_err(ClientError::Sockets)?, now);
     let snap = table.snapshot(
         now,
         &SnapshotOptions {

@@ -403,6 +403,27 @@ pub fn ephemeral_port_range() -> Option<(u16, u16)> {
     parse_port_range(&std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?)
 }
 
+/// ip_local_port_range of the network namespace `pid` is in; None if unreadable. /proc/sys
+/// shows the reading thread's namespace, so a short-lived thread enters `pid`'s first (that
+/// needs CAP_SYS_ADMIN; without it, None).
+pub fn ephemeral_port_range_of(pid: u32) -> Option<(u16, u16)> {
+    use std::os::fd::AsRawFd as _;
+    let ns = File::open(format!("/proc/{pid}/ns/net")).ok()?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: changes this short-lived thread's network namespace only.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return None;
+                }
+                ephemeral_port_range()
+            })
+            .join()
+            .ok()
+            .flatten()
+    })
+}
+
 /// Parses "32768\t60999\n".
 pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
     let mut it = text.split_ascii_whitespace();

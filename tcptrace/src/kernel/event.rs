@@ -80,7 +80,6 @@ pub enum OwnerSource {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Owner {
     pub pid: u32,
-    pub tid: u32,
     pub cgroup: u64,
     pub comm: [u8; 16],
     pub source: OwnerSource,
@@ -110,6 +109,8 @@ pub enum TcpEvent {
         local: SocketAddr,
         remote: SocketAddr,
         owner: Option<Owner>,
+        /// Network namespace of the socket (its nsfs inode); 0 when unknown.
+        netns: u64,
     },
     /// `connect()` returned an error or -EINPROGRESS. `sk` is 0 when the call failed before the
     /// socket changed state.
@@ -119,6 +120,9 @@ pub enum TcpEvent {
         remote: SocketAddr,
         ret: i32,
         owner: Owner,
+        /// Network namespace of the socket; 0 when unknown (the call failed before the socket
+        /// changed state).
+        netns: u64,
     },
     /// An asynchronous socket error (`sock:inet_sk_error_report`), matched by address.
     Error {
@@ -170,7 +174,6 @@ pub fn decode(ev: &Event) -> Option<TcpEvent> {
         };
         Some(Owner {
             pid: ev.pid,
-            tid: 0,
             cgroup: ev.cgroup,
             comm: ev.comm,
             source,
@@ -185,6 +188,7 @@ pub fn decode(ev: &Event) -> Option<TcpEvent> {
             local: addr(ev.family, &ev.saddr, ev.sport),
             remote: addr(ev.family, &ev.daddr, ev.dport),
             owner,
+            netns: ev.netns as u64,
         }),
         KIND_CONNECT => Some(TcpEvent::Connect {
             ts_ns: ev.ts_ns,
@@ -192,6 +196,7 @@ pub fn decode(ev: &Event) -> Option<TcpEvent> {
             remote: addr(ev.family, &ev.daddr, ev.dport),
             ret: ev.ret,
             owner: owner?,
+            netns: ev.netns as u64,
         }),
         KIND_ERROR => Some(TcpEvent::Error {
             ts_ns: ev.ts_ns,

@@ -111,6 +111,8 @@ pub struct Probes {
     kernel_log: KernelLog,
     attached: Vec<&'static str>,
     degraded: Vec<String>,
+    /// Records carry their socket's network namespace (BTF offsets were found).
+    netns_known: bool,
 }
 
 /// Options for [`Probes::attach`].
@@ -241,7 +243,13 @@ impl Probes {
             kernel_log,
             attached,
             degraded,
+            netns_known: netns != NetnsOffsets::default(),
         })
+    }
+
+    /// Whether records carry their socket's network namespace.
+    pub fn netns_known(&self) -> bool {
+        self.netns_known
     }
 
     /// What works less well on this kernel, one sentence each.

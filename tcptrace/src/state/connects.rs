@@ -25,6 +25,7 @@ const ASYNC_MATCH_NS: u64 = 2 * NS;
 pub(super) struct ClosedConnect {
     pub(super) ts_ns: u64,
     pub(super) sk: u64,
+    pub(super) netns: u64,
     pub(super) local: SocketAddr,
     pub(super) remote: SocketAddr,
     pub(super) owner: Option<ProcId>,
@@ -44,12 +45,17 @@ pub struct ConnectFailure {
 }
 
 impl Table {
-    pub(super) fn count_connect_ok(&mut self, owner: Option<ProcId>, remote: SocketAddr) {
+    pub(super) fn count_connect_ok(
+        &mut self,
+        owner: Option<ProcId>,
+        netns: u64,
+        remote: SocketAddr,
+    ) {
         if let Some(p) = owner.and_then(|id| self.procs.get_mut(&id)) {
             p.connects_ok += 1;
-            p.dest(remote).ok += 1;
+            p.dest(netns, remote).ok += 1;
         }
-        if let Some(d) = self.host_dest(remote) {
+        if let Some(d) = self.host_dest(netns, remote) {
             d.ok += 1;
         }
     }
@@ -57,13 +63,14 @@ impl Table {
     pub(super) fn count_connect_failed(
         &mut self,
         owner: Option<ProcId>,
+        netns: u64,
         remote: SocketAddr,
         errno: i32,
     ) {
         let mut who = None;
         if let Some(p) = owner.and_then(|id| self.procs.get_mut(&id)) {
             p.failed.add(errno, 1);
-            p.dest(remote).failed.add(errno, 1);
+            p.dest(netns, remote).failed.add(errno, 1);
             who = Some((p.pid, p.meta.comm.clone()));
         }
         if self.record_failures {
@@ -74,7 +81,7 @@ impl Table {
                 comm: who.map(|w| w.1).unwrap_or_default(),
             });
         }
-        if let Some(d) = self.host_dest(remote) {
+        if let Some(d) = self.host_dest(netns, remote) {
             d.failed.add(errno, 1);
         }
     }
@@ -86,9 +93,22 @@ impl Table {
         remote: SocketAddr,
         ret: i32,
         owner: &Owner,
+        netns: u64,
     ) {
         let errno = -ret;
         let id = self.owner_id(owner, ts);
+        // A connect that failed before the socket changed state has no namespace of its own:
+        // the socket's if known, else the process's.
+        let netns = match netns {
+            0 => self
+                .sockets
+                .get(&sk)
+                .map(|s| s.netns)
+                .filter(|&n| n != 0)
+                .or_else(|| self.procs.get(&id).and_then(|p| p.netns))
+                .unwrap_or(0),
+            n => n,
+        };
         // The socket may already be closed, with or without its error reported.
         let closed = (sk != 0)
             .then(|| {
@@ -105,7 +125,7 @@ impl Table {
                 match self.closed_connects[i].errno {
                     Some(e) => {
                         let c = self.closed_connects.remove(i).unwrap();
-                        self.count_connect_failed(c.owner.or(Some(id)), c.remote, e);
+                        self.count_connect_failed(c.owner.or(Some(id)), c.netns, c.remote, e);
                     }
                     None => self.closed_connects[i].async_ = true,
                 }
@@ -127,7 +147,7 @@ impl Table {
         if let Some(s) = self.sockets.get_mut(&sk) {
             s.connect = ConnectPhase::None;
         }
-        self.count_connect_failed(Some(id), remote, errno);
+        self.count_connect_failed(Some(id), netns, remote, errno);
     }
 
     pub(super) fn apply_error(
@@ -150,7 +170,7 @@ impl Table {
         {
             if self.closed_connects[i].async_ {
                 let c = self.closed_connects.remove(i).unwrap();
-                self.count_connect_failed(c.owner, c.remote, errno);
+                self.count_connect_failed(c.owner, c.netns, c.remote, errno);
             } else {
                 // connect() has not returned: its -EINPROGRESS (non-blocking) will count this;
                 // a blocking connect returns the error itself.
@@ -168,8 +188,8 @@ impl Table {
         if let Some(k) = key {
             let s = self.sockets.get_mut(&k).unwrap();
             s.connect = ConnectPhase::None;
-            let (owner, remote) = (s.owner, s.remote);
-            self.count_connect_failed(owner, remote, errno);
+            let (owner, netns, remote) = (s.owner, s.netns, s.remote);
+            self.count_connect_failed(owner, netns, remote, errno);
         }
     }
 }

@@ -38,10 +38,11 @@ pub(super) struct DestStats {
 }
 
 impl Table {
-    pub(super) fn host_dest(&mut self, remote: SocketAddr) -> Option<&mut DestStats> {
-        if !self.dests.contains_key(&remote) && self.dests.len() >= MAX_DESTS {
+    pub(super) fn host_dest(&mut self, netns: u64, remote: SocketAddr) -> Option<&mut DestStats> {
+        let key = (netns, remote);
+        if !self.dests.contains_key(&key) && self.dests.len() >= MAX_DESTS {
             return None;
         }
-        Some(self.dests.entry(remote).or_default())
+        Some(self.dests.entry(key).or_default())
     }
 }

@@ -225,7 +225,6 @@ mod tests {
         comm[..6].copy_from_slice(b"server");
         Owner {
             pid,
-            tid: pid,
             cgroup: 0,
             comm,
             source: OwnerSource::Inherited,
@@ -251,6 +250,7 @@ mod tests {
             local: l,
             remote: any,
             owner: Some(owner(parent)),
+            netns: 0,
         });
         for i in 0..n {
             let sk = 100 + i;
@@ -268,6 +268,7 @@ mod tests {
                     local: l,
                     remote: r,
                     owner: None,
+                    netns: 0,
                 });
             }
         }

@@ -69,7 +69,7 @@ pub(super) struct Proc {
     pub(super) bucket_sec: u64,
     /// Times (ns) at which sockets of this process entered CLOSE_WAIT, last minute.
     pub(super) cw_entries: VecDeque<u64>,
-    pub(super) dests: HashMap<SocketAddr, DestStats>,
+    pub(super) dests: HashMap<(u64, SocketAddr), DestStats>,
     /// When `meta` was last read (a holder is re-read now and then: exec changes its name).
     pub(super) meta_ns: u64,
 }
@@ -110,16 +110,29 @@ impl Proc {
         sum
     }
 
-    pub(super) fn dest(&mut self, remote: SocketAddr) -> &mut DestStats {
-        if !self.dests.contains_key(&remote) && self.dests.len() >= MAX_PROC_DESTS {
-            let other = SocketAddr::from(([0, 0, 0, 0], 0));
+    pub(super) fn dest(&mut self, netns: u64, remote: SocketAddr) -> &mut DestStats {
+        let key = (netns, remote);
+        if !self.dests.contains_key(&key) && self.dests.len() >= MAX_PROC_DESTS {
+            let other = (netns, SocketAddr::from(([0, 0, 0, 0], 0)));
             return self.dests.entry(other).or_default();
         }
-        self.dests.entry(remote).or_default()
+        self.dests.entry(key).or_default()
     }
 }
 
 impl Table {
+    /// Each network namespace live processes are in, with one of them (the lowest pid).
+    pub fn process_namespaces(&self) -> Vec<(u64, u32)> {
+        let mut out: HashMap<u64, u32> = HashMap::default();
+        for p in self.procs.values().filter(|p| p.exited_ns.is_none()) {
+            if let Some(n) = p.netns.filter(|&n| n != 0) {
+                let e = out.entry(n).or_insert(p.pid);
+                *e = (*e).min(p.pid);
+            }
+        }
+        out.into_iter().collect()
+    }
+
     /// The process entry for `pid`, created (with its start time and description) if new.
     pub(super) fn proc_for_pid(&mut self, pid: u32, comm: Option<&str>, now_ns: u64) -> ProcId {
         if let Some(&id) = self.by_pid.get(&pid)

@@ -58,23 +58,31 @@ impl Table {
         now_ns: u64,
     ) -> Reconciled {
         let mut r = Reconciled::default();
+        self.own_netns = netns;
         let kmap: HashMap<(SocketAddr, SocketAddr), KernelSocket> = kernel
             .iter()
             .filter(|k| !transient(k.state))
             .map(|k| ((k.local, k.remote), *k))
             .collect();
         let procs = &self.procs;
-        let seen_by = |owner: Option<ProcId>| -> bool {
-            owner
-                .and_then(|id| procs.get(&id))
-                .is_some_and(|p| p.netns == Some(netns))
+        // In this namespace: the kernel side says so, or (namespace unknown) the owner was.
+        let here = |ns: u64, owner: Option<ProcId>| -> bool {
+            ns == netns
+                || (ns == 0
+                    && owner
+                        .and_then(|id| procs.get(&id))
+                        .is_some_and(|p| p.netns == Some(netns)))
         };
+        let elsewhere = |ns: u64| ns != 0 && ns != netns;
 
         // Every pair the table holds, to find what it misses.
         let mut known: HashSet<(SocketAddr, SocketAddr)> = HashSet::new();
         // Full sockets: (key, what the kernel says, or None when it has no such socket).
         let mut full: Vec<(u64, Option<KernelSocket>)> = Vec::new();
         for (&k, s) in &self.sockets {
+            if elsewhere(s.netns) {
+                continue;
+            }
             known.insert((s.local, s.remote));
             if s.since_ns >= read_at_ns || transient(s.state) {
                 continue;
@@ -85,17 +93,17 @@ impl Table {
                 // socket (the same pair in two namespaces at once is unusual); its absence says
                 // nothing.
                 Some(ks) if s.owner.is_none() => full.push((k, Some(*ks))),
-                ks if seen_by(s.owner) => full.push((k, ks.copied())),
+                ks if here(s.netns, s.owner) => full.push((k, ks.copied())),
                 _ => {}
             }
         }
         let mut tw: Vec<(usize, Option<KernelSocket>)> = Vec::new();
         for (i, t) in self.time_wait.iter().enumerate() {
-            if !self.tw_live(t) {
+            if !self.tw_live(t) || elsewhere(t.netns) {
                 continue;
             }
             known.insert((t.local, t.remote));
-            if t.expiry_ns.saturating_sub(TIME_WAIT_NS) >= read_at_ns || !seen_by(t.owner) {
+            if t.expiry_ns.saturating_sub(TIME_WAIT_NS) >= read_at_ns || !here(t.netns, t.owner) {
                 continue;
             }
             match kmap.get(&(t.local, t.remote)) {
@@ -105,8 +113,13 @@ impl Table {
         }
         let mut fw2: Vec<(u64, Option<KernelSocket>)> = Vec::new();
         for (&key, f) in &self.fin_wait2.by_pair {
+            if elsewhere(f.netns) {
+                continue;
+            }
             known.insert((f.local, f.remote));
-            if f.expiry_ns.saturating_sub(self.fin_timeout_ns) >= read_at_ns || !seen_by(f.owner) {
+            if f.expiry_ns.saturating_sub(self.fin_timeout_ns) >= read_at_ns
+                || !here(f.netns, f.owner)
+            {
                 continue;
             }
             match kmap.get(&(f.local, f.remote)) {
@@ -126,7 +139,7 @@ impl Table {
                 Some(ks) if ks.timewait || ks.state == TcpState::TimeWait => {
                     if let Some(s) = self.remove_socket(k) {
                         self.forget_listener(&s);
-                        self.add_mini(ks, now_ns, s.owner, s.inbound);
+                        self.add_mini(ks, netns, now_ns, s.owner, s.inbound);
                     }
                     r.fixed += 1;
                 }
@@ -138,11 +151,12 @@ impl Table {
         }
         for (i, ks) in tw {
             let t = &self.time_wait[i];
-            let (local, remote, owner, inbound) = (t.local, t.remote, t.owner, t.inbound);
-            self.tw_index.remove(&tuple_key(&local, &remote));
+            let (ns, local, remote, owner, inbound) =
+                (t.netns, t.local, t.remote, t.owner, t.inbound);
+            self.tw_index.remove(&tuple_key(ns, &local, &remote));
             match ks {
                 Some(ks) if ks.state == TcpState::FinWait2 => {
-                    self.push_fin_wait2(now_ns, mini(local, remote, owner, inbound));
+                    self.push_fin_wait2(now_ns, mini(ns, local, remote, owner, inbound));
                     r.fixed += 1;
                 }
                 _ => r.removed += 1,
@@ -154,7 +168,7 @@ impl Table {
             };
             match ks {
                 Some(ks) if ks.state == TcpState::TimeWait => {
-                    self.push_time_wait(now_ns, f.local, f.remote, f.owner, f.inbound);
+                    self.push_time_wait(now_ns, f.netns, f.local, f.remote, f.owner, f.inbound);
                     r.fixed += 1;
                 }
                 _ => r.removed += 1,
@@ -166,16 +180,16 @@ impl Table {
                 continue;
             }
             r.added += 1;
-            let inbound =
-                ks.state != TcpState::Listen && self.listeners.contains_key(&ks.local.port());
+            let inbound = ks.state != TcpState::Listen
+                && self.listeners.contains_key(&(netns, ks.local.port()));
             if ks.timewait || ks.state == TcpState::TimeWait {
-                self.add_mini(*ks, now_ns, None, inbound);
+                self.add_mini(*ks, netns, now_ns, None, inbound);
                 continue;
             }
             let key = self.next_synthetic;
             self.next_synthetic += 1;
             if ks.state == TcpState::CloseWait {
-                self.close_wait_pair(ks.local, ks.remote, true);
+                self.close_wait_pair(netns, ks.local, ks.remote, true);
             }
             self.sockets.insert(
                 key,
@@ -189,9 +203,10 @@ impl Table {
                     connected: is_connected_state(ks.state),
                     inbound,
                     held: Default::default(),
+                    netns,
                 },
             );
-            self.existing.insert((ks.local, ks.remote), key);
+            self.existing.insert((netns, ks.local, ks.remote), key);
         }
         self.stats.reconciled.removed += r.removed;
         self.stats.reconciled.added += r.added;
@@ -200,11 +215,18 @@ impl Table {
     }
 
     /// A mini-socket the kernel has: TIME_WAIT, or FIN_WAIT2 waiting for the peer's FIN.
-    fn add_mini(&mut self, ks: KernelSocket, now_ns: u64, owner: Option<ProcId>, inbound: bool) {
+    fn add_mini(
+        &mut self,
+        ks: KernelSocket,
+        netns: u64,
+        now_ns: u64,
+        owner: Option<ProcId>,
+        inbound: bool,
+    ) {
         if ks.state == TcpState::FinWait2 {
-            self.push_fin_wait2(now_ns, mini(ks.local, ks.remote, owner, inbound));
+            self.push_fin_wait2(now_ns, mini(netns, ks.local, ks.remote, owner, inbound));
         } else {
-            self.push_time_wait(now_ns, ks.local, ks.remote, owner, inbound);
+            self.push_time_wait(now_ns, netns, ks.local, ks.remote, owner, inbound);
         }
     }
 
@@ -212,21 +234,21 @@ impl Table {
         let Some(s) = self.sockets.get_mut(&key) else {
             return;
         };
-        let (prev, local, remote) = (s.state, s.local, s.remote);
+        let (prev, netns, local, remote) = (s.state, s.netns, s.local, s.remote);
         s.state = state;
         s.since_ns = now_ns;
         s.connected |= is_connected_state(state);
         if prev == TcpState::CloseWait || state == TcpState::CloseWait {
-            self.close_wait_pair(local, remote, state == TcpState::CloseWait);
+            self.close_wait_pair(netns, local, remote, state == TcpState::CloseWait);
         }
     }
 
     fn forget_listener(&mut self, s: &Sock) {
         if s.state == TcpState::Listen
             && s.owner.is_some()
-            && self.listeners.get(&s.local.port()) == s.owner.as_ref()
+            && self.listeners.get(&(s.netns, s.local.port())) == s.owner.as_ref()
         {
-            self.listeners.remove(&s.local.port());
+            self.listeners.remove(&(s.netns, s.local.port()));
         }
     }
 }

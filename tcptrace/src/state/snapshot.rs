@@ -38,6 +38,7 @@ pub struct SocketView {
     pub holders: Vec<HolderView>,
     /// Still in the listener's accept queue: no process has accepted it.
     pub unaccepted: bool,
+    pub netns: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -100,8 +101,13 @@ pub struct ChurnView {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ProcDestView {
     pub remote: String,
+    /// Network namespace the connections were made in (0: unknown).
+    pub netns: u64,
     pub connects: ConnectsView,
     pub ports_in_use: u64,
+    /// `ip_local_port_range` of that namespace, and the share of it in use.
+    pub port_range: [u16; 2],
+    pub port_share: f64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -111,6 +117,8 @@ pub struct ProcessView {
     /// Process start time (clock ticks since boot, as in /proc/PID/stat); with `pid` it names one
     /// process even when the pid is reused.
     pub start_time: u64,
+    /// Network namespace of the process (the inode of /proc/PID/ns/net; 0: unknown).
+    pub netns: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -129,7 +137,10 @@ pub struct ProcessView {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct DestView {
     pub remote: String,
+    pub netns: u64,
     pub ports_in_use: u64,
+    pub port_range: [u16; 2],
+    pub port_share: f64,
     pub connects_ok: u64,
     pub connects_failed: BTreeMap<String, u64>,
 }
@@ -147,6 +158,8 @@ pub struct ExitedTotals {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Snapshot {
     pub ts: f64,
+    /// tcptrace's own network namespace (the host's, run as intended); others are shown.
+    pub netns: u64,
     pub host: HostCounts,
     pub dropped_events: u64,
     pub ephemeral_port_range: [u16; 2],
@@ -185,6 +198,11 @@ pub struct SnapshotOptions {
     pub unix_now: f64,
     pub dropped_events: u64,
     pub port_range: (u16, u16),
+    /// `ip_local_port_range` of other network namespaces, by namespace; `port_range` for the
+    /// others (and for namespace 0, unknown).
+    pub port_ranges: std::collections::HashMap<u64, (u16, u16)>,
+    /// tcptrace's own network namespace.
+    pub host_netns: u64,
     /// Most destinations listed (None: 50 with `detail`, else 20); metrics ask for all of
     /// them to sum the ones past their top N under `remote="other"`.
     pub max_destinations: Option<usize>,
@@ -200,12 +218,32 @@ impl Table {
             backlog: Vec<&'a Sock>,
             tw_now: u64,
             fw2_now: u64,
-            ports: HashMap<SocketAddr, u64>,
+            ports: HashMap<(u64, SocketAddr), u64>,
             port_match: bool,
         }
         let mut host = HostCounts::default();
         let mut per_proc: HashMap<ProcId, Acc> = HashMap::default();
-        let mut dest_ports: HashMap<SocketAddr, u64> = HashMap::default();
+        let mut dest_ports: HashMap<(u64, SocketAddr), u64> = HashMap::default();
+        let range_of = |netns: u64| -> [u16; 2] {
+            let r = opts
+                .port_ranges
+                .get(&netns)
+                .copied()
+                .unwrap_or(opts.port_range);
+            [r.0, r.1]
+        };
+        let share = |n: u64, r: [u16; 2]| -> f64 {
+            let size = if r[1] >= r[0] && r[1] > 0 {
+                (r[1] - r[0]) as u64 + 1
+            } else {
+                0
+            };
+            if size == 0 {
+                0.0
+            } else {
+                round3(n as f64 / size as f64)
+            }
+        };
         let filter = &opts.filter;
         let port_hit = |l: &SocketAddr, r: &SocketAddr| {
             filter.ports.contains(&l.port()) || filter.ports.contains(&r.port())
@@ -224,7 +262,7 @@ impl Table {
                 && s.local.port() != 0
                 && s.remote.port() != 0;
             if uses_port {
-                *dest_ports.entry(s.remote).or_default() += 1;
+                *dest_ports.entry((s.netns, s.remote)).or_default() += 1;
             }
             if s.state == TcpState::CloseWait {
                 match s.held_by() {
@@ -244,7 +282,7 @@ impl Table {
                     acc.fw2_now += 1;
                 }
                 if uses_port {
-                    *acc.ports.entry(s.remote).or_default() += 1;
+                    *acc.ports.entry((s.netns, s.remote)).or_default() += 1;
                 }
                 acc.port_match |= !filter.ports.is_empty() && port_hit(&s.local, &s.remote);
             }
@@ -262,7 +300,7 @@ impl Table {
             } += 1;
             host.total += 1;
             if !tw.inbound {
-                *dest_ports.entry(tw.remote).or_default() += 1;
+                *dest_ports.entry((tw.netns, tw.remote)).or_default() += 1;
             }
             if let Some(id) = tw.owner {
                 let acc = per_proc.entry(id).or_default();
@@ -272,7 +310,7 @@ impl Table {
                     &mut acc.tw_now
                 } += 1;
                 if !tw.inbound {
-                    *acc.ports.entry(tw.remote).or_default() += 1;
+                    *acc.ports.entry((tw.netns, tw.remote)).or_default() += 1;
                 }
             }
         }
@@ -288,7 +326,7 @@ impl Table {
             }
             if !filter.ports.is_empty()
                 && !acc.port_match
-                && !p.dests.keys().any(|d| filter.ports.contains(&d.port()))
+                && !p.dests.keys().any(|d| filter.ports.contains(&d.1.port()))
             {
                 continue;
             }
@@ -333,6 +371,7 @@ impl Table {
                         })
                         .collect(),
                     unaccepted: s.held.unaccepted,
+                    netns: s.netns,
                 });
             }
             cw.oldest_secs = round3(cw.oldest_secs);
@@ -356,13 +395,20 @@ impl Table {
             let mut destinations: Vec<ProcDestView> = p
                 .dests
                 .iter()
-                .map(|(r, d)| ProcDestView {
-                    remote: r.to_string(),
-                    connects: ConnectsView {
-                        ok: d.ok,
-                        failed: d.failed.by_name(),
-                    },
-                    ports_in_use: acc.ports.get(r).copied().unwrap_or(0),
+                .map(|(key, d)| {
+                    let ports_in_use = acc.ports.get(key).copied().unwrap_or(0);
+                    let port_range = range_of(key.0);
+                    ProcDestView {
+                        remote: key.1.to_string(),
+                        netns: key.0,
+                        connects: ConnectsView {
+                            ok: d.ok,
+                            failed: d.failed.by_name(),
+                        },
+                        ports_in_use,
+                        port_range,
+                        port_share: share(ports_in_use, port_range),
+                    }
                 })
                 .collect();
             destinations.sort_by(|a, b| {
@@ -375,6 +421,7 @@ impl Table {
                 pid: p.pid,
                 comm: p.meta.comm.clone(),
                 start_time: p.start_time,
+                netns: p.netns.unwrap_or(0),
                 cmdline: opts.detail.then(|| p.meta.cmdline.clone()),
                 cgroup: (opts.detail && !p.meta.cgroup.is_empty()).then(|| p.meta.cgroup.clone()),
                 container: p.meta.container.clone(),
@@ -416,12 +463,16 @@ impl Table {
                     .filter(|r| !dest_ports.contains_key(r))
                     .map(|r| (*r, 0)),
             )
-            .filter(|(r, _)| filter.ports.is_empty() || filter.ports.contains(&r.port()))
-            .map(|(r, ports_in_use)| {
-                let d = self.dests.get(&r);
+            .filter(|(r, _)| filter.ports.is_empty() || filter.ports.contains(&r.1.port()))
+            .map(|(key, ports_in_use)| {
+                let d = self.dests.get(&key);
+                let port_range = range_of(key.0);
                 DestView {
-                    remote: r.to_string(),
+                    remote: key.1.to_string(),
+                    netns: key.0,
                     ports_in_use,
+                    port_range,
+                    port_share: share(ports_in_use, port_range),
                     connects_ok: d.map_or(0, |d| d.ok),
                     connects_failed: d.map(|d| d.failed.by_name()).unwrap_or_default(),
                 }
@@ -441,6 +492,7 @@ impl Table {
 
         Snapshot {
             ts: round3(opts.unix_now),
+            netns: opts.host_netns,
             host,
             dropped_events: opts.dropped_events,
             ephemeral_port_range: [opts.port_range.0, opts.port_range.1],

@@ -17,6 +17,8 @@ use crate::kernel::event::{Owner, TcpState};
 /// A socket that existed before tracing started (from /proc/net/tcp and /proc/PID/fd).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExistingSocket {
+    /// Network namespace the socket list was read from (0: unknown).
+    pub netns: u64,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub state: TcpState,
@@ -47,6 +49,8 @@ pub(super) struct Sock {
     pub(super) inbound: bool,
     /// Who holds it, once looked up (CLOSE_WAIT sockets).
     pub(super) held: Held,
+    /// Network namespace (0: unknown).
+    pub(super) netns: u64,
 }
 
 /// Keys of snapshot sockets that have no kernel address yet live above this bit.
@@ -66,22 +70,23 @@ pub(super) fn is_connected_state(s: TcpState) -> bool {
 impl Table {
     /// Loads the sockets that existed before tracing started.
     pub fn load_existing(&mut self, socks: &[ExistingSocket], now_ns: u64) {
-        let listen_ports: std::collections::HashSet<u16> = socks
+        let listen_ports: std::collections::HashSet<(u64, u16)> = socks
             .iter()
             .filter(|s| s.state == TcpState::Listen)
-            .map(|s| s.local.port())
+            .map(|s| (s.netns, s.local.port()))
             .collect();
         for s in socks {
             let owner = s.pid.map(|pid| self.proc_for_pid(pid, None, now_ns));
-            let inbound = s.state != TcpState::Listen && listen_ports.contains(&s.local.port());
+            let inbound =
+                s.state != TcpState::Listen && listen_ports.contains(&(s.netns, s.local.port()));
             if s.state == TcpState::TimeWait {
-                self.push_time_wait(now_ns, s.local, s.remote, owner, inbound);
+                self.push_time_wait(now_ns, s.netns, s.local, s.remote, owner, inbound);
                 continue;
             }
             // FIN_WAIT2 without an owner: an orphan, almost always the mini-socket, which no
             // event will end.
             if s.state == TcpState::FinWait2 && owner.is_none() {
-                self.push_fin_wait2(now_ns, mini(s.local, s.remote, owner, inbound));
+                self.push_fin_wait2(now_ns, mini(s.netns, s.local, s.remote, owner, inbound));
                 continue;
             }
             let key = self.next_synthetic;
@@ -89,10 +94,10 @@ impl Table {
             if s.state == TcpState::Listen
                 && let Some(o) = owner
             {
-                self.listeners.insert(s.local.port(), o);
+                self.listeners.insert((s.netns, s.local.port()), o);
             }
             if s.state == TcpState::CloseWait {
-                self.close_wait_pair(s.local, s.remote, true);
+                self.close_wait_pair(s.netns, s.local, s.remote, true);
                 if let Some(p) = owner.and_then(|id| self.procs.get_mut(&id)) {
                     p.cw_entries.push_back(now_ns);
                 }
@@ -110,9 +115,10 @@ impl Table {
                     connected: is_connected_state(s.state),
                     inbound,
                     held: Held::default(),
+                    netns: s.netns,
                 },
             );
-            self.existing.insert((s.local, s.remote), key);
+            self.existing.insert((s.netns, s.local, s.remote), key);
         }
     }
 
@@ -158,10 +164,11 @@ impl Table {
         local: SocketAddr,
         remote: SocketAddr,
         owner: Option<Owner>,
+        netns: u64,
     ) {
         let owner_id = owner.map(|o| self.owner_id(&o, ts));
         if !self.sockets.contains_key(&sk) {
-            self.adopt_or_create(sk, old, local, remote, ts);
+            self.adopt_or_create(sk, old, netns, local, remote, ts);
         }
         let listeners = &self.listeners;
         let Some(s) = self.sockets.get_mut(&sk) else {
@@ -174,7 +181,10 @@ impl Table {
         if let Some(id) = owner_id {
             s.owner = Some(id);
         } else if s.owner.is_none() && matches!(new, TcpState::SynRecv) {
-            s.owner = listeners.get(&local.port()).copied();
+            s.owner = listeners.get(&(netns, local.port())).copied();
+        }
+        if netns != 0 {
+            s.netns = netns;
         }
         // The local port is chosen after CLOSE -> SYN_SENT; keep the address up to date.
         if local.port() != 0 || s.local.port() == 0 {
@@ -189,11 +199,12 @@ impl Table {
             s.inbound = true;
         }
         if prev != new && (prev == TcpState::CloseWait || new == TcpState::CloseWait) {
-            let (l, r) = (s.local, s.remote);
-            self.close_wait_pair(l, r, new == TcpState::CloseWait);
+            let (n, l, r) = (s.netns, s.local, s.remote);
+            self.close_wait_pair(n, l, r, new == TcpState::CloseWait);
         }
         let s = self.sockets.get_mut(&sk).unwrap();
-        let (owner, local, remote, phase, connected, inbound) = (
+        let (netns, owner, local, remote, phase, connected, inbound) = (
+            s.netns,
             s.owner,
             s.local,
             s.remote,
@@ -205,7 +216,7 @@ impl Table {
         // with its kernel address: one socket, not two.
         if !self.existing.is_empty()
             && local.port() != 0
-            && let Some(key) = self.existing.remove(&(local, remote))
+            && let Some(key) = self.existing.remove(&(netns, local, remote))
         {
             self.remove_socket(key);
         }
@@ -213,26 +224,26 @@ impl Table {
         match (old, new) {
             (TcpState::Close, TcpState::SynSent) => {
                 self.sockets.get_mut(&sk).unwrap().connect = ConnectPhase::Syscall;
-                self.tw_index.remove(&tuple_key(&local, &remote));
+                self.tw_index.remove(&tuple_key(netns, &local, &remote));
             }
             (TcpState::SynSent, TcpState::Established) => {
                 let s = self.sockets.get_mut(&sk).unwrap();
                 s.connect = ConnectPhase::None;
                 s.connected = true;
-                self.tw_index.remove(&tuple_key(&local, &remote));
-                self.count_connect_ok(owner, remote);
+                self.tw_index.remove(&tuple_key(netns, &local, &remote));
+                self.count_connect_ok(owner, netns, remote);
             }
             (_, TcpState::Established) => {
                 self.sockets.get_mut(&sk).unwrap().connected = true;
             }
             (_, TcpState::Listen) => {
                 if let Some(o) = owner {
-                    self.listeners.insert(local.port(), o);
+                    self.listeners.insert((netns, local.port()), o);
                 }
             }
             // The peer of a local orphaned FIN_WAIT2 socket sends its FIN, or an RST.
             (TcpState::CloseWait, TcpState::LastAck | TcpState::Close) => {
-                self.peer_closed(ts, local, remote, new == TcpState::LastAck);
+                self.peer_closed(ts, netns, local, remote, new == TcpState::LastAck);
             }
             (_, TcpState::CloseWait) => {
                 if let Some(p) = owner.and_then(|id| self.procs.get_mut(&id)) {
@@ -246,14 +257,16 @@ impl Table {
             self.sockets.remove(&sk);
             match old {
                 TcpState::Listen
-                    if owner.is_some() && self.listeners.get(&local.port()) == owner.as_ref() =>
+                    if owner.is_some()
+                        && self.listeners.get(&(netns, local.port())) == owner.as_ref() =>
                 {
-                    self.listeners.remove(&local.port());
+                    self.listeners.remove(&(netns, local.port()));
                 }
                 TcpState::SynSent if phase != ConnectPhase::None => {
                     self.closed_connects.push_back(ClosedConnect {
                         ts_ns: ts,
                         sk,
+                        netns,
                         local,
                         remote,
                         owner,
@@ -272,7 +285,7 @@ impl Table {
                 let fin_wait2 = old == TcpState::FinWait2
                     && self
                         .close_wait_pairs
-                        .contains_key(&tuple_key(&remote, &local));
+                        .contains_key(&tuple_key(netns, &remote, &local));
                 let time_wait = matches!(old, TcpState::FinWait2 | TcpState::Closing) && !fin_wait2;
                 if let Some(p) = owner.and_then(|id| self.procs.get_mut(&id)) {
                     p.count_close(ts);
@@ -281,9 +294,9 @@ impl Table {
                     }
                 }
                 if time_wait {
-                    self.push_time_wait(ts, local, remote, owner, inbound);
+                    self.push_time_wait(ts, netns, local, remote, owner, inbound);
                 } else if fin_wait2 {
-                    self.push_fin_wait2(ts, mini(local, remote, owner, inbound));
+                    self.push_fin_wait2(ts, mini(netns, local, remote, owner, inbound));
                 }
             }
         }
@@ -295,13 +308,24 @@ impl Table {
         &mut self,
         sk: u64,
         old: TcpState,
+        netns: u64,
         local: SocketAddr,
         remote: SocketAddr,
         ts: u64,
     ) {
-        if let Some(key) = self.existing.remove(&(local, remote))
-            && let Some(s) = self.sockets.remove(&key)
+        // Listed in the event's namespace; or where the namespace could not be known (0); or,
+        // for an event whose namespace is unknown, in ours (a reconcile lists our own).
+        let other = if netns != 0 { 0 } else { self.own_netns };
+        let listed = self
+            .existing
+            .remove(&(netns, local, remote))
+            .or_else(|| self.existing.remove(&(other, local, remote)));
+        if let Some(key) = listed
+            && let Some(mut s) = self.sockets.remove(&key)
         {
+            if netns != 0 {
+                s.netns = netns;
+            }
             self.sockets.insert(sk, s);
             return;
         }
@@ -314,7 +338,7 @@ impl Table {
             self.evict_socket();
         }
         if old == TcpState::CloseWait {
-            self.close_wait_pair(local, remote, true);
+            self.close_wait_pair(netns, local, remote, true);
         }
         self.sockets.insert(
             sk,
@@ -327,8 +351,10 @@ impl Table {
                 connect: ConnectPhase::None,
                 connected: is_connected_state(old),
                 inbound: old == TcpState::Listen
-                    || (old != TcpState::Close && self.listeners.contains_key(&local.port())),
+                    || (old != TcpState::Close
+                        && self.listeners.contains_key(&(netns, local.port()))),
                 held: Held::default(),
+                netns,
             },
         );
     }
@@ -359,14 +385,20 @@ impl Table {
     pub(super) fn remove_socket(&mut self, key: u64) -> Option<Sock> {
         let s = self.sockets.remove(&key)?;
         if s.state == TcpState::CloseWait {
-            self.close_wait_pair(s.local, s.remote, false);
+            self.close_wait_pair(s.netns, s.local, s.remote, false);
         }
         Some(s)
     }
 
     /// Counts a (local, remote) pair in or out of CLOSE_WAIT.
-    pub(super) fn close_wait_pair(&mut self, local: SocketAddr, remote: SocketAddr, add: bool) {
-        let key = tuple_key(&local, &remote);
+    pub(super) fn close_wait_pair(
+        &mut self,
+        netns: u64,
+        local: SocketAddr,
+        remote: SocketAddr,
+        add: bool,
+    ) {
+        let key = tuple_key(netns, &local, &remote);
         if add {
             *self.close_wait_pairs.entry(key).or_default() += 1;
         } else if let Some(n) = self.close_wait_pairs.get_mut(&key) {

@@ -90,7 +90,7 @@ pub struct Table {
     pub(super) src: Box<dyn ProcSource + Send>,
     pub(super) sockets: HashMap<u64, Sock>,
     /// Sockets from the start-up snapshot not yet seen in an event, by (local, remote).
-    pub(super) existing: HashMap<(SocketAddr, SocketAddr), u64>,
+    pub(super) existing: HashMap<(u64, SocketAddr, SocketAddr), u64>,
     pub(super) next_synthetic: u64,
     pub(super) time_wait: VecDeque<TimeWait>,
     /// hash of (local, remote) -> expiry of the live TIME_WAIT entry for that pair; an entry of
@@ -108,9 +108,12 @@ pub struct Table {
     /// pid -> the process that last exited with it.
     pub(super) exited_by_pid: HashMap<u32, ProcId>,
     pub(super) next_proc: ProcId,
-    /// Listening (family-less) local port -> owner, to attribute accepted sockets.
-    pub(super) listeners: HashMap<u16, ProcId>,
-    pub(super) dests: HashMap<SocketAddr, DestStats>,
+    /// Network namespace (listening socket's namespace, local port) -> owner, to attribute
+    /// accepted sockets.
+    pub(super) listeners: HashMap<(u64, u16), ProcId>,
+    /// Our own network namespace, once a reconcile has named it (0 before).
+    pub(super) own_netns: u64,
+    pub(super) dests: HashMap<(u64, SocketAddr), DestStats>,
     pub(super) closed_connects: VecDeque<ClosedConnect>,
     pub(super) exited: ExitedTotals,
     pub(super) stats: TableStats,
@@ -137,6 +140,7 @@ impl Table {
             exited_by_pid: HashMap::default(),
             next_proc: 1,
             listeners: HashMap::default(),
+            own_netns: 0,
             dests: HashMap::default(),
             closed_connects: VecDeque::new(),
             exited: ExitedTotals::default(),
@@ -178,14 +182,16 @@ impl Table {
                 local,
                 remote,
                 owner,
-            } => self.apply_state(ts_ns, sk, old, new, local, remote, owner),
+                netns,
+            } => self.apply_state(ts_ns, sk, old, new, local, remote, owner, netns),
             TcpEvent::Connect {
                 ts_ns,
                 sk,
                 remote,
                 ret,
                 owner,
-            } => self.apply_connect(ts_ns, sk, remote, ret, &owner),
+                netns,
+            } => self.apply_connect(ts_ns, sk, remote, ret, &owner, netns),
             TcpEvent::Error {
                 ts_ns,
                 local,

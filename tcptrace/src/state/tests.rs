@@ -51,7 +51,6 @@ fn table(procs: &FakeProcs) -> Table {
 fn owner(pid: u32, source: OwnerSource) -> Option<Owner> {
     Some(Owner {
         pid,
-        tid: pid,
         cgroup: 0,
         comm: [0; 16],
         source,
@@ -79,6 +78,7 @@ fn st(
         local: a(local),
         remote: a(remote),
         owner,
+        netns: 0,
     }
 }
 
@@ -358,6 +358,7 @@ fn eaddrnotavail_is_counted_for_the_pid_and_destination() {
             remote: a(dst),
             ret: -99,
             owner: o.unwrap(),
+            netns: 0,
         });
     }
     let s = snap(&t, 2 * S);
@@ -402,6 +403,7 @@ fn refused_connects_count_once_blocking_and_non_blocking() {
         remote: a(dst),
         ret: -111,
         owner: o.unwrap(),
+        netns: 0,
     });
     // Non-blocking: connect() returns -115, later close + error report (+ a second report of 0).
     let o = owner(41, OwnerSource::Current);
@@ -412,6 +414,7 @@ fn refused_connects_count_once_blocking_and_non_blocking() {
         remote: a(dst),
         ret: -115,
         owner: o.unwrap(),
+        netns: 0,
     });
     t.apply(&st(S, 2, SynSent, Close, "127.0.0.1:40001", dst, None));
     for errno in [111, 0] {
@@ -429,6 +432,7 @@ fn refused_connects_count_once_blocking_and_non_blocking() {
         remote: a(dst),
         ret: -111,
         owner: o.unwrap(),
+        netns: 0,
     });
     let s = snap(&t, 2 * S);
     for pid in [40, 41] {
@@ -463,6 +467,7 @@ fn non_blocking_refusal_inside_the_connect_call_counts_once() {
             remote: a(dst),
             ret: -115,
             owner: o.unwrap(),
+            netns: 0,
         });
     }
     let s = snap(&t, 2 * S);
@@ -488,6 +493,7 @@ fn error_report_before_close_matches_a_connect_in_flight() {
         remote: a(dst),
         ret: -115,
         owner: o.unwrap(),
+        netns: 0,
     });
     t.apply(&TcpEvent::Error {
         ts_ns: 2 * S,
@@ -511,6 +517,7 @@ fn early_failure_without_state_change_is_counted() {
         remote: a("10.9.9.9:80"),
         ret: -101,
         owner: owner(43, OwnerSource::Current).unwrap(),
+        netns: 0,
     });
     let s = snap(&t, 2 * S);
     assert_eq!(
@@ -588,24 +595,28 @@ fn existing_sockets_are_reported_at_once_and_adopted_by_address() {
     let mut t = table(&procs);
     let existing = vec![
         ExistingSocket {
+            netns: 0,
             local: a("127.0.0.1:7000"),
             remote: a("0.0.0.0:0"),
             state: Listen,
             pid: Some(60),
         },
         ExistingSocket {
+            netns: 0,
             local: a("127.0.0.1:7000"),
             remote: a("127.0.0.1:45000"),
             state: CloseWait,
             pid: Some(60),
         },
         ExistingSocket {
+            netns: 0,
             local: a("127.0.0.1:7000"),
             remote: a("127.0.0.1:45001"),
             state: CloseWait,
             pid: None,
         },
         ExistingSocket {
+            netns: 0,
             local: a("127.0.0.1:45002"),
             remote: a("127.0.0.1:7000"),
             state: TimeWait,
@@ -701,6 +712,7 @@ fn filters_select_processes() {
         remote: a("127.0.0.1:9"),
         ret: -111,
         owner: o.unwrap(),
+        netns: 0,
     });
     let pids = |f: Filter| -> Vec<u32> {
         t.snapshot(
@@ -833,6 +845,7 @@ fn table_apply_rate() {
             local,
             remote,
             owner,
+            netns: 0,
         };
         evs.push(ev(csk, Close, SynSent, z, sv, c));
         evs.push(ev(ssk, Listen, SynRecv, sv, cl, s));
@@ -894,3 +907,4 @@ fn live_views_list_the_ten_oldest_close_wait_sockets() {
 }
 
 mod accuracy;
+mod netns;

@@ -41,6 +41,8 @@ pub(super) struct FinWait2 {
 
 pub(super) struct TimeWait {
     pub(super) expiry_ns: u64,
+    /// Network namespace of the socket (0: unknown).
+    pub(super) netns: u64,
     pub(super) local: SocketAddr,
     pub(super) remote: SocketAddr,
     pub(super) owner: Option<ProcId>,
@@ -49,6 +51,7 @@ pub(super) struct TimeWait {
 
 /// A mini-socket entry whose expiry is set when it is pushed.
 pub(super) fn mini(
+    netns: u64,
     local: SocketAddr,
     remote: SocketAddr,
     owner: Option<ProcId>,
@@ -56,6 +59,7 @@ pub(super) fn mini(
 ) -> TimeWait {
     TimeWait {
         expiry_ns: 0,
+        netns,
         local,
         remote,
         owner,
@@ -67,6 +71,7 @@ impl Table {
     pub(super) fn push_time_wait(
         &mut self,
         now_ns: u64,
+        netns: u64,
         local: SocketAddr,
         remote: SocketAddr,
         owner: Option<ProcId>,
@@ -79,9 +84,11 @@ impl Table {
             // The kernel holds at most tcp_max_tw_buckets TIME_WAIT sockets.
             self.drop_tw_index(&tw);
         }
-        self.tw_index.insert(tuple_key(&local, &remote), expiry_ns);
+        self.tw_index
+            .insert(tuple_key(netns, &local, &remote), expiry_ns);
         self.time_wait.push_back(TimeWait {
             expiry_ns,
+            netns,
             local,
             remote,
             owner,
@@ -98,7 +105,7 @@ impl Table {
     /// An orphaned FIN_WAIT2 mini-socket (see the module documentation); `fw.expiry_ns` is set
     /// here.
     pub(super) fn push_fin_wait2(&mut self, now_ns: u64, mut fw: TimeWait) {
-        let key = tuple_key(&fw.local, &fw.remote);
+        let key = tuple_key(fw.netns, &fw.local, &fw.remote);
         fw.expiry_ns = now_ns + self.fin_timeout_ns;
         let expiry_ns = fw.expiry_ns;
         if self.time_wait.len() + self.fin_wait2.by_pair.len() >= self.cfg.max_time_wait
@@ -133,6 +140,7 @@ impl Table {
     pub(super) fn peer_closed(
         &mut self,
         ts: u64,
+        netns: u64,
         local: SocketAddr,
         remote: SocketAddr,
         fin: bool,
@@ -140,24 +148,30 @@ impl Table {
         if self.fin_wait2.by_pair.is_empty() {
             return;
         }
-        let Some(fw) = self.fin_wait2.by_pair.remove(&tuple_key(&remote, &local)) else {
+        let Some(fw) = self
+            .fin_wait2
+            .by_pair
+            .remove(&tuple_key(netns, &remote, &local))
+        else {
             return;
         };
         if fin {
             if let Some(p) = fw.owner.and_then(|id| self.procs.get_mut(&id)) {
                 p.time_wait_total += 1;
             }
-            self.push_time_wait(ts, fw.local, fw.remote, fw.owner, fw.inbound);
+            self.push_time_wait(ts, fw.netns, fw.local, fw.remote, fw.owner, fw.inbound);
         }
     }
 
     /// Whether a TIME_WAIT entry still stands (its pair was not reused by a new connection).
     pub(super) fn tw_live(&self, tw: &TimeWait) -> bool {
-        self.tw_index.get(&tuple_key(&tw.local, &tw.remote)) == Some(&tw.expiry_ns)
+        self.tw_index
+            .get(&tuple_key(tw.netns, &tw.local, &tw.remote))
+            == Some(&tw.expiry_ns)
     }
 
     pub(super) fn drop_tw_index(&mut self, tw: &TimeWait) {
-        let key = tuple_key(&tw.local, &tw.remote);
+        let key = tuple_key(tw.netns, &tw.local, &tw.remote);
         if self.tw_index.get(&key) == Some(&tw.expiry_ns) {
             self.tw_index.remove(&key);
         }
@@ -184,10 +198,11 @@ impl Table {
     }
 }
 
-/// A 64-bit key for a (local, remote) pair.
-pub(super) fn tuple_key(local: &SocketAddr, remote: &SocketAddr) -> u64 {
+/// A 64-bit key for a (local, remote) pair in a network namespace.
+pub(super) fn tuple_key(netns: u64, local: &SocketAddr, remote: &SocketAddr) -> u64 {
     use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
     let mut h = rustc_hash::FxBuildHasher.build_hasher();
+    netns.hash(&mut h);
     local.hash(&mut h);
     remote.hash(&mut h);
     h.finish()

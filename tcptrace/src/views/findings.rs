@@ -50,10 +50,14 @@ pub fn findings(p: &ProcessView, range_size: u64, alerts: &Thresholds) -> Vec<St
     {
         f.push(CONNECTION_CHURN.to_string());
     }
-    let near_full = range_size > 0
-        && p.destinations
-            .iter()
-            .any(|d| d.ports_in_use as f64 >= alerts.port_share * range_size as f64);
+    // Against the destination's own namespace's range when the snapshot has it.
+    let near_full = p.destinations.iter().any(|d| {
+        if d.port_range != [0, 0] {
+            d.port_share >= alerts.port_share
+        } else {
+            range_size > 0 && d.ports_in_use as f64 >= alerts.port_share * range_size as f64
+        }
+    });
     if p.connects.failed.contains_key("EADDRNOTAVAIL") || near_full {
         f.push(PORT_EXHAUSTION.to_string());
     }

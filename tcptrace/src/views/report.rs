@@ -26,6 +26,9 @@ pub struct ReportHost {
     pub fin_wait2: u64,
     pub total: u64,
     pub ephemeral_port_range: [u16; 2],
+    /// The host's (tcptrace's) network namespace; processes in others are marked.
+    #[serde(default)]
+    pub netns: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -69,6 +72,7 @@ pub fn build(snap: &Snapshot, source: &str, thresholds: &Thresholds) -> Report {
             fin_wait2: h.fin_wait2,
             total: h.total,
             ephemeral_port_range: snap.ephemeral_port_range,
+            netns: snap.netns,
         },
         dropped_events: snap.dropped_events,
         thresholds_crossed: host_thresholds(&h, thresholds),
@@ -163,7 +167,7 @@ pub fn render_text(r: &Report) -> String {
         let cw = &p["close_wait"];
         let _ = writeln!(
             o,
-            "\nPID {} {}{}{}",
+            "\nPID {} {}{}{}{}",
             p["pid"],
             escape(p["comm"].as_str().unwrap_or("?")),
             if p["exited"].as_bool() == Some(true) {
@@ -175,6 +179,10 @@ pub fn render_text(r: &Report) -> String {
                 .as_str()
                 .map(|c| format!("  container {}", escape(c)))
                 .unwrap_or_default(),
+            match p["netns"].as_u64() {
+                Some(n) if n != 0 && n != r.host.netns => format!("  netns {n}"),
+                _ => String::new(),
+            },
         );
         if let Some(c) = p["cmdline"].as_str().filter(|c| !c.is_empty()) {
             let _ = writeln!(o, "  command: {}", escape(c));
@@ -239,14 +247,19 @@ pub fn render_text(r: &Report) -> String {
                 .unwrap_or_default();
             let _ = writeln!(
                 o,
-                "    {}{}: ok {}, failed {}, ports in use {}",
+                "    {}{}: ok {}, failed {}, ports in use {}{}",
                 escape(remote),
                 service_of(remote)
                     .map(|s| format!(" ({s})"))
                     .unwrap_or_default(),
                 d["connects"]["ok"],
                 fmt_counts(&failed),
-                d["ports_in_use"]
+                d["ports_in_use"],
+                match (d["port_range"].as_array(), d["port_share"].as_f64()) {
+                    (Some(r), Some(share)) if r.len() == 2 && r[1].as_u64() != Some(0) =>
+                        format!(" of {}-{} ({:.0}%)", r[0], r[1], share * 100.0),
+                    _ => String::new(),
+                }
             );
         }
         for f in p["findings"].as_array().into_iter().flatten() {
