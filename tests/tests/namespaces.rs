@@ -24,7 +24,8 @@ fn own_netns_inode() -> u64 {
     std::fs::metadata("/proc/self/ns/net").unwrap().ino()
 }
 
-/// A leak server holding `k` CLOSE_WAIT sockets on 127.0.0.1:`port`, in `wrapper`'s namespace.
+/// A leak server holding `k` CLOSE_WAIT sockets on 127.0.0.1:`port` (0: any), in `wrapper`'s
+/// namespace.
 fn leak(wrapper: &[&str], port: u16, k: usize) -> Scenario {
     let ks = k.to_string();
     let listen = format!("127.0.0.1:{port}");
@@ -33,11 +34,11 @@ fn leak(wrapper: &[&str], port: u16, k: usize) -> Scenario {
         wrapper,
         &["leak-server", "--addr", &listen, "--count", &ks],
     );
-    server.ready_port();
+    let to = format!("127.0.0.1:{}", server.ready_port());
     let mut clients = Scenario::spawn(
         SCENARIO,
         wrapper,
-        &["clients", "--to", &listen, "--count", &ks, "--wait-stdin"],
+        &["clients", "--to", &to, "--count", &ks, "--wait-stdin"],
     );
     clients.expect("CONNECTED");
     server.expect("ACCEPTED");
@@ -129,4 +130,29 @@ fn exhaustion_is_judged_against_the_namespace_range() {
         "127.0.0.1:5555 in the namespace: 100 ports in use of [40000, 40099], share 1.0",
         ok,
     );
+}
+
+/// A leak made 8 s before tcptrace starts: its age is estimated from the kernel's tcp_info (the
+/// peer's FIN came with the last ACK received), not counted from tcptrace's start.
+#[test]
+fn a_leak_older_than_tcptrace_has_an_estimated_age() {
+    require_root!("a_leak_older_than_tcptrace_has_an_estimated_age");
+    let server = leak(&[], 0, 2);
+    let pid = server.pid();
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    let (mut tt, first) = Tcptrace::watch(&["--leak-after", "1"]);
+    let p =
+        process(&first, pid).unwrap_or_else(|| panic!("pid {pid} in the first snapshot: {first}"));
+    let oldest = p["close_wait"]["oldest_secs"].as_f64().unwrap_or(0.0);
+    assert!(oldest >= 7.0, "oldest_secs {oldest} >= 7: {p}");
+    let socks = at(p, "close_wait.sockets")
+        .and_then(Value::as_array)
+        .unwrap();
+    assert_eq!(socks.len(), 2, "{p}");
+    assert!(
+        socks.iter().all(|s| s["age_estimated"] == true
+            && s["age_secs"].as_f64().is_some_and(|a| a >= 7.0)),
+        "{p}"
+    );
+    tt.proc.stop(std::time::Duration::from_secs(2));
 }

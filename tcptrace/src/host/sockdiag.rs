@@ -16,7 +16,7 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, Timer},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, Timer, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
 
@@ -29,6 +29,19 @@ pub struct DiagSocket {
     pub state: u8,
     /// A mini-socket (`inet_timewait_sock`) rather than a full socket.
     pub timewait: bool,
+    /// From `tcp_info` (full sockets): milliseconds since the last ACK and the last data
+    /// were received.
+    pub last_ack_recv_ms: Option<u32>,
+    pub last_data_recv_ms: Option<u32>,
+}
+
+/// `tcpi_last_data_recv` and `tcpi_last_ack_recv` in `struct tcp_info` (linux/tcp.h): after 8
+/// bytes of u8 fields and 11 u32s.
+const TCPI_LAST_DATA_RECV: usize = 52;
+const TCPI_LAST_ACK_RECV: usize = 56;
+
+fn tcp_info_u32(info: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(info.get(at..at + 4)?.try_into().ok()?))
 }
 
 /// Every TCP socket of this network namespace (IPv4 and IPv6), mini-sockets included.
@@ -54,7 +67,7 @@ fn dump(sock: &mut Socket, family: u8, id: SocketId, out: &mut Vec<DiagSocket>) 
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::empty(),
+            extensions: ExtensionFlags::INFO,
             states: StateFlags::all(),
             socket_id: id,
         })
@@ -86,7 +99,13 @@ fn dump(sock: &mut Socket, family: u8, id: SocketId, out: &mut Vec<DiagSocket>) 
                     let h = &r.header;
                     let state = h.state;
                     let id = &h.socket_id;
+                    let info = r.nlas.iter().find_map(|n| match n {
+                        Nla::TcpInfo(bytes) => Some(bytes.as_slice()),
+                        _ => None,
+                    });
                     out.push(DiagSocket {
+                        last_ack_recv_ms: info.and_then(|i| tcp_info_u32(i, TCPI_LAST_ACK_RECV)),
+                        last_data_recv_ms: info.and_then(|i| tcp_info_u32(i, TCPI_LAST_DATA_RECV)),
                         local: addr(id.source_address, id.source_port),
                         remote: addr(id.destination_address, id.destination_port),
                         state,

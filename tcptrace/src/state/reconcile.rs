@@ -204,6 +204,7 @@ impl Table {
                     inbound,
                     held: Default::default(),
                     netns,
+                    age_estimated: false,
                 },
             );
             self.existing.insert((netns, ks.local, ks.remote), key);

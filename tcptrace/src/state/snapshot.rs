@@ -39,6 +39,8 @@ pub struct SocketView {
     /// Still in the listener's accept queue: no process has accepted it.
     pub unaccepted: bool,
     pub netns: u64,
+    /// The age is an estimate: the socket is older than tracing (from the kernel's tcp_info).
+    pub age_estimated: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -372,6 +374,7 @@ impl Table {
                         .collect(),
                     unaccepted: s.held.unaccepted,
                     netns: s.netns,
+                    age_estimated: s.age_estimated,
                 });
             }
             cw.oldest_secs = round3(cw.oldest_secs);

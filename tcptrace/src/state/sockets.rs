@@ -23,6 +23,9 @@ pub struct ExistingSocket {
     pub remote: SocketAddr,
     pub state: TcpState,
     pub pid: Option<u32>,
+    /// How long it has been in its state, when the kernel's `tcp_info` allows an estimate
+    /// (CLOSE_WAIT: time since the last ACK received, which came with the peer's FIN).
+    pub age_ns: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +54,8 @@ pub(super) struct Sock {
     pub(super) held: Held,
     /// Network namespace (0: unknown).
     pub(super) netns: u64,
+    /// `since_ns` is an estimate (a socket older than tracing, aged from `tcp_info`).
+    pub(super) age_estimated: bool,
 }
 
 /// Keys of snapshot sockets that have no kernel address yet live above this bit.
@@ -106,8 +111,9 @@ impl Table {
                 key,
                 Sock {
                     state: s.state,
-                    // Unknown: the socket is at least as old as tracing; its age counts from now.
-                    since_ns: now_ns,
+                    // Estimated from tcp_info where the kernel gives it; else at least as old as
+                    // tracing, counted from now.
+                    since_ns: now_ns.saturating_sub(s.age_ns.unwrap_or(0)),
                     local: s.local,
                     remote: s.remote,
                     owner,
@@ -116,6 +122,7 @@ impl Table {
                     inbound,
                     held: Held::default(),
                     netns: s.netns,
+                    age_estimated: s.age_ns.is_some(),
                 },
             );
             self.existing.insert((s.netns, s.local, s.remote), key);
@@ -355,6 +362,7 @@ impl Table {
                         && self.listeners.contains_key(&(netns, local.port()))),
                 held: Held::default(),
                 netns,
+                age_estimated: false,
             },
         );
     }

@@ -595,6 +595,7 @@ fn existing_sockets_are_reported_at_once_and_adopted_by_address() {
     let mut t = table(&procs);
     let existing = vec![
         ExistingSocket {
+            age_ns: None,
             netns: 0,
             local: a("127.0.0.1:7000"),
             remote: a("0.0.0.0:0"),
@@ -602,6 +603,7 @@ fn existing_sockets_are_reported_at_once_and_adopted_by_address() {
             pid: Some(60),
         },
         ExistingSocket {
+            age_ns: None,
             netns: 0,
             local: a("127.0.0.1:7000"),
             remote: a("127.0.0.1:45000"),
@@ -609,6 +611,7 @@ fn existing_sockets_are_reported_at_once_and_adopted_by_address() {
             pid: Some(60),
         },
         ExistingSocket {
+            age_ns: None,
             netns: 0,
             local: a("127.0.0.1:7000"),
             remote: a("127.0.0.1:45001"),
@@ -616,6 +619,7 @@ fn existing_sockets_are_reported_at_once_and_adopted_by_address() {
             pid: None,
         },
         ExistingSocket {
+            age_ns: None,
             netns: 0,
             local: a("127.0.0.1:45002"),
             remote: a("127.0.0.1:7000"),

@@ -67,7 +67,10 @@ fn the_same_addresses_in_two_namespaces_do_not_collide() {
         .map(|d| (d.netns, d.ports_in_use))
         .collect();
     assert_eq!(dests.len(), 2, "{:?}", s.destinations);
-    assert!(dests.contains(&(A, 1)) && dests.contains(&(B, 1)), "{dests:?}");
+    assert!(
+        dests.contains(&(A, 1)) && dests.contains(&(B, 1)),
+        "{dests:?}"
+    );
     for (pid, ns) in [(20, A), (21, B)] {
         let p = proc_view(&s, pid);
         assert_eq!(p.churn.time_wait, 1, "{p:?}");

@@ -6,7 +6,7 @@
 //! opened in between is in both; the table adopts it by address instead of counting it twice.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -16,20 +16,25 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod from_host;
+
+pub use from_host::{SysProcs, existing_sockets, namespaces};
+
+use from_host::{
+    PortRanges, RECONCILE_AFTER, RECONCILE_GAP, reconcile, resolve_holders, resolve_owners,
+};
+
 use crate::{
-    host::clock::{monotonic_ns, unix_now},
     host::{
+        clock::{monotonic_ns, unix_now},
         holders::{self, HolderResolver},
         procfs, sockdiag,
     },
-    kernel::event::{TcpEvent, TcpState, decode},
+    kernel::event::{TcpEvent, decode},
     kernel::log::KernelLog,
     kernel::probes::{KernelCounters, ProbeOptions, Probes},
     state::snapshot::Snapshot,
-    state::{
-        ConnectFailure, ExistingSocket, HeldBy, KernelSocket, ProcMeta, ProcSource,
-        SnapshotOptions, Table, TableConfig,
-    },
+    state::{ConnectFailure, SnapshotOptions, Table, TableConfig},
 };
 
 /// Why the tracer could not start.
@@ -42,93 +47,6 @@ pub enum TracerError {
     Sockets(#[source] std::io::Error),
     #[error("starting the reader thread")]
     Thread(#[source] std::io::Error),
-}
-
-/// Processes as /proc describes them.
-pub struct SysProcs;
-
-impl ProcSource for SysProcs {
-    fn start_time(&mut self, pid: u32) -> Option<u64> {
-        match procfs::pid_status(pid) {
-            procfs::PidStatus::Started(t) => Some(t),
-            procfs::PidStatus::Gone | procfs::PidStatus::Unknown => None,
-        }
-    }
-    fn still_running(&mut self, pid: u32, start: u64) -> bool {
-        match procfs::pid_status(pid) {
-            procfs::PidStatus::Started(t) => t == start,
-            procfs::PidStatus::Gone => false,
-            procfs::PidStatus::Unknown => true,
-        }
-    }
-    fn netns(&mut self, pid: u32) -> Option<u64> {
-        sockdiag::netns_of(&format!("/proc/{pid}"))
-    }
-    fn meta(&mut self, pid: u32) -> Option<ProcMeta> {
-        procfs::process_info(pid).map(|p| ProcMeta {
-            comm: p.comm,
-            cmdline: p.cmdline,
-            cgroup: p.cgroup,
-            container: p.container,
-        })
-    }
-}
-
-/// The sockets that exist now, with owners, as the table takes them: with `all_namespaces`,
-/// those of every network namespace some process is in (each namespace's list read once,
-/// through one of its processes), each marked with its namespace; else those of ours, with
-/// namespace 0 (unknown, as the records will be).
-pub fn existing_sockets(all_namespaces: bool) -> std::io::Result<Vec<ExistingSocket>> {
-    let mut lists: Vec<(u64, Vec<procfs::SockRecord>)> = Vec::new();
-    if all_namespaces {
-        for (netns, pid) in namespaces() {
-            // A process may exit meanwhile: its namespace is then read through another one next
-            // time, or learned from events.
-            if let Ok(records) = holders::sockets_of_netns(Some(pid)) {
-                lists.push((netns, records));
-            }
-        }
-    }
-    if lists.is_empty() {
-        lists.push((0, procfs::read_tcp_sockets()?));
-    }
-    let wanted: HashSet<u64> = lists
-        .iter()
-        .flat_map(|(_, l)| l.iter().map(|r| r.inode))
-        .filter(|&i| i != 0)
-        .collect();
-    let owners = procfs::socket_owners(Some(&wanted));
-    Ok(lists
-        .into_iter()
-        .flat_map(|(netns, records)| records.into_iter().map(move |r| (netns, r)))
-        .filter_map(|(netns, r)| {
-            Some(ExistingSocket {
-                netns,
-                local: r.local,
-                remote: r.remote,
-                state: TcpState::from_u8(r.state)?,
-                pid: owners.get(&r.inode).copied(),
-            })
-        })
-        .collect())
-}
-
-/// Every network namespace some process is in, with one of its processes (ours first for our
-/// own namespace).
-pub fn namespaces() -> Vec<(u64, u32)> {
-    let me = std::process::id();
-    let mut seen: HashMap<u64, u32> = HashMap::new();
-    if let Some(n) = holders::netns_of(me) {
-        seen.insert(n, me);
-    }
-    for pid in procfs::list_pids() {
-        if let Some(n) = holders::netns_of(pid) {
-            seen.entry(n).or_insert(pid);
-        }
-    }
-    let mut v: Vec<(u64, u32)> = seen.into_iter().collect();
-    v.sort_unstable();
-    v
 }
 
 /// Called on the reader thread for every event, after the table has applied it.
@@ -379,43 +297,6 @@ fn reader_loop(
     drop(probes);
 }
 
-/// How long after records were lost the table is compared with the kernel's socket list: lost
-/// records come in bursts, one comparison after the burst is enough (another follows if records
-/// are still being lost).
-const RECONCILE_AFTER: Duration = Duration::from_secs(1);
-/// Least time between two: a host that loses records all the time (a ring buffer too small for
-/// its load) would otherwise pay for a dump of every socket each second.
-const RECONCILE_GAP: Duration = Duration::from_secs(3);
-
-/// Corrects the table from the kernel's socket list (sock_diag) after lost records. A failed
-/// read leaves the table as it is (the next loss tries again) and returns false.
-fn reconcile(shared: &Shared) -> bool {
-    let read_at = monotonic_ns();
-    let Ok(listed) = sockdiag::tcp_sockets() else {
-        return false;
-    };
-    let kernel: Vec<KernelSocket> = listed
-        .into_iter()
-        .filter_map(|d| {
-            Some(KernelSocket {
-                local: d.local,
-                remote: d.remote,
-                state: TcpState::from_u8(d.state)?,
-                timewait: d.timewait,
-            })
-        })
-        .collect();
-    let Some(netns) = sockdiag::netns_of("/proc/self") else {
-        return false;
-    };
-    shared
-        .table
-        .lock()
-        .unwrap()
-        .reconcile(&kernel, netns, read_at, monotonic_ns());
-    true
-}
-
 /// Owner and previous-state time of an event's socket, from the table before it applies it.
 fn event_context(table: &Table, ev: &TcpEvent) -> EventContext {
     let now = ev.ts_ns();
@@ -446,149 +327,5 @@ fn event_context(table: &Table, ev: &TcpEvent) -> EventContext {
             failures: Vec::new(),
         },
         TcpEvent::Error { .. } => EventContext::default(),
-    }
-}
-
-/// ip_local_port_range of the namespaces the table's processes are in, each read again after
-/// [`PORT_RANGE_TTL`].
-#[derive(Default)]
-struct PortRanges(HashMap<u64, (Instant, (u16, u16))>);
-
-const PORT_RANGE_TTL: Duration = Duration::from_secs(10);
-
-impl PortRanges {
-    fn refresh(&mut self, namespaces: &[(u64, u32)]) {
-        self.0.retain(|n, _| namespaces.iter().any(|(m, _)| m == n));
-        for &(netns, pid) in namespaces {
-            if self
-                .0
-                .get(&netns)
-                .is_some_and(|(at, _)| at.elapsed() < PORT_RANGE_TTL)
-            {
-                continue;
-            }
-            match procfs::ephemeral_port_range_of(pid) {
-                Some(r) => {
-                    self.0.insert(netns, (Instant::now(), r));
-                }
-                None => {
-                    self.0.remove(&netns);
-                }
-            }
-        }
-    }
-
-    fn current(&self) -> std::collections::HashMap<u64, (u16, u16)> {
-        self.0.iter().map(|(&n, &(_, r))| (n, r)).collect()
-    }
-}
-
-/// Most CLOSE_WAIT sockets whose holders are looked up per second.
-const MAX_HOLDER_QUERIES: usize = 20_000;
-
-/// Looks up who holds the CLOSE_WAIT sockets the table asks about (new ones, and every few
-/// seconds those that stay): their inodes from the socket list of the namespace of the process
-/// the kernel side named (read once per namespace), then the holders of those inodes from
-/// /proc/PID/fd, that process's tree first.
-fn resolve_holders(shared: &Shared, resolver: &mut HolderResolver) {
-    let queries = shared
-        .table
-        .lock()
-        .unwrap()
-        .holders_to_resolve(monotonic_ns(), MAX_HOLDER_QUERIES);
-    if queries.is_empty() {
-        return;
-    }
-    // Inodes not known yet: from the socket list of the hint's namespace, read once.
-    let mut ns_of_hint: HashMap<Option<u32>, Option<u64>> = HashMap::new();
-    let mut lists: HashMap<Option<u64>, HashMap<(SocketAddr, SocketAddr), u64>> = HashMap::new();
-    let mut inode_of = Vec::with_capacity(queries.len());
-    for q in &queries {
-        if q.inode.is_some() {
-            inode_of.push(q.inode);
-            continue;
-        }
-        let ns = *ns_of_hint
-            .entry(q.hint)
-            .or_insert_with(|| holders::netns_of(q.hint.unwrap_or_else(std::process::id)));
-        let list = lists.entry(ns).or_insert_with(|| {
-            holders::sockets_of_netns(q.hint)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|r| ((r.local, r.remote), r.inode))
-                .collect()
-        });
-        inode_of.push(list.get(&(q.local, q.remote)).copied());
-    }
-    let inodes: HashSet<u64> = inode_of
-        .iter()
-        .flatten()
-        .filter(|&&i| i != 0)
-        .copied()
-        .collect();
-    let mut hints: Vec<u32> = queries
-        .iter()
-        .flat_map(|q| q.hint.iter().chain(&q.holders).copied())
-        .collect();
-    hints.sort_unstable();
-    hints.dedup();
-    let found = resolver.resolve(&inodes, &hints);
-    let now = monotonic_ns();
-    let mut table = shared.table.lock().unwrap();
-    for (q, inode) in queries.iter().zip(inode_of) {
-        let held = match inode {
-            None => HeldBy::Unknown,
-            Some(0) => HeldBy::Unaccepted,
-            Some(inode) => match found.holders.get(&inode) {
-                Some(list) => HeldBy::Processes {
-                    inode,
-                    by: list.iter().map(|h| (h.pid, h.fd)).collect(),
-                },
-                None => HeldBy::Unknown,
-            },
-        };
-        table.set_holders(q.key, held, now);
-    }
-}
-
-/// CLOSE_WAIT sockets nobody owns in the table (accepted before tracing began by a listener we
-/// did not see, or whose kernel owner entry was evicted): look them up in /proc. Each address
-/// is tried once, so sockets of other network namespaces do not cost a scan every second.
-fn resolve_owners(
-    shared: &Shared,
-    unowned: Vec<(SocketAddr, SocketAddr)>,
-    tried: &mut HashSet<(SocketAddr, SocketAddr)>,
-) {
-    let fresh: Vec<_> = unowned.into_iter().filter(|k| tried.insert(*k)).collect();
-    if fresh.is_empty() {
-        return;
-    }
-    if tried.len() > 100_000 {
-        tried.clear();
-    }
-    let Ok(records) = procfs::read_tcp_sockets() else {
-        return;
-    };
-    let wanted: HashSet<(SocketAddr, SocketAddr)> = fresh.into_iter().collect();
-    let by_inode: Vec<(u64, SocketAddr, SocketAddr)> = records
-        .iter()
-        .filter(|r| r.inode != 0 && wanted.contains(&(r.local, r.remote)))
-        .map(|r| (r.inode, r.local, r.remote))
-        .collect();
-    if by_inode.is_empty() {
-        return;
-    }
-    let inodes: HashSet<u64> = by_inode.iter().map(|x| x.0).collect();
-    let owners = procfs::socket_owners(Some(&inodes));
-    let found: Vec<(SocketAddr, SocketAddr, u32)> = by_inode
-        .into_iter()
-        .filter_map(|(i, l, r)| owners.get(&i).map(|&pid| (l, r, pid)))
-        .collect();
-    if !found.is_empty() {
-        shared
-            .table
-            .lock()
-            .unwrap()
-            .assign_owners(&found, monotonic_ns());
     }
 }
