@@ -71,6 +71,10 @@ struct ReportArgs {
     /// Only this process (repeatable).
     #[arg(long, short = 'p', value_name = "PID")]
     pid: Vec<u32>,
+    /// Only processes of this container: its id or a prefix of it (at least 4 hex digits), or a
+    /// pod name (repeatable).
+    #[arg(long, value_name = "ID", value_parser = container_selector)]
+    container: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -103,6 +107,10 @@ struct WatchArgs {
     /// Show only processes with this command name (repeatable).
     #[arg(long, short = 'c', value_name = "NAME")]
     comm: Vec<String>,
+    /// Show only processes of this container: its id or a prefix of it (at least 4 hex
+    /// digits), or a pod name (repeatable).
+    #[arg(long, value_name = "ID", value_parser = container_selector)]
+    container: Vec<String>,
     /// Show only processes with a socket or connect on this local or remote port (repeatable).
     #[arg(long, value_name = "PORT")]
     port: Vec<u16>,
@@ -146,6 +154,21 @@ fn ring_buffer_kib(s: &str) -> Result<u32, String> {
     bounds::ring_buffer_kib(v)
 }
 
+/// A container id (or a prefix of at least 4 hex digits) or a pod name, lowercased.
+fn container_selector(s: &str) -> Result<String, String> {
+    let v = s.trim().to_ascii_lowercase();
+    // Ids are hex, pod names DNS labels (lowercase letters, digits, '-', '.').
+    let name = v
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if v.is_empty() || v.len() > 253 || !name {
+        return Err(format!(
+            "`{s}` is not a container id (4 to 64 hex digits) or a pod name"
+        ));
+    }
+    Ok(v)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -165,7 +188,9 @@ fn main() -> ExitCode {
                 Ok(cfg) => Ok(daemon::run(cfg, a.config).await?),
                 Err(e) => Err(e),
             },
-            Command::Report(a) => Ok(client::report(&a.socket, a.json, &a.pid).await?),
+            Command::Report(a) => {
+                Ok(client::report(&a.socket, a.json, &a.pid, &a.container).await?)
+            }
             Command::Status(a) => Ok(client::status(&a.socket, a.json).await?),
         }
     });
@@ -208,6 +233,7 @@ fn watch_options(a: WatchArgs) -> WatchOptions {
             pids: a.pid,
             comms: a.comm,
             ports: a.port,
+            containers: a.container,
         },
         duration: a.duration.map(Duration::from_secs_f64),
         tracer: TracerOptions {

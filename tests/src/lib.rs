@@ -232,9 +232,15 @@ pub struct Tcptrace {
 
 impl Tcptrace {
     pub fn start(args: &[&str]) -> Tcptrace {
+        Tcptrace::start_env(args, &[])
+    }
+
+    /// Like `start`, with these environment variables set for tcptrace.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Tcptrace {
         let bin = tcptrace_bin();
         let mut child = Command::new(&bin)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use crate::{
     daemon::protocol::{self, RequestError, Status},
     host::clock::{monotonic_ns, unix_now},
-    state::{SnapshotOptions, Table, TableConfig},
+    state::{
+        SnapshotOptions, Table, TableConfig,
+        snapshot::{PodView, container_selected},
+    },
     tracer::{SysProcs, existing_sockets},
     views::findings::Thresholds,
     views::report::{self, Report},
@@ -36,7 +39,7 @@ pub enum ClientError {
 
 /// The sockets that exist now and their owners, without history.
 fn snapshot_report() -> Result<Report, ClientError> {
-    let mut table = Table::new(TableConfig::default(), Box::new(SysProcs));
+    let mut table = Table::new(TableConfig::default(), Box::new(SysProcs::default()));
     let now = monotonic_ns();
     table.load_existing(&existing_sockets(false).map_err(ClientError::Sockets)?, now);
     let snap = table.snapshot(
@@ -78,7 +81,12 @@ fn printable(s: &str) -> String {
         .collect()
 }
 
-pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<(), ClientError> {
+pub async fn report(
+    socket: &Path,
+    json: bool,
+    pids: &[u32],
+    containers: &[String],
+) -> Result<(), ClientError> {
     let mut r: Report = match protocol::request(socket, "report").await {
         Ok(v) => serde_json::from_value(v["report"].clone()).map_err(|source| {
             ClientError::Malformed {
@@ -106,6 +114,12 @@ pub async fn report(socket: &Path, json: bool, pids: &[u32]) -> Result<(), Clien
             p["pid"]
                 .as_u64()
                 .is_some_and(|pid| pids.contains(&(pid as u32)))
+        });
+    }
+    if !containers.is_empty() {
+        r.processes.retain(|p| {
+            let pod: Option<PodView> = serde_json::from_value(p["pod"].clone()).ok();
+            container_selected(containers, p["container_id"].as_str(), pod.as_ref())
         });
     }
     if json {

@@ -256,6 +256,9 @@ pub struct ProcInfo {
     pub cgroup: String,
     /// First 12 chars of a container id found in the cgroup path.
     pub container: Option<String>,
+    /// The container id (64 hex) and, on Kubernetes, the pod uid from the cgroup path.
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
 }
 
 /// What /proc says about a pid right now.
@@ -306,12 +309,17 @@ pub fn process_info(pid: u32) -> Option<ProcInfo> {
         .unwrap_or("")
         .to_string();
     // Prefer the v2 path; on v1/hybrid hosts the id may only appear in a v1 hierarchy.
-    let container = container_id_from_cgroup(&cgroup).or_else(|| {
+    let found = super::containers::from_cgroup(&cgroup).or_else(|| {
         cgroup_text
             .lines()
             .filter_map(|l| l.splitn(3, ':').nth(2))
-            .find_map(container_id_from_cgroup)
+            .find_map(super::containers::from_cgroup)
     });
+    let container = found.as_ref().map(|c| c.id[..12].to_string());
+    let (container_id, pod_uid) = match found {
+        Some(c) => (Some(c.id), c.pod_uid),
+        None => (None, None),
+    };
     Some(ProcInfo {
         pid,
         start_time,
@@ -319,6 +327,8 @@ pub fn process_info(pid: u32) -> Option<ProcInfo> {
         cmdline,
         cgroup,
         container,
+        container_id,
+        pod_uid,
     })
 }
 
@@ -370,32 +380,9 @@ pub fn parse_stat(text: &[u8]) -> Option<(String, u64)> {
     Some((comm, parse_dec(start)?))
 }
 
-/// Extracts a container id from a cgroup path and returns its first 12 chars. Recognized:
-/// `docker-<id>.scope`, `cri-containerd-<id>.scope`, `crio-<id>.scope`, `libpod-<id>.scope`,
-/// `/docker/<id>` and `/kubepods/.../<id>`, where <id> is 64 hex chars. The innermost match wins.
+/// The first 12 chars of the container id of a cgroup path (see [`super::containers`]).
 pub fn container_id_from_cgroup(path: &str) -> Option<String> {
-    const SCOPE_PREFIXES: [&str; 4] = ["docker-", "cri-containerd-", "crio-", "libpod-"];
-    let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
-    let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
-    for (i, c) in comps.iter().enumerate().rev() {
-        let id = if let Some(stem) = c.strip_suffix(".scope") {
-            SCOPE_PREFIXES
-                .iter()
-                .find_map(|p| stem.strip_prefix(p))
-                .filter(|s| is_id(s))
-        } else if is_id(c)
-            && (i > 0 && comps[i - 1] == "docker"
-                || comps[..i].iter().any(|a| a.starts_with("kubepods")))
-        {
-            Some(*c)
-        } else {
-            None
-        };
-        if let Some(id) = id {
-            return Some(id[..12].to_ascii_lowercase());
-        }
-    }
-    None
+    super::containers::from_cgroup(path).map(|c| c.id[..12].to_string())
 }
 
 /// /proc/sys/net/ipv4/ip_local_port_range as (lo, hi); None if unreadable.

@@ -8,6 +8,7 @@ use rustc_hash::FxHashMap as HashMap;
 
 use super::{
     destinations::{DestStats, ErrCounts},
+    snapshot::PodView,
     table::{NS, Table},
 };
 use crate::kernel::event::Owner;
@@ -46,7 +47,13 @@ pub struct ProcMeta {
     pub comm: String,
     pub cmdline: String,
     pub cgroup: String,
+    /// The container id's first 12 hex digits, and all of it.
     pub container: Option<String>,
+    pub container_id: Option<String>,
+    /// On Kubernetes: the pod's uid, and its namespace, name and container name where the node
+    /// shows them.
+    pub pod_uid: Option<String>,
+    pub pod: Option<PodView>,
 }
 
 pub(super) type ProcId = u64;

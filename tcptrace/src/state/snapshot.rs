@@ -127,6 +127,13 @@ pub struct ProcessView {
     pub cgroup: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// The full container id (null outside containers) and the Kubernetes pod uid (null
+    /// outside pods).
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
+    /// Pod namespace, pod name and container name, where the node shows them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodView>,
     pub exited: bool,
     pub close_wait: CloseWaitView,
     pub connects: ConnectsView,
@@ -134,6 +141,13 @@ pub struct ProcessView {
     pub destinations: Vec<ProcDestView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub findings: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PodView {
+    pub namespace: String,
+    pub name: String,
+    pub container: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -176,11 +190,29 @@ pub struct Filter {
     pub pids: Vec<u32>,
     pub comms: Vec<String>,
     pub ports: Vec<u16>,
+    /// Container ids (or prefixes) and pod names, lowercase.
+    pub containers: Vec<String>,
+}
+
+/// Whether a process in this container / pod is one `containers` selects (ids by prefix, pod
+/// names whole).
+pub fn container_selected(
+    containers: &[String],
+    container_id: Option<&str>,
+    pod: Option<&PodView>,
+) -> bool {
+    containers.iter().any(|c| {
+        container_id.is_some_and(|id| id.starts_with(c.as_str()))
+            || pod.is_some_and(|p| p.name == *c)
+    })
 }
 
 impl Filter {
     pub fn is_empty(&self) -> bool {
-        self.pids.is_empty() && self.comms.is_empty() && self.ports.is_empty()
+        self.pids.is_empty()
+            && self.comms.is_empty()
+            && self.ports.is_empty()
+            && self.containers.is_empty()
     }
     /// Whether an event-stream line with these fields passes.
     pub fn matches_event(&self, pid: u32, comm: &str, ports: [u16; 2]) -> bool {
@@ -326,6 +358,15 @@ impl Table {
             if !filter.comms.is_empty() && !filter.comms.contains(&p.meta.comm) {
                 continue;
             }
+            if !filter.containers.is_empty()
+                && !container_selected(
+                    &filter.containers,
+                    p.meta.container_id.as_deref(),
+                    p.meta.pod.as_ref(),
+                )
+            {
+                continue;
+            }
             if !filter.ports.is_empty()
                 && !acc.port_match
                 && !p.dests.keys().any(|d| filter.ports.contains(&d.1.port()))
@@ -428,6 +469,9 @@ impl Table {
                 cmdline: opts.detail.then(|| p.meta.cmdline.clone()),
                 cgroup: (opts.detail && !p.meta.cgroup.is_empty()).then(|| p.meta.cgroup.clone()),
                 container: p.meta.container.clone(),
+                container_id: p.meta.container_id.clone(),
+                pod_uid: p.meta.pod_uid.clone(),
+                pod: p.meta.pod.clone(),
                 exited: p.exited_ns.is_some(),
                 close_wait: cw,
                 connects: ConnectsView {

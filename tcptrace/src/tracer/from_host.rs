@@ -13,15 +13,19 @@ use super::Shared;
 use crate::{
     host::{
         clock::monotonic_ns,
+        containers::PodDirectory,
         holders::{self, HolderResolver},
         procfs, sockdiag,
     },
     kernel::event::TcpState,
-    state::{ExistingSocket, HeldBy, KernelSocket, ProcMeta, ProcSource},
+    state::{ExistingSocket, HeldBy, KernelSocket, ProcMeta, ProcSource, snapshot::PodView},
 };
 
-/// Processes as /proc describes them.
-pub struct SysProcs;
+/// Processes as /proc describes them (and the node's pod log links, for pod names).
+#[derive(Default)]
+pub struct SysProcs {
+    pods: PodDirectory,
+}
 
 impl ProcSource for SysProcs {
     fn start_time(&mut self, pid: u32) -> Option<u64> {
@@ -41,11 +45,25 @@ impl ProcSource for SysProcs {
         sockdiag::netns_of(&format!("/proc/{pid}"))
     }
     fn meta(&mut self, pid: u32) -> Option<ProcMeta> {
-        procfs::process_info(pid).map(|p| ProcMeta {
+        let p = procfs::process_info(pid)?;
+        let pod = p
+            .container_id
+            .as_deref()
+            .filter(|_| p.pod_uid.is_some())
+            .and_then(|id| self.pods.lookup(id))
+            .map(|n| PodView {
+                namespace: n.namespace,
+                name: n.pod,
+                container: n.container,
+            });
+        Some(ProcMeta {
             comm: p.comm,
             cmdline: p.cmdline,
             cgroup: p.cgroup,
             container: p.container,
+            container_id: p.container_id,
+            pod_uid: p.pod_uid,
+            pod,
         })
     }
 }

@@ -107,7 +107,7 @@ impl Tracer {
     /// Attaches, loads the existing sockets, starts the reader.
     pub fn start(opts: TracerOptions, sink: Option<EventSink>) -> Result<Self, TracerError> {
         let probes = Probes::attach(opts.probes)?;
-        let mut table = Table::new(opts.table, Box::new(SysProcs));
+        let mut table = Table::new(opts.table, Box::new(SysProcs::default()));
         if sink.is_some() {
             table.record_failures();
         }

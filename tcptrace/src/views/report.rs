@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::{
     findings::{Thresholds, advice, findings, host_thresholds, range_size},
@@ -186,6 +187,16 @@ pub fn render_text(r: &Report) -> String {
         );
         if let Some(c) = p["cmdline"].as_str().filter(|c| !c.is_empty()) {
             let _ = writeln!(o, "  command: {}", escape(c));
+        }
+        if let Some(pod) = p["pod"].as_object() {
+            let f = |k: &str| escape(pod.get(k).and_then(Value::as_str).unwrap_or("?"));
+            let _ = writeln!(
+                o,
+                "  pod: {}/{} container {}",
+                f("namespace"),
+                f("name"),
+                f("container")
+            );
         }
         if let Some(c) = p["cgroup"].as_str() {
             let _ = writeln!(o, "  cgroup: {}", escape(c));
