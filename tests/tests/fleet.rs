@@ -1,0 +1,231 @@
+//! What a fleet's monitoring relies on: a live metrics page that `promtool check metrics`
+//! accepts, with the series of real scenarios; the alert rules under `promtool test rules`.
+//!
+//! Privileged tests print `SKIP` unless run as root. Run:
+//!
+//! ```text
+//! TCPTRACE_BIN=target/release/tcptrace cargo test --release -p tcptrace-tests --test fleet -- --nocapture
+//! ```
+
+use std::{
+    ffi::OsStr,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use tcptrace_tests::{
+    ClosedPort, Scenario, TempDir, free_port, http_request, poll, require_root, tcptrace_bin,
+};
+
+const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
+
+/// The body of a 200 answer.
+fn get_ok(addr: &str, path: &str, headers: &str) -> Result<String, String> {
+    let (status, _, body) = http_request(addr, path, headers)?;
+    if !status.contains(" 200 ") {
+        return Err(format!("GET {path}: {status}\n{body}"));
+    }
+    Ok(body)
+}
+
+/// The value of the sample named exactly `series` (name and labels) on a metrics page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+/// A daemon with its own control socket and metrics port.
+struct Daemon {
+    proc: Scenario,
+    metrics: String,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    /// A daemon whose counter series are not capped below what a busy test host needs (other
+    /// tests' processes and destinations must not take the places of ours).
+    fn start(name: &str, dir: &TempDir) -> Daemon {
+        let config = dir.0.join("tcptrace.toml");
+        std::fs::write(
+            &config,
+            "[limits]\nmetrics_top_processes = 10000\nmetrics_top_destinations = 10000\n",
+        )
+        .expect("write config");
+        let socket = PathBuf::from(format!(
+            "/tmp/tcptrace-fleet-{name}-{}.sock",
+            std::process::id()
+        ));
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(tcptrace_bin());
+        cmd.arg("daemon").arg("--socket").arg(&socket).args([
+            "--metrics-addr",
+            &metrics,
+            "--leak-after",
+            "1",
+        ]);
+        let mut d = Daemon {
+            proc: Scenario::from_command(cmd, format!("tcptrace daemon ({name})")),
+            metrics,
+            socket,
+        };
+        let ready = poll(30, || {
+            if let Some(st) = d.proc.proc.exited() {
+                return Ok(Err(format!("exited: {st}")));
+            }
+            get_ok(&d.metrics, "/readyz", "").map(Ok)
+        });
+        match ready {
+            Ok(Ok(_)) => d,
+            Ok(Err(e)) | Err(e) => panic!(
+                "daemon not ready: {e}\nstderr: {}",
+                d.proc.proc.stderr.tail(4000)
+            ),
+        }
+    }
+
+    /// The metrics page in the text format (no Accept header, as curl sends).
+    fn page(&self) -> String {
+        get_ok(&self.metrics, "/metrics", "").unwrap_or_else(|e| panic!("scrape: {e}"))
+    }
+
+    fn stderr(&self) -> String {
+        self.proc.proc.stderr.tail(4000)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.proc.proc.stop(Duration::from_secs(5));
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Runs `exe` (a copy of the `scenario` helper under a name of our own, so that the series of
+/// its command name are ours alone while other tests run).
+fn named_scenario(exe: &Path, args: &[&str]) -> Scenario {
+    let mut cmd = Command::new(exe);
+    cmd.args(args);
+    Scenario::from_command(cmd, format!("{} {}", exe.display(), args.join(" ")))
+}
+
+/// Runs `promtool` with `args`, feeding it `stdin`; (success, stdout + stderr).
+fn promtool(args: &[&str], stdin: &str) -> (bool, String) {
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run promtool ({e}): `cargo xtask setup` installs Debian's prometheus")
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("wait for promtool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A live scrape with a real leak and real refused connects passes `promtool check metrics`
+/// with nothing to say, and carries their series with exact values; /healthz and /readyz
+/// answer; Prometheus (which asks for OpenMetrics) gets OpenMetrics.
+#[test]
+fn live_scrape_is_clean_for_promtool_and_carries_the_scenarios() {
+    require_root!("live_scrape_is_clean_for_promtool_and_carries_the_scenarios");
+    let dir = TempDir::new("fleet-promtool");
+    let daemon = Daemon::start("promtool", &dir);
+    let comm = format!("flt{}", std::process::id() % 100_000);
+    let exe = dir.copy_exe(Path::new(SCENARIO), OsStr::new(&comm));
+    let mut server = named_scenario(
+        &exe,
+        &["leak-server", "--addr", "127.0.0.1:0", "--count", "3"],
+    );
+    let port = server.ready_port();
+    let to = format!("127.0.0.1:{port}");
+    let mut clients = Scenario::spawn(SCENARIO, &[], &["clients", "--to", &to, "--count", "3"]);
+    clients.expect("DONE");
+    server.expect("ACCEPTED");
+    let closed = ClosedPort::bind();
+    let closed_addr = closed.addr().to_string();
+    let mut refused = named_scenario(&exe, &["refused", "--to", &closed_addr, "--count", "2"]);
+    refused.expect("DONE");
+
+    let leak = format!(
+        "tcptrace_close_wait_leaked_sockets{{pid=\"{}\",comm=\"{comm}\",container_id=\"\"}}",
+        server.pid()
+    );
+    let failures = format!(
+        "tcptrace_process_connect_failures_total{{comm=\"{comm}\",container_id=\"\",errno=\"ECONNREFUSED\"}}"
+    );
+    let dest = format!(
+        "tcptrace_destination_connect_failures_total{{remote=\"{closed_addr}\",errno=\"ECONNREFUSED\"}}"
+    );
+    let page = poll(30, || {
+        let page = daemon.page();
+        let got = [&leak, &failures, &dest].map(|s| sample(&page, s));
+        if got == [Some(3.0), Some(2.0), Some(2.0)] {
+            Ok(page)
+        } else {
+            Err(format!("{leak}, {failures}, {dest}: {got:?}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\ndaemon stderr: {}", daemon.stderr()));
+    assert!(
+        sample(
+            &page,
+            "tcptrace_connect_failures_total{errno=\"ECONNREFUSED\"}"
+        )
+        .is_some_and(|n| n >= 2.0),
+        "host failures:\n{page}"
+    );
+    for family in [
+        "tcptrace_build_info{version=",
+        "tcptrace_sockets{state=\"close_wait\"}",
+        "tcptrace_capacity{kind=\"socket\"} 1000000",
+        "tcptrace_tracked{kind=\"socket\"}",
+        "tcptrace_degradations ",
+        "tcptrace_connects_total ",
+        "tcptrace_connections_closed_total ",
+        "tcptrace_time_wait_entered_total ",
+        "tcptrace_events_total ",
+        "tcptrace_dropped_events_total ",
+    ] {
+        assert!(page.contains(family), "no {family} in:\n{page}");
+    }
+    assert!(
+        !page.contains("state=\"total\""),
+        "a total beside its parts:\n{page}"
+    );
+
+    let (ok, said) = promtool(&["check", "metrics"], &page);
+    assert!(
+        ok && said.trim().is_empty(),
+        "promtool check metrics:\n{said}\npage:\n{page}"
+    );
+
+    let (status, head, body) = http_request(
+        &daemon.metrics,
+        "/metrics",
+        "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n",
+    )
+    .unwrap();
+    assert!(
+        status.contains(" 200 ") && head.contains("application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(body.ends_with("# EOF\n"), "OpenMetrics page:\n{body}");
+    assert_eq!(get_ok(&daemon.metrics, "/healthz", "").unwrap(), "ok\n");
+    let (status, _, _) = http_request(&daemon.metrics, "/nothing", "").unwrap();
+    assert!(status.contains(" 404 "), "{status}");
+}
