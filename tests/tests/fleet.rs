@@ -111,10 +111,11 @@ fn named_scenario(exe: &Path, args: &[&str]) -> Scenario {
     Scenario::from_command(cmd, format!("{} {}", exe.display(), args.join(" ")))
 }
 
-/// Runs `promtool` with `args`, feeding it `stdin`; (success, stdout + stderr).
-fn promtool(args: &[&str], stdin: &str) -> (bool, String) {
+/// Runs `promtool` with `args` in `dir`, feeding it `stdin`; (success, stdout + stderr).
+fn promtool(dir: &Path, args: &[&str], stdin: &str) -> (bool, String) {
     let mut child = Command::new("promtool")
         .args(args)
+        .current_dir(dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -135,6 +136,52 @@ fn promtool(args: &[&str], stdin: &str) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+/// The alert rules load, and `promtool test rules` passes their tests, which hold for every
+/// alert a case where it fires and one where it does not.
+#[test]
+fn alert_rules_pass_promtool_test_rules() {
+    let dir = repo_file("deploy/prometheus");
+    let rules = std::fs::read_to_string(dir.join("tcptrace-rules.yml")).expect("read rules");
+    let tests = std::fs::read_to_string(dir.join("tcptrace-rules.test.yml")).expect("read tests");
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 7, "alerts in the rules: {alerts:?}");
+    // (alertname, whether the case expects alerts), from `alertname:` then `exp_alerts:`.
+    let mut cases = Vec::new();
+    let mut current = None;
+    for line in tests.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("alertname: ") {
+            current = Some(name);
+        } else if let Some(exp) = line.strip_prefix("exp_alerts:") {
+            cases.push((
+                current.take().expect("exp_alerts after alertname"),
+                exp.trim() != "[]",
+            ));
+        }
+    }
+    for alert in &alerts {
+        for fires in [true, false] {
+            assert!(
+                cases.contains(&(alert, fires)),
+                "{alert}: no test case where it {} ({cases:?})",
+                if fires { "fires" } else { "does not fire" }
+            );
+        }
+    }
+    let run = |args: &[&str]| {
+        let (ok, said) = promtool(&dir, args, "");
+        assert!(ok, "promtool {}:\n{said}", args.join(" "));
+    };
+    run(&["check", "rules", "tcptrace-rules.yml"]);
+    run(&["test", "rules", "tcptrace-rules.test.yml"]);
 }
 
 /// A live scrape with a real leak and real refused connects passes `promtool check metrics`
@@ -208,7 +255,7 @@ fn live_scrape_is_clean_for_promtool_and_carries_the_scenarios() {
         "a total beside its parts:\n{page}"
     );
 
-    let (ok, said) = promtool(&["check", "metrics"], &page);
+    let (ok, said) = promtool(Path::new("/"), &["check", "metrics"], &page);
     assert!(
         ok && said.trim().is_empty(),
         "promtool check metrics:\n{said}\npage:\n{page}"

@@ -5,11 +5,12 @@ use std::{
 };
 
 use super::*;
+use crate::views::findings;
 use crate::{
     kernel::event::{Owner, OwnerSource, TcpEvent},
     state::{
         ProcMeta, ProcSource, SnapshotOptions, Table, TableConfig,
-        snapshot::{CloseWaitView, ConnectsView, ProcessView},
+        snapshot::{CloseWaitView, ConnectsView, DestView, ProcessView},
     },
 };
 
@@ -215,4 +216,73 @@ fn text_format_for_promtool() {
         assert!(!line.contains('\\') && !line.contains('"'), "{line}");
     }
     assert!(text.contains("tcptrace_build_info{version=\""), "{text}");
+}
+
+/// Families named by the alert rules and the dashboard, each known to a rendered page.
+const DEPLOYED: [(&str, &str); 1] = [(
+    "deploy/prometheus/tcptrace-rules.yml",
+    include_str!("../../../../deploy/prometheus/tcptrace-rules.yml"),
+)];
+
+#[test]
+fn rules_and_dashboard_use_metrics_that_exist_and_rules_carry_the_advice() {
+    // One process and one destination with something in every field: every family shows.
+    let snap = Snapshot {
+        processes: vec![ProcessView {
+            pid: 1,
+            comm: "p".into(),
+            connects: ConnectsView {
+                ok: 1,
+                failed: [("EADDRNOTAVAIL".to_string(), 1)].into(),
+            },
+            ..Default::default()
+        }],
+        destinations: vec![DestView {
+            remote: "127.0.0.1:1".into(),
+            ports_in_use: 1,
+            connects_ok: 1,
+            connects_failed: [("EADDRNOTAVAIL".to_string(), 1)].into(),
+        }],
+        ..Default::default()
+    };
+    let status = Status {
+        degraded: vec!["a reason".into()],
+        ..Default::default()
+    };
+    let page = to_text_format(&Metrics::default().render(&snap, &status, CAPS, Instant::now()));
+    for (file, text) in DEPLOYED {
+        let mut names: Vec<&str> = text
+            .match_indices("tcptrace_")
+            .map(|(i, _)| {
+                let rest = &text[i..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .filter(|n| !n.ends_with('_'))
+            .collect();
+        names.sort();
+        names.dedup();
+        assert!(names.len() > 3, "{file}: {names:?}");
+        for name in names {
+            assert!(
+                page.contains(&format!("# TYPE {name} ")),
+                "{file} uses {name}, which tcptrace does not export:\n{page}"
+            );
+        }
+    }
+    let rules = DEPLOYED[0].1;
+    for finding in [
+        findings::CLOSE_WAIT_LEAK,
+        findings::CONNECTION_CHURN,
+        findings::PORT_EXHAUSTION,
+        findings::ACCEPT_BACKLOG,
+    ] {
+        let advice = findings::advice(finding);
+        assert!(
+            rules.contains(&format!("description: \"{advice}\"")),
+            "no rule carries the advice for {finding}: {advice}"
+        );
+    }
 }
