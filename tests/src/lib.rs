@@ -739,3 +739,15 @@ pub fn http_request(
     let status = head.lines().next().unwrap_or("").to_string();
     Ok((status, head.to_string(), body.to_string()))
 }
+
+/// `s` percent-encoded for a URL query value.
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

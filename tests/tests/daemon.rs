@@ -29,7 +29,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tcptrace_tests::{Netns, is_root, run, tcptrace_bin};
+use tcptrace_tests::{Netns, is_root, run, tcptrace_bin, url_encode};
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
 
@@ -510,17 +510,6 @@ fn http_get(addr: &str, path: &str) -> Result<String, String> {
         return Err(format!("GET {path}: {status}\r\n\r\n{body}"));
     }
     Ok(body)
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// One request line on the control socket; the reply parsed.

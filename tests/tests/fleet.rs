@@ -17,6 +17,7 @@ use std::{
 
 use tcptrace_tests::{
     ClosedPort, Scenario, TempDir, free_port, http_request, poll, require_root, tcptrace_bin,
+    url_encode,
 };
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
@@ -111,6 +112,47 @@ fn named_scenario(exe: &Path, args: &[&str]) -> Scenario {
     Scenario::from_command(cmd, format!("{} {}", exe.display(), args.join(" ")))
 }
 
+/// Real scenarios under a command name of our own (`<tag><pid>`): a server leaking `leaks`
+/// CLOSE_WAIT sockets (its clients closed), and `refusals` connects refused by a closed port.
+struct Scenarios {
+    comm: String,
+    server: Scenario,
+    _clients: Scenario,
+    _refused: Scenario,
+    closed: ClosedPort,
+}
+
+impl Scenarios {
+    fn start(dir: &TempDir, tag: &str, leaks: usize, refusals: usize) -> Scenarios {
+        let comm = format!("{tag}{}", std::process::id() % 100_000);
+        let exe = dir.copy_exe(Path::new(SCENARIO), OsStr::new(&comm));
+        let (leaks, refusals) = (leaks.to_string(), refusals.to_string());
+        let mut server = named_scenario(
+            &exe,
+            &["leak-server", "--addr", "127.0.0.1:0", "--count", &leaks],
+        );
+        let to = format!("127.0.0.1:{}", server.ready_port());
+        let mut clients =
+            Scenario::spawn(SCENARIO, &[], &["clients", "--to", &to, "--count", &leaks]);
+        clients.expect("DONE");
+        server.expect("ACCEPTED");
+        let closed = ClosedPort::bind();
+        let closed_addr = closed.addr().to_string();
+        let mut refused = named_scenario(
+            &exe,
+            &["refused", "--to", &closed_addr, "--count", &refusals],
+        );
+        refused.expect("DONE");
+        Scenarios {
+            comm,
+            server,
+            _clients: clients,
+            _refused: refused,
+            closed,
+        }
+    }
+}
+
 /// Runs `promtool` with `args` in `dir`, feeding it `stdin`; (success, stdout + stderr).
 fn promtool(dir: &Path, args: &[&str], stdin: &str) -> (bool, String) {
     let mut child = Command::new("promtool")
@@ -192,21 +234,9 @@ fn live_scrape_is_clean_for_promtool_and_carries_the_scenarios() {
     require_root!("live_scrape_is_clean_for_promtool_and_carries_the_scenarios");
     let dir = TempDir::new("fleet-promtool");
     let daemon = Daemon::start("promtool", &dir);
-    let comm = format!("flt{}", std::process::id() % 100_000);
-    let exe = dir.copy_exe(Path::new(SCENARIO), OsStr::new(&comm));
-    let mut server = named_scenario(
-        &exe,
-        &["leak-server", "--addr", "127.0.0.1:0", "--count", "3"],
-    );
-    let port = server.ready_port();
-    let to = format!("127.0.0.1:{port}");
-    let mut clients = Scenario::spawn(SCENARIO, &[], &["clients", "--to", &to, "--count", "3"]);
-    clients.expect("DONE");
-    server.expect("ACCEPTED");
-    let closed = ClosedPort::bind();
-    let closed_addr = closed.addr().to_string();
-    let mut refused = named_scenario(&exe, &["refused", "--to", &closed_addr, "--count", "2"]);
-    refused.expect("DONE");
+    let sc = Scenarios::start(&dir, "flt", 3, 2);
+    let (comm, server) = (&sc.comm, &sc.server);
+    let closed_addr = sc.closed.addr().to_string();
 
     let leak = format!(
         "tcptrace_close_wait_leaked_sockets{{pid=\"{}\",comm=\"{comm}\",container_id=\"\"}}",
@@ -275,4 +305,117 @@ fn live_scrape_is_clean_for_promtool_and_carries_the_scenarios() {
     assert_eq!(get_ok(&daemon.metrics, "/healthz", "").unwrap(), "ok\n");
     let (status, _, _) = http_request(&daemon.metrics, "/nothing", "").unwrap();
     assert!(status.contains(" 404 "), "{status}");
+}
+
+/// Every query of the Grafana dashboard, run by a real Prometheus scraping a real daemon while
+/// a process leaks CLOSE_WAIT sockets and another has its connects refused, returns series;
+/// the leak and the failures show with their exact values.
+#[test]
+fn dashboard_queries_return_series_from_a_real_prometheus() {
+    require_root!("dashboard_queries_return_series_from_a_real_prometheus");
+    let prometheus = "/usr/bin/prometheus";
+    assert!(
+        Path::new(prometheus).exists(),
+        "{prometheus} missing: `cargo xtask setup` installs it"
+    );
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_file("deploy/grafana/tcptrace.json"))
+            .expect("read dashboard"),
+    )
+    .expect("dashboard is JSON");
+    let mut queries: Vec<(String, String)> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or("?").to_string();
+            p["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |t| (title.clone(), t["expr"].as_str().expect("expr").to_string()))
+        })
+        .collect();
+    assert!(queries.len() >= 6, "{queries:?}");
+    // The host variable's query (Grafana's label_values) reads this family.
+    queries.push(("variable instance".into(), "tcptrace_build_info".into()));
+
+    let dir = TempDir::new("fleet-dashboard");
+    let daemon = Daemon::start("dashboard", &dir);
+    let sc = Scenarios::start(&dir, "fld", 4, 3);
+    let (comm, server) = (&sc.comm, &sc.server);
+
+    let config = dir.0.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: tcptrace\n    static_configs:\n      - targets: ['{}']\n",
+            daemon.metrics
+        ),
+    )
+    .expect("write prometheus.yml");
+    let web = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(prometheus);
+    cmd.arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.0.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={web}"));
+    let prom = Scenario::from_command(cmd, "prometheus".into());
+
+    let query = |expr: &str| -> Result<Vec<serde_json::Value>, String> {
+        let expr = expr
+            .replace("$__rate_interval", "1m")
+            .replace("$instance", ".*");
+        let body = get_ok(
+            &web,
+            &format!("/api/v1/query?query={}", url_encode(&expr)),
+            "",
+        )?;
+        let v: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        match v["data"]["result"].as_array() {
+            Some(r) if !r.is_empty() => Ok(r.clone()),
+            _ => Err(format!("{expr}: {body}")),
+        }
+    };
+    for (title, expr) in &queries {
+        if let Err(e) = poll(60, || query(expr)) {
+            panic!(
+                "dashboard panel {title:?}: no series: {e}\nprometheus: {}\ndaemon stderr: {}",
+                prom.proc.stderr.tail(2000),
+                daemon.stderr()
+            );
+        }
+    }
+    // The scenarios themselves, exactly.
+    let exact = [
+        (
+            format!(
+                "tcptrace_close_wait_leaked_sockets{{pid=\"{}\"}}",
+                server.pid()
+            ),
+            "4",
+        ),
+        (
+            format!(
+                "tcptrace_process_connect_failures_total{{comm=\"{comm}\",errno=\"ECONNREFUSED\"}}"
+            ),
+            "3",
+        ),
+    ];
+    for (expr, want) in exact {
+        let got = poll(30, || {
+            let r = query(&expr)?;
+            match r[0]["value"][1].as_str() {
+                Some(v) if v == want => Ok(()),
+                other => Err(format!("{expr} = {other:?}, want {want}")),
+            }
+        });
+        if let Err(e) = got {
+            panic!("{e}\ndaemon page:\n{}", daemon.page());
+        }
+    }
 }

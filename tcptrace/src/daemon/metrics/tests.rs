@@ -219,10 +219,16 @@ fn text_format_for_promtool() {
 }
 
 /// Families named by the alert rules and the dashboard, each known to a rendered page.
-const DEPLOYED: [(&str, &str); 1] = [(
-    "deploy/prometheus/tcptrace-rules.yml",
-    include_str!("../../../../deploy/prometheus/tcptrace-rules.yml"),
-)];
+const DEPLOYED: [(&str, &str); 2] = [
+    (
+        "deploy/prometheus/tcptrace-rules.yml",
+        include_str!("../../../../deploy/prometheus/tcptrace-rules.yml"),
+    ),
+    (
+        "deploy/grafana/tcptrace.json",
+        include_str!("../../../../deploy/grafana/tcptrace.json"),
+    ),
+];
 
 #[test]
 fn rules_and_dashboard_use_metrics_that_exist_and_rules_carry_the_advice() {
