@@ -419,3 +419,42 @@ fn dashboard_queries_return_series_from_a_real_prometheus() {
         }
     }
 }
+
+/// The DaemonSet probes /healthz and /readyz, mounts no service-account token, and binds the
+/// metrics to the node's IP from the downward API rather than to every address (tests/daemon.rs
+/// checks it with `kubernetes-validate --strict`).
+#[test]
+fn daemonset_probes_token_and_metrics_address() {
+    let path = repo_file("deploy/kubernetes/daemonset.yaml");
+    let yaml = std::fs::read_to_string(&path).expect("read daemonset");
+    let lines: Vec<&str> = yaml
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    let after = |key: &str| -> Vec<&str> {
+        lines
+            .windows(3)
+            .filter(|w| w[0] == key)
+            .map(|w| w[2])
+            .collect()
+    };
+    assert_eq!(after("livenessProbe:"), ["path: /healthz"], "{yaml}");
+    assert_eq!(after("readinessProbe:"), ["path: /readyz"], "{yaml}");
+    assert!(
+        lines.contains(&"automountServiceAccountToken: false"),
+        "{yaml}"
+    );
+    let addr = lines
+        .windows(2)
+        .find(|w| w[0] == "- --metrics-addr")
+        .map(|w| w[1]);
+    assert_eq!(addr, Some("- $(NODE_IP):9464"), "{yaml}");
+    assert!(
+        lines
+            .windows(4)
+            .any(|w| w[0] == "- name: NODE_IP" && w[3] == "fieldPath: status.hostIP"),
+        "NODE_IP from the downward API:\n{yaml}"
+    );
+    assert!(!yaml.contains("0.0.0.0"), "{yaml}");
+}
