@@ -693,6 +693,40 @@ pub fn daemon_json(sub: &str, socket: &std::path::Path) -> Result<Value, String>
     serde_json::from_slice(&out.stdout).map_err(|e| format!("tcptrace {sub} output: {e}"))
 }
 
+/// One HTTP/1.0 GET of `path` from `addr` with these extra header lines (each ended by CRLF):
+/// (status line, head, body).
+pub fn http_request(
+    addr: &str,
+    path: &str,
+    headers: &str,
+) -> Result<(String, String, String), String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}\r\n")
+        .map_err(|e| format!("send to {addr}: {e}"))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP header end: {resp}"))?;
+    let status = head.lines().next().unwrap_or("").to_string();
+    Ok((status, head.to_string(), body.to_string()))
+}
+
+/// `s` percent-encoded for a URL query value.
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use std::{
     collections::BTreeSet,
     fs,
     io::{BufRead as _, BufReader, Read, Write as _},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     os::unix::{
         fs::{FileTypeExt as _, PermissionsExt as _},
         net::UnixStream,
@@ -29,7 +29,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tcptrace_tests::{Netns, is_root, run, tcptrace_bin};
+use tcptrace_tests::{Netns, is_root, run, tcptrace_bin, url_encode};
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
 
@@ -505,34 +505,11 @@ fn cap_eff(pid: u32) -> u64 {
 
 /// One GET over plain HTTP/1.0 (no chunked encoding in the answer); the body of a 200.
 fn http_get(addr: &str, path: &str) -> Result<String, String> {
-    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("send to {addr}: {e}"))?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)
-        .map_err(|e| format!("read from {addr}: {e}"))?;
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no HTTP header end: {resp}"))?;
-    if !head.lines().next().unwrap_or("").contains(" 200 ") {
-        return Err(format!("GET {path}: {resp}"));
+    let (status, _, body) = tcptrace_tests::http_request(addr, path, "Connection: close\r\n")?;
+    if !status.contains(" 200 ") {
+        return Err(format!("GET {path}: {status}\r\n\r\n{body}"));
     }
-    Ok(body.to_string())
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    Ok(body)
 }
 
 /// One request line on the control socket; the reply parsed.

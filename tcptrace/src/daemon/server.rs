@@ -101,6 +101,8 @@ struct State {
     tracer: Tracer,
     report_reply: SharedReply,
     metrics_reply: SharedReply,
+    /// What the metrics' counters keep between scrapes.
+    metrics: Mutex<metrics::Metrics>,
     cfg: Mutex<Config>,
     config_file: Option<PathBuf>,
     /// `metrics_addr` as configured (the running config shows the bound address).
@@ -171,16 +173,20 @@ impl State {
         self.metrics_reply.get(|| {
             let limits = self.cfg.lock().unwrap().limits.clone();
             let snap = self.tracer.snapshot(&SnapshotOptions {
-                detail: true,
                 max_destinations: Some(usize::MAX),
                 ..Default::default()
             });
-            Bytes::from(metrics::render(
-                &snap,
-                &self.status(),
-                limits.metrics_top_processes,
-                limits.metrics_top_destinations,
-            ))
+            let caps = metrics::Caps {
+                top_processes: limits.metrics_top_processes,
+                top_destinations: limits.metrics_top_destinations,
+            };
+            let status = self.status();
+            Bytes::from(
+                self.metrics
+                    .lock()
+                    .unwrap()
+                    .render(&snap, &status, caps, Instant::now()),
+            )
         })
     }
 }
@@ -240,6 +246,7 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
         tracer,
         report_reply: SharedReply::default(),
         metrics_reply: SharedReply::default(),
+        metrics: Mutex::default(),
         cfg: Mutex::new(shown_cfg),
         config_file: config_file.clone(),
         metrics_configured: cfg.metrics_addr.clone(),
@@ -286,7 +293,8 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
                     match metrics_slots.clone().try_acquire_owned() {
                         Ok(permit) => {
                             let state = state.clone();
-                            tokio::spawn(serve_metrics(s, permit, move || state.metrics()));
+                            let ready = !state.tracer.attached().is_empty();
+                            tokio::spawn(serve_metrics(s, permit, ready, move || state.metrics()));
                         }
                         Err(_) => refuse_metrics_busy(&s),
                     }

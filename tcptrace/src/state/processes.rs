@@ -222,6 +222,9 @@ impl Table {
             self.exited.processes += 1;
             self.exited.connects_ok += p.connects_ok;
             self.exited.connects_failed += p.failed.total();
+            for (errno, n) in p.failed.by_name() {
+                *self.exited.failed_by_errno.entry(errno).or_default() += n;
+            }
             self.exited.closed_total += p.closed_total;
             self.exited.time_wait_total += p.time_wait_total;
         }

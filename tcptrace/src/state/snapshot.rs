@@ -167,6 +167,8 @@ pub struct ExitedTotals {
     pub processes: u64,
     pub connects_ok: u64,
     pub connects_failed: u64,
+    /// `connects_failed` by errno name (keeps host-wide failure counters monotonic).
+    pub failed_by_errno: BTreeMap<String, u64>,
     pub closed_total: u64,
     pub time_wait_total: u64,
 }

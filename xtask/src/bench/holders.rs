@@ -76,8 +76,19 @@ impl Bench {
         for (h, _) in &holders {
             h.line(Duration::from_secs(120))?;
         }
-        // First lookups, then one full recheck period, before measuring.
-        std::thread::sleep(Duration::from_secs(if self.plan.smoke { 3 } else { 12 }));
+        // Until the daemon names every holder with its count (the first lookups), then one
+        // full recheck period, before measuring.
+        let exact_count = |h: &Proc, n: usize| {
+            daemon_report(&self.bin, h.pid()).and_then(|r| {
+                process_entry(&r, h.pid()).and_then(|p| p["close_wait"]["count"].as_u64())
+            }) == Some(n as u64)
+        };
+        let named = wait_until(Duration::from_secs(60), "every holder named", || {
+            holders.iter().all(|(h, n)| exact_count(h, *n))
+        });
+        if named.is_ok() && !self.plan.smoke {
+            std::thread::sleep(Duration::from_secs(6));
+        }
         check_interrupted()?;
         let pid = daemon.pid();
         let t0 = Instant::now();
@@ -91,7 +102,7 @@ impl Bench {
             let count = daemon_report(&self.bin, h.pid()).and_then(|r| {
                 process_entry(&r, h.pid()).and_then(|p| p["close_wait"]["count"].as_u64())
             });
-            if count == Some(*n as u64) {
+            if exact_count(h, *n) {
                 exact += 1;
             } else {
                 println!(

@@ -1,0 +1,460 @@
+//! What a fleet's monitoring relies on: a live metrics page that `promtool check metrics`
+//! accepts, with the series of real scenarios; the alert rules under `promtool test rules`.
+//!
+//! Privileged tests print `SKIP` unless run as root. Run:
+//!
+//! ```text
+//! TCPTRACE_BIN=target/release/tcptrace cargo test --release -p tcptrace-tests --test fleet -- --nocapture
+//! ```
+
+use std::{
+    ffi::OsStr,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use tcptrace_tests::{
+    ClosedPort, Scenario, TempDir, free_port, http_request, poll, require_root, tcptrace_bin,
+    url_encode,
+};
+
+const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
+
+/// The body of a 200 answer.
+fn get_ok(addr: &str, path: &str, headers: &str) -> Result<String, String> {
+    let (status, _, body) = http_request(addr, path, headers)?;
+    if !status.contains(" 200 ") {
+        return Err(format!("GET {path}: {status}\n{body}"));
+    }
+    Ok(body)
+}
+
+/// The value of the sample named exactly `series` (name and labels) on a metrics page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+/// A daemon with its own control socket and metrics port.
+struct Daemon {
+    proc: Scenario,
+    metrics: String,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    /// A daemon whose counter series are not capped below what a busy test host needs (other
+    /// tests' processes and destinations must not take the places of ours).
+    fn start(name: &str, dir: &TempDir) -> Daemon {
+        let config = dir.0.join("tcptrace.toml");
+        std::fs::write(
+            &config,
+            "[limits]\nmetrics_top_processes = 10000\nmetrics_top_destinations = 10000\n",
+        )
+        .expect("write config");
+        let socket = PathBuf::from(format!(
+            "/tmp/tcptrace-fleet-{name}-{}.sock",
+            std::process::id()
+        ));
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(tcptrace_bin());
+        cmd.arg("daemon").arg("--socket").arg(&socket).args([
+            "--metrics-addr",
+            &metrics,
+            "--leak-after",
+            "1",
+        ]);
+        let mut d = Daemon {
+            proc: Scenario::from_command(cmd, format!("tcptrace daemon ({name})")),
+            metrics,
+            socket,
+        };
+        let ready = poll(30, || {
+            if let Some(st) = d.proc.proc.exited() {
+                return Ok(Err(format!("exited: {st}")));
+            }
+            get_ok(&d.metrics, "/readyz", "").map(Ok)
+        });
+        match ready {
+            Ok(Ok(_)) => d,
+            Ok(Err(e)) | Err(e) => panic!(
+                "daemon not ready: {e}\nstderr: {}",
+                d.proc.proc.stderr.tail(4000)
+            ),
+        }
+    }
+
+    /// The metrics page in the text format (no Accept header, as curl sends).
+    fn page(&self) -> String {
+        get_ok(&self.metrics, "/metrics", "").unwrap_or_else(|e| panic!("scrape: {e}"))
+    }
+
+    fn stderr(&self) -> String {
+        self.proc.proc.stderr.tail(4000)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.proc.proc.stop(Duration::from_secs(5));
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Runs `exe` (a copy of the `scenario` helper under a name of our own, so that the series of
+/// its command name are ours alone while other tests run).
+fn named_scenario(exe: &Path, args: &[&str]) -> Scenario {
+    let mut cmd = Command::new(exe);
+    cmd.args(args);
+    Scenario::from_command(cmd, format!("{} {}", exe.display(), args.join(" ")))
+}
+
+/// Real scenarios under a command name of our own (`<tag><pid>`): a server leaking `leaks`
+/// CLOSE_WAIT sockets (its clients closed), and `refusals` connects refused by a closed port.
+struct Scenarios {
+    comm: String,
+    server: Scenario,
+    _clients: Scenario,
+    _refused: Scenario,
+    closed: ClosedPort,
+}
+
+impl Scenarios {
+    fn start(dir: &TempDir, tag: &str, leaks: usize, refusals: usize) -> Scenarios {
+        let comm = format!("{tag}{}", std::process::id() % 100_000);
+        let exe = dir.copy_exe(Path::new(SCENARIO), OsStr::new(&comm));
+        let (leaks, refusals) = (leaks.to_string(), refusals.to_string());
+        let mut server = named_scenario(
+            &exe,
+            &["leak-server", "--addr", "127.0.0.1:0", "--count", &leaks],
+        );
+        let to = format!("127.0.0.1:{}", server.ready_port());
+        let mut clients =
+            Scenario::spawn(SCENARIO, &[], &["clients", "--to", &to, "--count", &leaks]);
+        clients.expect("DONE");
+        server.expect("ACCEPTED");
+        let closed = ClosedPort::bind();
+        let closed_addr = closed.addr().to_string();
+        let mut refused = named_scenario(
+            &exe,
+            &["refused", "--to", &closed_addr, "--count", &refusals],
+        );
+        refused.expect("DONE");
+        Scenarios {
+            comm,
+            server,
+            _clients: clients,
+            _refused: refused,
+            closed,
+        }
+    }
+}
+
+/// Runs `promtool` with `args` in `dir`, feeding it `stdin`; (success, stdout + stderr).
+fn promtool(dir: &Path, args: &[&str], stdin: &str) -> (bool, String) {
+    let mut child = Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run promtool ({e}): `cargo xtask setup` installs Debian's prometheus")
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("wait for promtool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+/// The alert rules load, and `promtool test rules` passes their tests, which hold for every
+/// alert a case where it fires and one where it does not.
+#[test]
+fn alert_rules_pass_promtool_test_rules() {
+    let dir = repo_file("deploy/prometheus");
+    let rules = std::fs::read_to_string(dir.join("tcptrace-rules.yml")).expect("read rules");
+    let tests = std::fs::read_to_string(dir.join("tcptrace-rules.test.yml")).expect("read tests");
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 7, "alerts in the rules: {alerts:?}");
+    // (alertname, whether the case expects alerts), from `alertname:` then `exp_alerts:`.
+    let mut cases = Vec::new();
+    let mut current = None;
+    for line in tests.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("alertname: ") {
+            current = Some(name);
+        } else if let Some(exp) = line.strip_prefix("exp_alerts:") {
+            cases.push((
+                current.take().expect("exp_alerts after alertname"),
+                exp.trim() != "[]",
+            ));
+        }
+    }
+    for alert in &alerts {
+        for fires in [true, false] {
+            assert!(
+                cases.contains(&(alert, fires)),
+                "{alert}: no test case where it {} ({cases:?})",
+                if fires { "fires" } else { "does not fire" }
+            );
+        }
+    }
+    let run = |args: &[&str]| {
+        let (ok, said) = promtool(&dir, args, "");
+        assert!(ok, "promtool {}:\n{said}", args.join(" "));
+    };
+    run(&["check", "rules", "tcptrace-rules.yml"]);
+    run(&["test", "rules", "tcptrace-rules.test.yml"]);
+}
+
+/// A live scrape with a real leak and real refused connects passes `promtool check metrics`
+/// with nothing to say, and carries their series with exact values; /healthz and /readyz
+/// answer; Prometheus (which asks for OpenMetrics) gets OpenMetrics.
+#[test]
+fn live_scrape_is_clean_for_promtool_and_carries_the_scenarios() {
+    require_root!("live_scrape_is_clean_for_promtool_and_carries_the_scenarios");
+    let dir = TempDir::new("fleet-promtool");
+    let daemon = Daemon::start("promtool", &dir);
+    let sc = Scenarios::start(&dir, "flt", 3, 2);
+    let (comm, server) = (&sc.comm, &sc.server);
+    let closed_addr = sc.closed.addr().to_string();
+
+    let leak = format!(
+        "tcptrace_close_wait_leaked_sockets{{pid=\"{}\",comm=\"{comm}\",container_id=\"\"}}",
+        server.pid()
+    );
+    let failures = format!(
+        "tcptrace_process_connect_failures_total{{comm=\"{comm}\",container_id=\"\",errno=\"ECONNREFUSED\"}}"
+    );
+    let dest = format!(
+        "tcptrace_destination_connect_failures_total{{remote=\"{closed_addr}\",errno=\"ECONNREFUSED\"}}"
+    );
+    let page = poll(30, || {
+        let page = daemon.page();
+        let got = [&leak, &failures, &dest].map(|s| sample(&page, s));
+        if got == [Some(3.0), Some(2.0), Some(2.0)] {
+            Ok(page)
+        } else {
+            Err(format!("{leak}, {failures}, {dest}: {got:?}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\ndaemon stderr: {}", daemon.stderr()));
+    assert!(
+        sample(
+            &page,
+            "tcptrace_connect_failures_total{errno=\"ECONNREFUSED\"}"
+        )
+        .is_some_and(|n| n >= 2.0),
+        "host failures:\n{page}"
+    );
+    for family in [
+        "tcptrace_build_info{version=",
+        "tcptrace_sockets{state=\"close_wait\"}",
+        "tcptrace_capacity{kind=\"socket\"} 1000000",
+        "tcptrace_tracked{kind=\"socket\"}",
+        "tcptrace_degradations ",
+        "tcptrace_connects_total ",
+        "tcptrace_connections_closed_total ",
+        "tcptrace_time_wait_entered_total ",
+        "tcptrace_events_total ",
+        "tcptrace_dropped_events_total ",
+    ] {
+        assert!(page.contains(family), "no {family} in:\n{page}");
+    }
+    assert!(
+        !page.contains("state=\"total\""),
+        "a total beside its parts:\n{page}"
+    );
+
+    let (ok, said) = promtool(Path::new("/"), &["check", "metrics"], &page);
+    assert!(
+        ok && said.trim().is_empty(),
+        "promtool check metrics:\n{said}\npage:\n{page}"
+    );
+
+    let (status, head, body) = http_request(
+        &daemon.metrics,
+        "/metrics",
+        "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n",
+    )
+    .unwrap();
+    assert!(
+        status.contains(" 200 ") && head.contains("application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(body.ends_with("# EOF\n"), "OpenMetrics page:\n{body}");
+    assert_eq!(get_ok(&daemon.metrics, "/healthz", "").unwrap(), "ok\n");
+    let (status, _, _) = http_request(&daemon.metrics, "/nothing", "").unwrap();
+    assert!(status.contains(" 404 "), "{status}");
+}
+
+/// Every query of the Grafana dashboard, run by a real Prometheus scraping a real daemon while
+/// a process leaks CLOSE_WAIT sockets and another has its connects refused, returns series;
+/// the leak and the failures show with their exact values.
+#[test]
+fn dashboard_queries_return_series_from_a_real_prometheus() {
+    require_root!("dashboard_queries_return_series_from_a_real_prometheus");
+    let prometheus = "/usr/bin/prometheus";
+    assert!(
+        Path::new(prometheus).exists(),
+        "{prometheus} missing: `cargo xtask setup` installs it"
+    );
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_file("deploy/grafana/tcptrace.json"))
+            .expect("read dashboard"),
+    )
+    .expect("dashboard is JSON");
+    let mut queries: Vec<(String, String)> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or("?").to_string();
+            p["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |t| (title.clone(), t["expr"].as_str().expect("expr").to_string()))
+        })
+        .collect();
+    assert!(queries.len() >= 6, "{queries:?}");
+    // The host variable's query (Grafana's label_values) reads this family.
+    queries.push(("variable instance".into(), "tcptrace_build_info".into()));
+
+    let dir = TempDir::new("fleet-dashboard");
+    let daemon = Daemon::start("dashboard", &dir);
+    let sc = Scenarios::start(&dir, "fld", 4, 3);
+    let (comm, server) = (&sc.comm, &sc.server);
+
+    let config = dir.0.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: tcptrace\n    static_configs:\n      - targets: ['{}']\n",
+            daemon.metrics
+        ),
+    )
+    .expect("write prometheus.yml");
+    let web = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(prometheus);
+    cmd.arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.0.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={web}"));
+    let prom = Scenario::from_command(cmd, "prometheus".into());
+
+    let query = |expr: &str| -> Result<Vec<serde_json::Value>, String> {
+        let expr = expr
+            .replace("$__rate_interval", "1m")
+            .replace("$instance", ".*");
+        let body = get_ok(
+            &web,
+            &format!("/api/v1/query?query={}", url_encode(&expr)),
+            "",
+        )?;
+        let v: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        match v["data"]["result"].as_array() {
+            Some(r) if !r.is_empty() => Ok(r.clone()),
+            _ => Err(format!("{expr}: {body}")),
+        }
+    };
+    for (title, expr) in &queries {
+        if let Err(e) = poll(60, || query(expr)) {
+            panic!(
+                "dashboard panel {title:?}: no series: {e}\nprometheus: {}\ndaemon stderr: {}",
+                prom.proc.stderr.tail(2000),
+                daemon.stderr()
+            );
+        }
+    }
+    // The scenarios themselves, exactly.
+    let exact = [
+        (
+            format!(
+                "tcptrace_close_wait_leaked_sockets{{pid=\"{}\"}}",
+                server.pid()
+            ),
+            "4",
+        ),
+        (
+            format!(
+                "tcptrace_process_connect_failures_total{{comm=\"{comm}\",errno=\"ECONNREFUSED\"}}"
+            ),
+            "3",
+        ),
+    ];
+    for (expr, want) in exact {
+        let got = poll(30, || {
+            let r = query(&expr)?;
+            match r[0]["value"][1].as_str() {
+                Some(v) if v == want => Ok(()),
+                other => Err(format!("{expr} = {other:?}, want {want}")),
+            }
+        });
+        if let Err(e) = got {
+            panic!("{e}\ndaemon page:\n{}", daemon.page());
+        }
+    }
+}
+
+/// The DaemonSet probes /healthz and /readyz, mounts no service-account token, and binds the
+/// metrics to the node's IP from the downward API rather than to every address (tests/daemon.rs
+/// checks it with `kubernetes-validate --strict`).
+#[test]
+fn daemonset_probes_token_and_metrics_address() {
+    let path = repo_file("deploy/kubernetes/daemonset.yaml");
+    let yaml = std::fs::read_to_string(&path).expect("read daemonset");
+    let lines: Vec<&str> = yaml
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    let after = |key: &str| -> Vec<&str> {
+        lines
+            .windows(3)
+            .filter(|w| w[0] == key)
+            .map(|w| w[2])
+            .collect()
+    };
+    assert_eq!(after("livenessProbe:"), ["path: /healthz"], "{yaml}");
+    assert_eq!(after("readinessProbe:"), ["path: /readyz"], "{yaml}");
+    assert!(
+        lines.contains(&"automountServiceAccountToken: false"),
+        "{yaml}"
+    );
+    let addr = lines
+        .windows(2)
+        .find(|w| w[0] == "- --metrics-addr")
+        .map(|w| w[1]);
+    assert_eq!(addr, Some("- $(NODE_IP):9464"), "{yaml}");
+    assert!(
+        lines
+            .windows(4)
+            .any(|w| w[0] == "- name: NODE_IP" && w[3] == "fieldPath: status.hostIP"),
+        "NODE_IP from the downward API:\n{yaml}"
+    );
+    assert!(!yaml.contains("0.0.0.0"), "{yaml}");
+}
