@@ -43,6 +43,8 @@ pub struct HolderQuery {
     pub inode: Option<u64>,
     /// The processes an earlier lookup found holding it (searched first, with the hint).
     pub holders: Vec<u32>,
+    /// The socket's network namespace (0: unknown).
+    pub netns: u64,
 }
 
 /// The answer for one [`HolderQuery`].
@@ -92,6 +94,7 @@ impl Table {
                             .iter()
                             .filter_map(|(id, _)| self.procs.get(id).map(|p| p.pid))
                             .collect(),
+                        netns: s.netns,
                     },
                 )
             })

@@ -229,26 +229,61 @@ pub(super) fn resolve_holders(shared: &Shared, resolver: &mut HolderResolver) {
     if queries.is_empty() {
         return;
     }
-    // Inodes not known yet: from the socket list of the hint's namespace, read once.
-    let mut ns_of_hint: HashMap<Option<u32>, Option<u64>> = HashMap::new();
-    let mut lists: HashMap<Option<u64>, HashMap<(SocketAddr, SocketAddr), u64>> = HashMap::new();
+    // Inodes not known yet: from the socket list of the socket's namespace (through the hint,
+    // or through any process in that namespace), each list read once. A socket nobody is known
+    // to own and whose namespace is unknown is looked for in ours, then in every namespace.
+    let mut lists: HashMap<u64, HashMap<(SocketAddr, SocketAddr), u64>> = HashMap::new();
+    let mut all_namespaces: Option<Vec<(u64, u32)>> = None;
+    let read_list = |lists: &mut HashMap<u64, HashMap<(SocketAddr, SocketAddr), u64>>,
+                     ns: u64,
+                     pid: u32,
+                     q_key: (SocketAddr, SocketAddr)|
+     -> Option<u64> {
+        lists
+            .entry(ns)
+            .or_insert_with(|| {
+                holders::sockets_of_netns(Some(pid))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| ((r.local, r.remote), r.inode))
+                    .collect()
+            })
+            .get(&(q_key.0, q_key.1))
+            .copied()
+    };
     let mut inode_of = Vec::with_capacity(queries.len());
     for q in &queries {
         if q.inode.is_some() {
             inode_of.push(q.inode);
             continue;
         }
-        let ns = *ns_of_hint
-            .entry(q.hint)
-            .or_insert_with(|| holders::netns_of(q.hint.unwrap_or_else(std::process::id)));
-        let list = lists.entry(ns).or_insert_with(|| {
-            holders::sockets_of_netns(q.hint)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|r| ((r.local, r.remote), r.inode))
-                .collect()
-        });
-        inode_of.push(list.get(&(q.local, q.remote)).copied());
+        let mut found = None;
+        // The hint's namespace first.
+        if let Some(pid) = q.hint
+            && let Some(ns) = holders::netns_of(pid)
+        {
+            found = read_list(&mut lists, ns, pid, (q.local, q.remote));
+        }
+        // Then the socket's own namespace (known from the records), or, when nothing says
+        // where it is, every namespace, ours first.
+        if found.is_none() && (q.netns != 0 || q.hint.is_none()) {
+            let namespaces = all_namespaces.get_or_insert_with(|| {
+                let own = holders::netns_of(std::process::id());
+                let mut v = super::namespaces();
+                v.sort_by_key(|(n, _)| Some(*n) != own);
+                v
+            });
+            for &(ns, pid) in namespaces.iter() {
+                if q.netns != 0 && ns != q.netns {
+                    continue;
+                }
+                found = read_list(&mut lists, ns, pid, (q.local, q.remote));
+                if found.is_some() {
+                    break;
+                }
+            }
+        }
+        inode_of.push(found);
     }
     let inodes: HashSet<u64> = inode_of
         .iter()
