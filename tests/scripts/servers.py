@@ -7,6 +7,7 @@ it holds until killed. Run as `python3 servers.py <mode> [args]`.
                          each and keep them (`HELD <pid>` per worker); the parent accepts none
   fork K                 accepts K; each is handed to a forked child (`CHILD <pid>`) and the
                          parent closes its copy (`HANDED`)
+  orphan K               like fork, but the children outlive the parent (the test kills them)
   exec K                 like fork, but the child execs `sleep` with the socket as its stdin
   scm K PATH             accepts K and sends each over the Unix socket PATH (SCM_RIGHTS) to a
                          `receiver`, then closes its copies (`HANDED`)
@@ -60,14 +61,15 @@ def prefork(workers, each):
     hold()
 
 
-def hand_off(k, exec_child):
+def hand_off(k, exec_child, orphans=False):
     s = listener()
     say("READY %d" % s.getsockname()[1])
     for _ in range(k):
         conn, _ = s.accept()
         pid = os.fork()
         if pid == 0:
-            die_with_parent()
+            if not orphans:
+                die_with_parent()
             if exec_child:
                 os.dup2(conn.fileno(), 0)
                 os.execv("/bin/sleep", ["sleep", "1000000"])
@@ -133,6 +135,8 @@ def main():
         hand_off(int(args[0]), False)
     elif mode == "exec":
         hand_off(int(args[0]), True)
+    elif mode == "orphan":
+        hand_off(int(args[0]), False, orphans=True)
     elif mode == "scm":
         scm(int(args[0]), args[1])
     elif mode == "receiver":

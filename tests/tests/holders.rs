@@ -223,6 +223,51 @@ fn fork_exec_hand_off_blames_the_new_program() {
     hand_off_to_children("exec", "sleep");
 }
 
+/// Processes killed when dropped (children that outlive their parent).
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(p as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The parent that accepted and handed the sockets to its children exits: the children still
+/// hold the leak, and are still blamed for it.
+#[test]
+fn a_parent_that_exits_does_not_take_its_childrens_leak_along() {
+    require_root!("a_parent_that_exits_does_not_take_its_childrens_leak_along");
+    let (mut tt, _) = Tcptrace::watch(&["--leak-after", "1"]);
+    let mut srv = server(&["orphan", "2"]);
+    let port = srv.ready_port();
+    let mut clients = Clients::connect(port, 2);
+    let kids: Vec<u32> = (0..2)
+        .map(|_| srv.expect("CHILD").parse().unwrap())
+        .collect();
+    let _reap = KillOnDrop(kids.clone());
+    srv.expect("HANDED");
+    clients.close();
+    let want: BTreeMap<u32, u64> = kids.iter().map(|&k| (k, 1)).collect();
+    wait_ss(port, &want, 0);
+    wait_counts(&mut tt, port, &want);
+    let parent = srv.pid();
+    srv.proc.stop(Duration::from_secs(2));
+    // Well after the parent is gone (it is marked exited within a second): still theirs.
+    let n = tt.count();
+    tt.wait_line_from(
+        n + 3,
+        "three snapshots after the parent exited",
+        |_| true,
+        |v| v.to_string(),
+    );
+    wait_ss(port, &want, 0);
+    let snap = wait_counts(&mut tt, port, &want);
+    assert_eq!(count(&snap, parent), 0, "{}", describe_pid(&snap, parent));
+}
+
 #[test]
 fn scm_rights_hand_off_blames_the_receiver() {
     require_root!("scm_rights_hand_off_blames_the_receiver");
