@@ -18,7 +18,7 @@ use std::{
 };
 
 use crossterm::event::Event;
-use ratatui::{Terminal, backend::CrosstermBackend};
+use ratatui::{Terminal, TerminalOptions, Viewport, backend::CrosstermBackend, layout::Rect};
 use tokio::sync::mpsc;
 
 use self::{
@@ -73,7 +73,19 @@ impl Screen {
             crossterm::terminal::EnterAlternateScreen,
             crossterm::cursor::Hide
         )
-        .and_then(|()| Terminal::new(CrosstermBackend::new(std::io::stdout())));
+        .and_then(|()| {
+            let backend = CrosstermBackend::new(std::io::stdout());
+            match crossterm::terminal::size() {
+                Ok((c, r)) if c > 0 && r > 0 => Terminal::new(backend),
+                // A terminal that does not say its size (a pty nobody sized): 80x24.
+                _ => Terminal::with_options(
+                    backend,
+                    TerminalOptions {
+                        viewport: Viewport::Fixed(Rect::new(0, 0, 80, 24)),
+                    },
+                ),
+            }
+        });
         let terminal = match entered {
             Ok(t) => t,
             Err(e) => {
