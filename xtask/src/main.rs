@@ -58,6 +58,8 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "qemu-system-x86",
     "busybox-static",
+    // The interactive screen of `watch` is tested under tmux (send-keys, capture-pane).
+    "tmux",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -12,7 +12,6 @@ use std::{
 
 use self::{
     events::{EventHeader, event_sink, print_dropped},
-    screen::Screen,
     text::{print_json, print_text},
 };
 
@@ -29,6 +28,9 @@ pub enum WatchError {
     Signals(#[from] SignalError),
     #[error(transparent)]
     Tracer(#[from] TracerError),
+    /// The interactive screen could not use the terminal.
+    #[error("drawing on the terminal (pipe the output for plain text instead)")]
+    Terminal(#[source] std::io::Error),
 }
 
 #[derive(Clone, Debug)]
@@ -65,9 +67,21 @@ pub async fn run(opts: WatchOptions) -> Result<(), WatchError> {
     } else {
         Mode::Text
     };
-    let mut screen = (mode == Mode::Screen).then(Screen::enter);
     let snap_opts = snapshot_options(&opts, mode);
     let leak_after = opts.tracer.table.leak_after_ns;
+    if mode == Mode::Screen {
+        let r = screen::run(
+            &tracer,
+            &mut signals,
+            snap_opts,
+            opts.interval,
+            deadline,
+            leak_after,
+        )
+        .await;
+        tracer.stop();
+        return r.map_err(WatchError::Terminal);
+    }
     let mut next = Instant::now();
     let mut dropped_seen = 0;
     let result: Result<(), WatchError> = async {
@@ -84,11 +98,7 @@ pub async fn run(opts: WatchOptions) -> Result<(), WatchError> {
                 let ok = match mode {
                     Mode::Json => print_json(&snap),
                     Mode::Text => print_text(&snap, opts.wide, leak_after),
-                    Mode::Screen => {
-                        screen.as_mut().unwrap().draw(&snap, opts.wide, leak_after);
-                        true
-                    }
-                    Mode::Events => true,
+                    Mode::Screen | Mode::Events => true,
                 };
                 if !ok {
                     return Ok(());
@@ -116,7 +126,6 @@ pub async fn run(opts: WatchOptions) -> Result<(), WatchError> {
         }
     }
     .await;
-    drop(screen.take());
     // Detach before returning.
     tracer.stop();
     result
