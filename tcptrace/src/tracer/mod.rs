@@ -93,6 +93,8 @@ struct Shared {
     attached: Vec<&'static str>,
     degraded: Vec<String>,
     kernel_log: KernelLog,
+    /// A reconcile happened: the upkeep looks up owners it had given up on again.
+    retry_owners: AtomicBool,
     /// ip_local_port_range of each network namespace the table's processes are in.
     port_ranges: Mutex<std::collections::HashMap<u64, (u16, u16)>>,
 }
@@ -101,6 +103,7 @@ struct Shared {
 pub struct Tracer {
     shared: Arc<Shared>,
     reader: Option<JoinHandle<()>>,
+    upkeep: Option<JoinHandle<()>>,
 }
 
 impl Tracer {
@@ -126,6 +129,7 @@ impl Tracer {
             degraded: probes.degraded().to_vec(),
             kernel_log: probes.kernel_log(),
             port_ranges: Mutex::default(),
+            retry_owners: AtomicBool::new(false),
         });
         let reader_shared = shared.clone();
         let every = opts.drain_every;
@@ -133,10 +137,19 @@ impl Tracer {
             .name("tcptrace-reader".into())
             .spawn(move || reader_loop(probes, reader_shared, every, sink))
             .map_err(TracerError::Thread)?;
-        let tracer = Self {
-            shared,
+        let mut tracer = Self {
+            shared: shared.clone(),
             reader: Some(reader),
+            upkeep: None,
         };
+        // Lookups in /proc take their time with many sockets and processes: on a thread of
+        // their own, so that the reader keeps draining the ring buffer meanwhile.
+        tracer.upkeep = Some(
+            std::thread::Builder::new()
+                .name("tcptrace-upkeep".into())
+                .spawn(move || upkeep_loop(shared))
+                .map_err(TracerError::Thread)?,
+        );
         // One drain before the first view, so that it includes what happened during start-up.
         tracer.wait_drained();
         Ok(tracer)
@@ -202,12 +215,45 @@ impl Tracer {
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }
+        if let Some(u) = self.upkeep.take() {
+            let _ = u.join();
+        }
     }
 }
 
 impl Drop for Tracer {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Once a second: the table's upkeep (TIME_WAIT expiry, exited processes), the port ranges of
+/// the namespaces in use, owners of unowned CLOSE_WAIT sockets and holders of every CLOSE_WAIT
+/// socket. The table is locked only to read what to look up and to record what was found.
+fn upkeep_loop(shared: Arc<Shared>) {
+    let mut tried_owners: HashSet<(SocketAddr, SocketAddr)> = HashSet::new();
+    let mut holders = HolderResolver::default();
+    let mut port_ranges = PortRanges::default();
+    let mut next = Instant::now() + Duration::from_secs(1);
+    while !shared.stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep((next - now).min(Duration::from_millis(100)));
+            continue;
+        }
+        next = now + Duration::from_secs(1);
+        if shared.retry_owners.swap(false, Ordering::Relaxed) {
+            tried_owners.clear();
+        }
+        let (unowned, namespaces) = {
+            let mut table = shared.table.lock().unwrap();
+            table.tick(monotonic_ns());
+            (table.unowned_close_wait(), table.process_namespaces())
+        };
+        port_ranges.refresh(&namespaces);
+        *shared.port_ranges.lock().unwrap() = port_ranges.current();
+        resolve_owners(&shared, unowned, &mut tried_owners);
+        resolve_holders(&shared, &mut holders);
     }
 }
 
@@ -218,9 +264,6 @@ fn reader_loop(
     mut sink: Option<EventSink>,
 ) {
     let mut last_tick = Instant::now();
-    let mut tried_owners: HashSet<(SocketAddr, SocketAddr)> = HashSet::new();
-    let mut holders = HolderResolver::default();
-    let mut port_ranges = PortRanges::default();
     let mut batch: Vec<TcpEvent> = Vec::with_capacity(4096);
     // Beyond this many waiting events the reader waits for the table instead.
     const MAX_PENDING: usize = 200_000;
@@ -270,15 +313,6 @@ fn reader_loop(
                 let allowed = last_reconcile.map_or(soon, |t| t + RECONCILE_GAP);
                 reconcile_at.get_or_insert(soon.max(allowed));
             }
-            let (unowned, namespaces) = {
-                let mut table = shared.table.lock().unwrap();
-                table.tick(monotonic_ns());
-                (table.unowned_close_wait(), table.process_namespaces())
-            };
-            port_ranges.refresh(&namespaces);
-            *shared.port_ranges.lock().unwrap() = port_ranges.current();
-            resolve_owners(&shared, unowned, &mut tried_owners);
-            resolve_holders(&shared, &mut holders);
         }
         // Every event read so far is applied (nothing waits in `batch`): the kernel's list, read
         // now, can overrule only what happened before.
@@ -288,7 +322,7 @@ fn reader_loop(
             if reconcile(&shared) {
                 // Owners may have been lost with the records, or looked up too early (a socket
                 // still in the accept queue has none): look up unowned sockets again.
-                tried_owners.clear();
+                shared.retry_owners.store(true, Ordering::Relaxed);
             }
         }
         probes.wait(every);
