@@ -69,6 +69,9 @@ impl Table {
             .sockets
             .iter()
             .filter(|(_, s)| s.state == TcpState::CloseWait)
+            // Not a socket its application is closing right now (connection churn passes
+            // through CLOSE_WAIT for microseconds): one that stayed min(leak threshold, 1 s).
+            .filter(|(_, s)| now_ns.saturating_sub(s.since_ns) >= self.cfg.leak_after_ns.min(NS))
             .filter(|(_, s)| match s.held.checked_ns {
                 None => true,
                 Some(t) => t < s.since_ns || t / RECHECK_NS != now_ns / RECHECK_NS,

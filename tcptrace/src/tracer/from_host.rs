@@ -96,7 +96,7 @@ pub fn existing_sockets(all_namespaces: bool) -> std::io::Result<Vec<ExistingSoc
     // the last ACK received (tcp_info's last_ack_recv; a lower bound of the time since the
     // FIN). Other namespaces' sockets are aged from now.
     let own = holders::netns_of(std::process::id());
-    let ages: HashMap<(SocketAddr, SocketAddr), u64> = sockdiag::tcp_sockets()
+    let ages: HashMap<(SocketAddr, SocketAddr), u64> = sockdiag::close_wait_sockets()
         .unwrap_or_default()
         .into_iter()
         .filter(|d| d.state == tcptrace_common::tcp_state::CLOSE_WAIT)
