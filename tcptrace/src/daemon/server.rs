@@ -62,8 +62,10 @@ fn table_config(cfg: &Config) -> TableConfig {
     }
 }
 
-/// How long one rendered report or metrics page is served to every client that asks.
-const REPLY_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one rendered report or metrics page is served to every client that asks: short
+/// enough that a leak shows in `report` well within a second of crossing the threshold, long
+/// enough that any number of clients costs at most four renders a second.
+const REPLY_INTERVAL: Duration = Duration::from_millis(250);
 
 /// One rendered reply, shared (not copied) by every client within [`REPLY_INTERVAL`]: memory
 /// does not grow with the number of clients, and at most one is rendered at a time.
