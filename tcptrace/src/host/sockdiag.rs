@@ -59,7 +59,13 @@ fn tcp_sockets_in(states: StateFlags) -> io::Result<Vec<DiagSocket>> {
     sock.bind_auto()?;
     sock.connect(&NlAddr::new(0, 0))?;
     let mut out = Vec::new();
-    dump(&mut sock, AF_INET, SocketId::new_v4(), states.clone(), &mut out)?;
+    dump(
+        &mut sock,
+        AF_INET,
+        SocketId::new_v4(),
+        states.clone(),
+        &mut out,
+    )?;
     match dump(&mut sock, AF_INET6, SocketId::new_v6(), states, &mut out) {
         // A kernel without IPv6 answers the IPv6 dump with an error: IPv4 is all there is.
         Err(e) if e.raw_os_error().is_some() => {}
@@ -147,15 +153,6 @@ fn addr(ip: IpAddr, port: u16) -> SocketAddr {
         v4 => v4,
     };
     SocketAddr::new(ip, port)
-}
-
-/// The network namespace (inode of `<proc_dir>/ns/net`) of a process, e.g. "/proc/self": its
-/// sockets are in the dump of the namespace with the same inode.
-pub fn netns_of(proc_dir: &str) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(format!("{proc_dir}/ns/net"))
-        .ok()
-        .map(|m| m.ino())
 }
 
 /// net.ipv4.tcp_fin_timeout of this network namespace, in seconds.

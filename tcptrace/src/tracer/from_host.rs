@@ -42,7 +42,7 @@ impl ProcSource for SysProcs {
         }
     }
     fn netns(&mut self, pid: u32) -> Option<u64> {
-        sockdiag::netns_of(&format!("/proc/{pid}"))
+        holders::netns_of(pid)
     }
     fn meta(&mut self, pid: u32) -> Option<ProcMeta> {
         let p = procfs::process_info(pid)?;
@@ -168,7 +168,7 @@ pub(super) fn reconcile(shared: &Shared) -> bool {
             })
         })
         .collect();
-    let Some(netns) = sockdiag::netns_of("/proc/self") else {
+    let Some(netns) = holders::netns_of(std::process::id()) else {
         return false;
     };
     shared
