@@ -214,7 +214,7 @@ impl PortRanges {
 }
 
 /// Most CLOSE_WAIT sockets whose holders are looked up per second.
-const MAX_HOLDER_QUERIES: usize = 20_000;
+const MAX_HOLDER_QUERIES: usize = 200_000;
 
 /// Looks up who holds the CLOSE_WAIT sockets the table asks about (new ones, and every few
 /// seconds those that stay): their inodes from the socket list of the namespace of the process
