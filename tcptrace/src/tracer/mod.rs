@@ -97,6 +97,8 @@ struct Shared {
     retry_owners: AtomicBool,
     /// ip_local_port_range of each network namespace the table's processes are in.
     port_ranges: Mutex<std::collections::HashMap<u64, (u16, u16)>>,
+    /// tcptrace's own network namespace (0: unknown), read once at start.
+    host_netns: u64,
 }
 
 /// A running tracer. Dropping it stops the reader and detaches every program.
@@ -129,6 +131,7 @@ impl Tracer {
             degraded: probes.degraded().to_vec(),
             kernel_log: probes.kernel_log(),
             port_ranges: Mutex::default(),
+            host_netns: holders::netns_of(std::process::id()).unwrap_or(0),
             retry_owners: AtomicBool::new(false),
         });
         let reader_shared = shared.clone();
@@ -173,7 +176,7 @@ impl Tracer {
             opts.port_range = procfs::ephemeral_port_range().unwrap_or((0, 0));
         }
         opts.port_ranges = self.shared.port_ranges.lock().unwrap().clone();
-        opts.host_netns = holders::netns_of(std::process::id()).unwrap_or(0);
+        opts.host_netns = self.shared.host_netns;
         let table = self.shared.table.lock().unwrap();
         table.snapshot(monotonic_ns(), &opts)
     }
