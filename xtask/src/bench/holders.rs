@@ -98,10 +98,14 @@ impl Bench {
         let secs = t0.elapsed().as_secs_f64();
         let cpu_pct = 100.0 * (c1.saturating_sub(c0)) as f64 / clk_tck() / secs;
         let mut exact = 0;
+        let mut named = 0;
         for (h, n) in &holders {
             let count = daemon_report(&self.bin, h.pid()).and_then(|r| {
                 process_entry(&r, h.pid()).and_then(|p| p["close_wait"]["count"].as_u64())
             });
+            if count.is_some_and(|c| c > 0) {
+                named += 1;
+            }
             if exact_count(h, *n) {
                 exact += 1;
             } else {
@@ -134,7 +138,7 @@ impl Bench {
         drop(ns);
         // The exact counts are the holder tests' job (tests/tests/holders.rs); here they are a
         // figure of the report, like the others.
-        if result.exact == 0 {
+        if named == 0 {
             bail!("the daemon named none of the holders: the phase measured nothing useful");
         }
         Ok(result)
