@@ -21,6 +21,10 @@ pub const FLAG_OWNER_INHERITED: u32 = 4;
 /// Largest record the kernel side reads from a tracepoint in one go.
 pub const TP_RECORD_MAX: usize = 80;
 
+/// Bytes of a `struct sock` the raw tracepoint program reads in one go from its start (the
+/// `sock_common` fields it needs end well before on every kernel with BTF).
+pub const SOCK_CHUNK: usize = 128;
+
 /// One record from kernel to userspace. 96 bytes, no padding holes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -129,6 +133,63 @@ pub struct NetnsOffsets {
     pub net_inum: u32,
 }
 
+/// Where the raw `inet_sock_set_state` program finds what it reports, from the kernel's BTF at
+/// start-up: byte offsets inside `struct sock` (the `sock_common` ones all below
+/// [`SOCK_CHUNK`]). All zero: unknown, and the classic tracepoint is used instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    /// `skc_daddr` (IPv4 remote address).
+    pub daddr: u16,
+    /// `skc_rcv_saddr` (IPv4 local address).
+    pub rcv_saddr: u16,
+    /// `skc_dport` (remote port, network byte order).
+    pub dport: u16,
+    /// `skc_num` (local port, host byte order).
+    pub num: u16,
+    /// `skc_family`.
+    pub family: u16,
+    /// `skc_v6_daddr`.
+    pub v6_daddr: u16,
+    /// `skc_v6_rcv_saddr`.
+    pub v6_rcv_saddr: u16,
+    /// `skc_net` (pointer to the `struct net`).
+    pub net: u16,
+    /// `sk_protocol`, anywhere in `struct sock`.
+    pub protocol: u16,
+    /// Size of `sk_protocol` in bytes: 1 (an 8-bit bitfield before Linux 5.6) or 2.
+    pub protocol_size: u16,
+    /// `inet_sport` of `struct inet_sock` (local port, network byte order), read when `skc_num`
+    /// is already 0 (a socket closing gives its port back before the tracepoint runs).
+    pub inet_sport: u16,
+    pub _pad: u16,
+    /// `ns.inum` inside `struct net`.
+    pub net_inum: u32,
+}
+
+impl SockOffsets {
+    /// Whether every offset the program needs was found and fits what it reads.
+    pub fn usable(&self) -> bool {
+        let chunk = [
+            (self.daddr, 4),
+            (self.rcv_saddr, 4),
+            (self.dport, 2),
+            (self.num, 2),
+            (self.family, 2),
+            (self.v6_daddr, 16),
+            (self.v6_rcv_saddr, 16),
+            (self.net, 8),
+        ];
+        *self != SockOffsets::default()
+            && chunk
+                .iter()
+                .all(|&(off, len)| off as usize + len <= SOCK_CHUNK)
+            && matches!(self.protocol_size, 1 | 2)
+            && self.protocol != 0
+            && self.inet_sport != 0
+    }
+}
+
 /// Index into the per-CPU `COUNTERS` array: records lost because the ring buffer was full.
 pub const COUNTER_DROPPED: u32 = 0;
 pub const COUNTERS_LEN: u32 = 1;
@@ -164,6 +225,8 @@ mod user {
     unsafe impl aya::Pod for super::Offsets {}
     // SAFETY: plain-old-data, repr(C), every bit pattern valid.
     unsafe impl aya::Pod for super::NetnsOffsets {}
+    // SAFETY: plain-old-data, repr(C), every bit pattern valid.
+    unsafe impl aya::Pod for super::SockOffsets {}
 }
 
 const _: () = assert!(core::mem::size_of::<Event>() == 96);

@@ -1,9 +1,11 @@
-//! Kernel side of tcptrace: classic tracepoints only.
+//! Kernel side of tcptrace: classic tracepoints, and one raw tracepoint where BTF allows.
 //!
 //! * `sock:inet_sock_set_state` (TCP only): every state transition, reported with the socket's
 //!   recorded owner. The owner is recorded where the kernel runs in the owner's context
 //!   (connect, listen, the application's close) and inherited by accepted sockets from their
-//!   listener; softirq transitions never take whatever task happened to be on the CPU.
+//!   listener; softirq transitions never take whatever task happened to be on the CPU. As a raw
+//!   tracepoint (`inet_sock_set_state_raw`) where the kernel's BTF gives the layout of
+//!   `struct sock`, else as the classic one.
 //! * `syscalls:sys_enter_connect` / `sys_exit_connect`: destination and return value of every
 //!   IPv4/IPv6 `connect()` that does not succeed at once (errors and -EINPROGRESS).
 //! * `sock:inet_sk_error_report` (TCP only, connect-phase errors only): asynchronous errors,
@@ -28,20 +30,18 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_probe_read_kernel,
     },
-    macros::{map, tracepoint},
+    macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
-use aya_log_ebpf::{error, warn};
 
 mod record;
 use record::Record;
 use tcptrace_common::{
-    AF_INET, AF_INET6, COUNTER_DROPPED, COUNTERS_LEN, DEFAULT_RING_BYTES, Event,
-    FLAG_OWNER_CURRENT, FLAG_OWNER_INHERITED, FLAG_OWNER_RECORDED, IPPROTO_TCP, KIND_CONNECT,
-    KIND_ERROR, KIND_STATE, NetnsOffsets, Offsets, TP_RECORD_MAX, tcp_state,
+    COUNTER_DROPPED, COUNTERS_LEN, DEFAULT_RING_BYTES, Event, NetnsOffsets, Offsets, SOCK_CHUNK,
+    SockOffsets,
 };
 
 /// Overridden at load time with the offsets tracefs gives (read-only data: the verifier knows
@@ -104,11 +104,37 @@ fn submit_flags() -> u64 {
     }
 }
 
+/// Overridden at load time with the layout of `struct sock` from BTF when the raw tracepoint
+/// program is used (read-only data, like [`OFFSETS`]).
+#[unsafe(no_mangle)]
+static SOCK: SockOffsets = SockOffsets {
+    daddr: 0,
+    rcv_saddr: 0,
+    dport: 0,
+    num: 0,
+    family: 0,
+    v6_daddr: 0,
+    v6_rcv_saddr: 0,
+    net: 0,
+    protocol: 0,
+    protocol_size: 0,
+    inet_sport: 0,
+    _pad: 0,
+    net_inum: 0,
+};
+
+macro_rules! sock {
+    ($field:ident) => {
+        // SAFETY: as for `off!`.
+        unsafe { core::ptr::read_volatile(&raw const $crate::SOCK.$field) }
+    };
+}
+
 macro_rules! off {
     ($field:ident) => {
         // SAFETY: aligned read of a field of a static; volatile so the compiler does not fold in
         // the compile-time default.
-        unsafe { core::ptr::read_volatile(&raw const OFFSETS.$field) }
+        unsafe { core::ptr::read_volatile(&raw const $crate::OFFSETS.$field) }
     };
 }
 
@@ -120,7 +146,7 @@ macro_rules! rare {
     ($level:ident, $ctx:expr, $fmt:literal $(, $arg:ident)*) => {{
         #[cold]
         #[inline(never)]
-        fn rare_log(ctx: &TracePointContext $(, $arg: i64)*) {
+        fn rare_log<C: aya_ebpf::EbpfContext>(ctx: &C $(, $arg: i64)*) {
             $level!(ctx, $fmt $(, $arg)*);
         }
         rare_log($ctx $(, $arg as i64)*);
@@ -161,9 +187,15 @@ const NO_COMMON_LRU: u32 = 2;
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
-/// Per-CPU scratch space for one tracepoint record (too big for the 512-byte stack beside the rest).
+/// Per-CPU scratch space for one tracepoint record or socket chunk (too big for the 512-byte
+/// stack beside the rest), one slot per program that uses it: a program can run nested in
+/// another on the same CPU (a softirq arriving while a program runs), never in itself.
 #[map]
-pub(crate) static SCRATCH: PerCpuArray<[u8; TP_RECORD_MAX]> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static SCRATCH: PerCpuArray<[u8; SOCK_CHUNK]> = PerCpuArray::with_max_entries(2, 0);
+/// [`SCRATCH`] slot of the state programs (classic or raw, never both attached).
+const SLOT_STATE: u32 = 0;
+/// [`SCRATCH`] slot of `inet_sk_error_report`.
+const SLOT_ERROR: u32 = 1;
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
@@ -215,322 +247,8 @@ fn set_owner(ev: &mut Event, o: &Owner, flag: u32) {
     ev.flags |= flag;
 }
 
-#[tracepoint]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    if let Err(err) = try_set_state(&ctx) {
-        rare!(
-            error,
-            &ctx,
-            "inet_sock_set_state: reading the tracepoint record failed (error {}); transition lost",
-            err
-        );
-    }
-    0
-}
-
-fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    let rec = Record::read(ctx)?;
-    if rec.proto(off!(ss_protocol), off!(ss_protocol_size)) != IPPROTO_TCP {
-        return Ok(());
-    }
-    let skaddr = rec.u64(off!(ss_skaddr));
-    let old = rec.i32(off!(ss_oldstate)) as u8;
-    let new = rec.i32(off!(ss_newstate)) as u8;
-    let family = rec.u16(off!(ss_family)) as u8;
-    let sport = rec.u16(off!(ss_sport));
-
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        count(COUNTER_DROPPED);
-        // Keep the owner map consistent even when the record is lost.
-        if new == tcp_state::CLOSE {
-            let _ = OWNERS.remove(&skaddr);
-        }
-        return Ok(());
-    };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: the reservation is exactly one Event; every field is written below.
-    let ev = unsafe { &mut *ev };
-    // Field by field: a whole Event built on the stack would not fit beside the record.
-    ev.skaddr = skaddr;
-    ev.cgroup = 0;
-    ev.pid = 0;
-    let netns = sock_netns(skaddr);
-    ev.netns = netns;
-    ev.kind = KIND_STATE;
-    ev.oldstate = old;
-    ev.newstate = new;
-    ev.family = family;
-    ev.sport = sport;
-    ev.ret = 0;
-    ev.flags = 0;
-    ev.comm = [0; 16];
-    // SAFETY: helper without arguments.
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    ev.dport = rec.u16(off!(ss_dport));
-    rec.addrs(
-        ev,
-        (off!(ss_saddr), off!(ss_daddr)),
-        (off!(ss_saddr_v6), off!(ss_daddr_v6)),
-    );
-
-    let process_context = (old == tcp_state::CLOSE && new == tcp_state::SYN_SENT)
-        || new == tcp_state::LISTEN
-        || (old == tcp_state::CLOSE_WAIT && new == tcp_state::LAST_ACK)
-        || (old == tcp_state::LISTEN && new == tcp_state::CLOSE)
-        || (old == tcp_state::ESTABLISHED && new == tcp_state::FIN_WAIT1);
-
-    if new == tcp_state::SYN_SENT && old == tcp_state::CLOSE || new == tcp_state::LISTEN {
-        // The owner is the current task: record it.
-        let o = current_owner();
-        set_owner(ev, &o, FLAG_OWNER_CURRENT);
-        if let Err(err) = OWNERS.insert(&skaddr, &o, 0) {
-            owner_insert_failed(ctx, err);
-        }
-        if new == tcp_state::LISTEN {
-            let key = listener_key(netns, family, sport);
-            if let Err(err) = LISTENERS.insert(&key, &Listener { owner: o, skaddr }, 0) {
-                rare!(
-                    warn,
-                    ctx,
-                    "inet_sock_set_state: LISTENERS insert failed (error {}); sockets accepted from this listener get no owner",
-                    err
-                );
-            }
-        } else if let Some(c) = CONNECTS.get_ptr_mut(o.tid) {
-            // SAFETY: entry of this thread, written only by this thread.
-            unsafe { (*c).skaddr = skaddr };
-        }
-    } else if new == tcp_state::SYN_RECV {
-        // A connection on its way to accept(): it belongs to the listener's owner.
-        let key = listener_key(netns, family, sport);
-        // SAFETY: value copied out before use.
-        if let Some(l) = unsafe { LISTENERS.get(&key) } {
-            let o = l.owner;
-            set_owner(ev, &o, FLAG_OWNER_INHERITED);
-            if let Err(err) = OWNERS.insert(&skaddr, &o, 0) {
-                owner_insert_failed(ctx, err);
-            }
-        }
-    } else if new == tcp_state::CLOSE_WAIT {
-        // Runs in softirq, on whatever task was on the CPU: the recorded owner is the truth.
-        // SAFETY: value copied out by set_owner.
-        if let Some(o) = unsafe { OWNERS.get(&skaddr) } {
-            set_owner(ev, o, FLAG_OWNER_RECORDED);
-        }
-    } else if process_context {
-        // The application itself (close, shutdown, listen socket closed).
-        let o = current_owner();
-        set_owner(ev, &o, FLAG_OWNER_CURRENT);
-    }
-    // Other transitions carry no owner: userspace has the socket's owner from its creation,
-    // and skipping the lookup keeps the common path cheap.
-
-    if new == tcp_state::CLOSE {
-        let _ = OWNERS.remove(&skaddr);
-        if old == tcp_state::LISTEN {
-            let key = listener_key(netns, family, sport);
-            // SAFETY: value read before removal.
-            if let Some(l) = unsafe { LISTENERS.get(&key) } {
-                if l.skaddr == skaddr {
-                    let _ = LISTENERS.remove(&key);
-                }
-            }
-        }
-    }
-    entry.submit(submit_flags());
-    Ok(())
-}
-
-/// An OWNERS insert failed: the socket's later softirq transitions are reported without owner.
-#[inline(always)]
-fn owner_insert_failed(ctx: &TracePointContext, err: i32) {
-    rare!(
-        warn,
-        ctx,
-        "inet_sock_set_state: OWNERS insert failed (error {}); the socket is reported without owner",
-        err
-    );
-}
-
-#[tracepoint]
-pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    if let Err(err) = try_enter_connect(&ctx) {
-        rare!(
-            error,
-            &ctx,
-            "sys_enter_connect: reading the tracepoint record failed (error {}); connect not followed",
-            err
-        );
-    }
-    0
-}
-
-/// A connect() whose sockaddr could not be read from user memory (bad pointer, page not present).
-#[inline(always)]
-fn sockaddr_unreadable(ctx: &TracePointContext, err: i32) {
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    rare!(
-        warn,
-        ctx,
-        "sys_enter_connect: reading the sockaddr from user memory failed (error {}, pid {}); connect not followed",
-        err,
-        pid
-    );
-}
-
-fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
-    let uaddr = read::<u64>(ctx, off!(ce_uservaddr))? as *const [u8; 16];
-    // SAFETY: user memory read through bpf_probe_read_user.
-    let head = match unsafe { bpf_probe_read_user(uaddr) } {
-        Ok(head) => head,
-        Err(err) => {
-            sockaddr_unreadable(ctx, err);
-            return Ok(());
-        }
-    };
-    let family = u16::from_ne_bytes([head[0], head[1]]) as u8;
-    if family != AF_INET && family != AF_INET6 {
-        return Ok(());
-    }
-    let mut c = ConnectCtx {
-        skaddr: 0,
-        daddr: [0; 16],
-        dport: u16::from_be_bytes([head[2], head[3]]),
-        family,
-        _pad: [0; 5],
-    };
-    if family == AF_INET {
-        c.daddr[..4].copy_from_slice(&head[4..8]);
-    } else {
-        // sockaddr_in6: family, port, flowinfo (4 bytes), then the 16-byte address at offset 8.
-        // SAFETY: user memory read through bpf_probe_read_user.
-        let full = match unsafe { bpf_probe_read_user(uaddr as *const [u8; 24]) } {
-            Ok(full) => full,
-            Err(err) => {
-                sockaddr_unreadable(ctx, err);
-                return Ok(());
-            }
-        };
-        c.daddr.copy_from_slice(&full[8..24]);
-    }
-    let id = bpf_get_current_pid_tgid();
-    if let Err(err) = CONNECTS.insert(&(id as u32), &c, 0) {
-        // Full (more threads inside connect() than entries) or busy.
-        let pid = id >> 32;
-        rare!(
-            warn,
-            ctx,
-            "sys_enter_connect: CONNECTS insert failed (error {}, pid {}); connect not followed",
-            err,
-            pid
-        );
-    }
-    Ok(())
-}
-
-#[tracepoint]
-pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    if let Err(err) = try_exit_connect(&ctx) {
-        rare!(
-            error,
-            &ctx,
-            "sys_exit_connect: reading the tracepoint record failed (error {}); connect result lost",
-            err
-        );
-    }
-    0
-}
-
-fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    // SAFETY: value copied out before the entry is removed.
-    let Some(c) = (unsafe { CONNECTS.get(&tid) }).copied() else {
-        return Ok(());
-    };
-    let _ = CONNECTS.remove(&tid);
-    let ret = read::<i64>(ctx, off!(cx_ret))?;
-    // Success is visible as SYN_SENT -> ESTABLISHED; only errors and -EINPROGRESS are sent.
-    // A call that failed before any TCP state change (no route) may be on a datagram socket
-    // too: userspace counts those as failures to reach the destination.
-    if ret == 0 {
-        return Ok(());
-    }
-    let o = current_owner();
-    let ev = Event {
-        // SAFETY: helper without arguments.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr: c.skaddr,
-        cgroup: o.cgroup,
-        pid: o.pid,
-        netns: sock_netns(c.skaddr),
-        kind: KIND_CONNECT,
-        oldstate: 0,
-        newstate: 0,
-        family: c.family,
-        sport: 0,
-        dport: c.dport,
-        ret: ret as i32,
-        flags: FLAG_OWNER_CURRENT,
-        saddr: [0; 16],
-        daddr: c.daddr,
-        comm: o.comm,
-    };
-    if EVENTS
-        .output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64)
-        .is_err()
-    {
-        count(COUNTER_DROPPED);
-    }
-    Ok(())
-}
-
-#[tracepoint]
-pub fn inet_sk_error_report(ctx: TracePointContext) -> u32 {
-    if let Err(err) = try_error_report(&ctx) {
-        rare!(
-            error,
-            &ctx,
-            "inet_sk_error_report: reading the tracepoint record failed (error {}); error lost",
-            err
-        );
-    }
-    0
-}
-
-fn try_error_report(ctx: &TracePointContext) -> Result<(), i32> {
-    // Only errors a connect can end with; ECONNRESET, EPIPE and the like (established
-    // connections, one or two per closed-by-RST connection) are filtered here, cheaply.
-    let error = read::<i32>(ctx, off!(er_error))?;
-    if !matches!(error, 1 | 13 | 100 | 101 | 110 | 111 | 112 | 113) {
-        return Ok(());
-    }
-    let rec = Record::read(ctx)?;
-    if rec.proto(off!(er_protocol), off!(er_protocol_size)) != IPPROTO_TCP {
-        return Ok(());
-    }
-    let mut ev = Event {
-        // SAFETY: helper without arguments.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        kind: KIND_ERROR,
-        family: rec.u16(off!(er_family)) as u8,
-        sport: rec.u16(off!(er_sport)),
-        dport: rec.u16(off!(er_dport)),
-        ret: error,
-        ..Event::default()
-    };
-    rec.addrs(
-        &mut ev,
-        (off!(er_saddr), off!(er_daddr)),
-        (off!(er_saddr_v6), off!(er_daddr_v6)),
-    );
-    if EVENTS
-        .output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64)
-        .is_err()
-    {
-        count(COUNTER_DROPPED);
-    }
-    Ok(())
-}
+mod connect;
+mod state;
 
 #[cfg(not(test))]
 #[panic_handler]

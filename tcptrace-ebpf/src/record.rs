@@ -1,32 +1,49 @@
-//! One tracepoint record, read from the kernel in one go into per-CPU scratch space, and its
-//! fields at the offsets userspace found in tracefs.
+//! Kernel bytes read in one go into per-CPU scratch space (a tracepoint record, or the start of
+//! a `struct sock`), and their fields at the offsets userspace found (tracefs, BTF).
 
 use aya_ebpf::{EbpfContext as _, helpers::bpf_probe_read_kernel_buf, programs::TracePointContext};
-use tcptrace_common::{AF_INET6, Event, TP_RECORD_MAX};
+use tcptrace_common::{AF_INET6, Event, SOCK_CHUNK, TP_RECORD_MAX};
 
 use crate::SCRATCH;
 
-/// A tracepoint record copied to the stack in one read; fields are then plain loads at the
-/// offsets from tracefs (constants to the verifier: they live in read-only global data).
-pub(crate) struct Record(*const [u8; TP_RECORD_MAX]);
+/// `N` bytes copied to per-CPU scratch space in one read; fields are then plain loads at the
+/// offsets from userspace (constants to the verifier: they live in read-only global data).
+/// A field beyond `N` reads as zeros.
+pub(crate) struct Record<const N: usize>(*const [u8; SOCK_CHUNK]);
 
-impl Record {
+impl Record<TP_RECORD_MAX> {
+    /// The tracepoint record of `ctx`, into scratch slot `slot` (one per program: a program
+    /// can run nested in another, never in itself).
     #[inline(always)]
-    pub(crate) fn read(ctx: &TracePointContext) -> Result<Self, i32> {
-        let buf = SCRATCH.get_ptr_mut(0).ok_or(-1)?;
-        // SAFETY: per-CPU slot, used by one program at a time on this CPU; the record is read with
-        // bpf_probe_read_kernel.
-        unsafe { bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut *buf)? };
+    pub(crate) fn read(ctx: &TracePointContext, slot: u32) -> Result<Self, i32> {
+        let buf = SCRATCH.get_ptr_mut(slot).ok_or(-1)?;
+        // SAFETY: per-CPU slot of one program; the record is read with bpf_probe_read_kernel.
+        unsafe {
+            bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut (&mut *buf)[..TP_RECORD_MAX])?
+        };
         Ok(Record(buf))
     }
+}
 
+impl Record<SOCK_CHUNK> {
+    /// The first [`SOCK_CHUNK`] bytes of the `struct sock` at `sk` (its `sock_common`).
+    #[inline(always)]
+    pub(crate) fn read_sock(sk: u64, slot: u32) -> Result<Self, i32> {
+        let buf = SCRATCH.get_ptr_mut(slot).ok_or(-1)?;
+        // SAFETY: as in `read`; kernel memory read with bpf_probe_read_kernel.
+        unsafe { bpf_probe_read_kernel_buf(sk as *const u8, &mut *buf)? };
+        Ok(Record(buf))
+    }
+}
+
+impl<const LEN: usize> Record<LEN> {
     #[inline(always)]
     pub(crate) fn bytes<const N: usize>(&self, off: u16) -> [u8; N] {
         // SAFETY: points to the per-CPU slot filled by `read`.
         let rec = unsafe { &*self.0 };
         let o = off as usize;
         let mut out = [0u8; N];
-        if o + N > TP_RECORD_MAX {
+        if o + N > LEN {
             return out;
         }
         if N % 8 == 0 && o % 8 == 0 {

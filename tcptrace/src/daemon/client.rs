@@ -162,8 +162,8 @@ pub async fn status(socket: &Path, json: bool) -> Result<(), ClientError> {
         printable(&s.programs_attached.join(", "))
     );
     println!(
-        "events seen {}, dropped {}, for unknown sockets {}",
-        s.events_seen, s.events_dropped, s.events_unknown_socket
+        "events seen {}, dropped {}, missed {}, for unknown sockets {}",
+        s.events_seen, s.events_dropped, s.events_missed, s.events_unknown_socket
     );
     println!(
         "tracked: {} sockets (cap {}), {} processes (cap {})",

@@ -33,6 +33,9 @@ pub struct Status {
     pub events_seen: u64,
     /// Records the kernel lost (ring buffer full).
     pub events_dropped: u64,
+    /// Program runs the kernel skipped (another BPF program was running on the CPU).
+    #[serde(default)]
+    pub events_missed: u64,
     pub events_unknown_socket: u64,
     pub sockets_tracked: u64,
     pub processes_tracked: u64,

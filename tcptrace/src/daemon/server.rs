@@ -128,6 +128,7 @@ impl State {
             degraded: self.tracer.degraded().to_vec(),
             events_seen: stats.events,
             events_dropped: k.dropped,
+            events_missed: k.missed,
             events_unknown_socket: stats.unknown_socket_events,
             sockets_tracked: stats.sockets,
             processes_tracked: stats.processes,

@@ -40,12 +40,25 @@ pub enum BtfError {
     NoStruct(String),
     #[error("BTF struct `{0}` has no member `{1}`")]
     NoMember(String, String),
+    #[error("BTF member `{0}.{1}` is not a whole integer of 1, 2, 4 or 8 bytes")]
+    NotAnInteger(String, String),
 }
 
-/// One struct or union: its members' names, byte offsets and type ids.
+/// One member of a struct or union.
+#[derive(Clone, Debug, Default)]
+struct Member {
+    name: String,
+    /// Offset in bits from the start of the composite.
+    bit_off: u32,
+    ty: u32,
+    /// Size in bits when it is a bitfield, else 0.
+    bitfield: u32,
+}
+
+/// One struct or union: its members.
 #[derive(Clone, Debug, Default)]
 struct Composite {
-    members: Vec<(String, u32, u32)>,
+    members: Vec<Member>,
 }
 
 /// The structs and unions of a BTF blob, by name (the first of a name wins) and by type id.
@@ -54,6 +67,8 @@ pub struct Btf {
     by_id: HashMap<u32, Composite>,
     /// typedefs and qualifiers: id -> the type they name.
     aliases: HashMap<u32, u32>,
+    /// Integer types: id -> size in bytes.
+    ints: HashMap<u32, u32>,
 }
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
@@ -98,6 +113,7 @@ impl Btf {
         let mut by_name = HashMap::new();
         let mut by_id = HashMap::new();
         let mut aliases = HashMap::new();
+        let mut ints = HashMap::new();
         let mut at = 0;
         let mut id = 1u32;
         while at < types.len() {
@@ -127,15 +143,29 @@ impl Btf {
                     ) else {
                         return Err(bad("truncated member"));
                     };
-                    // With kind_flag the low 24 bits are the bit offset (bitfields).
-                    let bits = if kind_flag { m_off & 0xff_ffff } else { m_off };
-                    let name = str_at(strings, m_name).unwrap_or("").to_string();
-                    c.members.push((name, bits / 8, m_type));
+                    // With kind_flag the low 24 bits are the bit offset, the high 8 the size of
+                    // a bitfield.
+                    let (bit_off, bitfield) = if kind_flag {
+                        (m_off & 0xff_ffff, m_off >> 24)
+                    } else {
+                        (m_off, 0)
+                    };
+                    c.members.push(Member {
+                        name: str_at(strings, m_name).unwrap_or("").to_string(),
+                        bit_off,
+                        ty: m_type,
+                        bitfield,
+                    });
                 }
                 if let Some(name) = str_at(strings, name_off).filter(|n| !n.is_empty()) {
                     by_name.entry(name.to_string()).or_insert(id);
                 }
                 by_id.insert(id, c);
+            }
+            if kind == KIND_INT
+                && let Some(size) = u32_at(types, at + 8)
+            {
+                ints.insert(id, size);
             }
             if matches!(
                 kind,
@@ -151,41 +181,61 @@ impl Btf {
             by_name,
             by_id,
             aliases,
+            ints,
         })
     }
 
     /// Byte offset of `path` (members separated by dots, through nested structs and unions,
     /// anonymous ones included) inside struct `name`.
     pub fn offset_of(&self, name: &str, path: &str) -> Result<u32, BtfError> {
+        Ok(self.member(name, path)?.0 / 8)
+    }
+
+    /// Byte offset and size of the integer member `path` of struct `name`; a bitfield counts
+    /// when it is whole bytes on a byte boundary (read as an integer of that size).
+    pub fn integer_member(&self, name: &str, path: &str) -> Result<(u32, u32), BtfError> {
+        let (bit_off, m) = self.member(name, path)?;
+        let size = match m.bitfield {
+            0 => self.ints.get(&self.resolve(m.ty)).copied().unwrap_or(0),
+            bits if bits % 8 == 0 && bit_off % 8 == 0 => bits / 8,
+            _ => 0,
+        };
+        if !matches!(size, 1 | 2 | 4 | 8) {
+            return Err(BtfError::NotAnInteger(name.into(), path.into()));
+        }
+        Ok((bit_off / 8, size))
+    }
+
+    /// The member at `path` inside struct `name`, with its offset in bits from the struct's start.
+    fn member(&self, name: &str, path: &str) -> Result<(u32, Member), BtfError> {
         let mut id = *self
             .by_name
             .get(name)
             .ok_or_else(|| BtfError::NoStruct(name.into()))?;
         let mut total = 0;
+        let mut last = None;
         for part in path.split('.') {
-            let (off, ty) = self
+            let (off, m) = self
                 .find_member(id, part)
                 .ok_or_else(|| BtfError::NoMember(name.into(), path.into()))?;
             total += off;
-            id = ty;
+            id = self.resolve(m.ty);
+            last = Some(m);
         }
-        Ok(total)
+        let m = last.ok_or_else(|| BtfError::NoMember(name.into(), path.into()))?;
+        Ok((total, m))
     }
 
     /// A member by name in the composite `id`, looking into anonymous members; returns its
-    /// offset and the composite type it has (or its own type id when it is not one).
-    fn find_member(&self, id: u32, member: &str) -> Option<(u32, u32)> {
+    /// offset in bits and the member.
+    fn find_member(&self, id: u32, member: &str) -> Option<(u32, Member)> {
         let c = self.by_id.get(&id)?;
-        for (name, off, ty) in &c.members {
-            if name == member {
-                return Some((*off, self.resolve(*ty)));
-            }
+        if let Some(m) = c.members.iter().find(|m| m.name == member) {
+            return Some((m.bit_off, m.clone()));
         }
-        for (name, off, ty) in &c.members {
-            if name.is_empty()
-                && let Some((o, t)) = self.find_member(self.resolve(*ty), member)
-            {
-                return Some((off + o, t));
+        for m in c.members.iter().filter(|m| m.name.is_empty()) {
+            if let Some((o, found)) = self.find_member(self.resolve(m.ty), member) {
+                return Some((m.bit_off + o, found));
             }
         }
         None
@@ -285,6 +335,7 @@ mod tests {
         assert_eq!(btf.offset_of("outer", "a").unwrap(), 0);
         assert_eq!(btf.offset_of("outer", "b").unwrap(), 4);
         assert_eq!(btf.offset_of("outer", "c.y").unwrap(), 12);
+        assert_eq!(btf.integer_member("outer", "c.y").unwrap(), (12, 4));
         assert!(matches!(
             btf.offset_of("outer", "z"),
             Err(BtfError::NoMember(..))
@@ -304,5 +355,25 @@ mod tests {
         let inum = btf.offset_of("net", "ns.inum").unwrap();
         assert!(skc_net > 0 && skc_net < 256, "{skc_net}");
         assert!(inum < 4096, "{inum}");
+    }
+
+    #[test]
+    fn this_kernel_gives_the_raw_state_program_its_socket_layout() {
+        let btf = Btf::from_sys().expect("this kernel has BTF");
+        let s = crate::kernel::probes::sock_offsets(&btf).expect("usable sock offsets");
+        // The start of struct sock_common has kept this layout since Linux 4.x on 64-bit.
+        assert_eq!(
+            (s.daddr, s.rcv_saddr, s.dport, s.num, s.family),
+            (0, 4, 12, 14, 16)
+        );
+        assert_eq!(s.protocol_size, 2, "sk_protocol is a u16 since Linux 5.6");
+        assert_eq!(
+            btf.integer_member("sock", "sk_protocol").unwrap(),
+            (s.protocol as u32, 2)
+        );
+        assert!(matches!(
+            btf.integer_member("sock", "__sk_common"),
+            Err(BtfError::NotAnInteger(..))
+        ));
     }
 }

@@ -3,15 +3,15 @@
 //! Dropping [`Probes`] detaches every program (the links are file descriptors owned by the
 //! `Ebpf` object), so an error at any step leaves nothing attached.
 
-use std::fmt;
+use std::{fmt, os::fd::AsFd as _};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{RawTracePoint, TracePoint},
 };
 use aya_log::EbpfLogger;
-use tcptrace_common::{COUNTER_DROPPED, Event, NetnsOffsets, Offsets};
+use tcptrace_common::{COUNTER_DROPPED, Event, NetnsOffsets, Offsets, SockOffsets};
 
 use crate::kernel::{
     Error,
@@ -20,13 +20,18 @@ use crate::kernel::{
     tracefs,
 };
 
-/// The programs, in attach order: (program name, tracepoint category, tracepoint name).
+/// The programs, in attach order: (program name, tracepoint category, tracepoint name). The
+/// last one is replaced by [`RAW_STATE`] where the kernel's BTF allows.
 pub const PROGRAMS: &[(&str, &str, &str)] = &[
     ("sys_enter_connect", "syscalls", "sys_enter_connect"),
     ("sys_exit_connect", "syscalls", "sys_exit_connect"),
     ("inet_sk_error_report", "sock", "inet_sk_error_report"),
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
 ];
+
+/// The raw tracepoint program for `inet_sock_set_state`: cheaper, and not skipped while another
+/// BPF program runs on the CPU (see the eBPF crate).
+pub const RAW_STATE: &str = "inet_sock_set_state_raw";
 
 /// What is missing to run the tracer, as one line for the user.
 #[derive(Debug)]
@@ -143,12 +148,52 @@ pub fn ring_size(bytes: u32) -> u32 {
 }
 
 /// Where the programs find a socket's network namespace number, from the kernel's BTF.
-fn netns_offsets() -> Result<NetnsOffsets, BtfError> {
-    let btf = Btf::from_sys()?;
+fn netns_offsets(btf: &Btf) -> Result<NetnsOffsets, BtfError> {
     Ok(NetnsOffsets {
         skc_net: btf.offset_of("sock_common", "skc_net.net")?,
         net_inum: btf.offset_of("net", "ns.inum")?,
     })
+}
+
+/// The layout of `struct sock` for the raw state program, from the kernel's BTF; None when a
+/// field is missing or out of the program's reach (the classic tracepoint is used then).
+pub fn sock_offsets(btf: &Btf) -> Option<SockOffsets> {
+    let common = |path: &str| -> Option<u16> {
+        let off = btf.offset_of("sock", &format!("__sk_common.{path}")).ok()?;
+        u16::try_from(off).ok()
+    };
+    let (protocol, protocol_size) = btf.integer_member("sock", "sk_protocol").ok()?;
+    let s = SockOffsets {
+        daddr: common("skc_daddr")?,
+        rcv_saddr: common("skc_rcv_saddr")?,
+        dport: common("skc_dport")?,
+        num: common("skc_num")?,
+        family: common("skc_family")?,
+        v6_daddr: common("skc_v6_daddr")?,
+        v6_rcv_saddr: common("skc_v6_rcv_saddr")?,
+        net: common("skc_net")?,
+        protocol: u16::try_from(protocol).ok()?,
+        protocol_size: protocol_size as u16,
+        inet_sport: u16::try_from(btf.offset_of("inet_sock", "inet_sport").ok()?).ok()?,
+        _pad: 0,
+        net_inum: btf.offset_of("net", "ns.inum").ok()?,
+    };
+    s.usable().then_some(s)
+}
+
+/// Loads and attaches the raw state program to raw tracepoint `name`.
+fn attach_raw(ebpf: &mut Ebpf, name: &str) -> Result<(), String> {
+    let p: &mut RawTracePoint = ebpf
+        .program_mut(RAW_STATE)
+        .ok_or_else(|| format!("program {RAW_STATE} missing from the object"))?
+        .try_into()
+        .map_err(|e| format!("{RAW_STATE}: {e}"))?;
+    p.load().map_err(|e| format!("loading {RAW_STATE}: {e}"))?;
+    if let Err(e) = p.attach(name) {
+        let _ = p.unload();
+        return Err(format!("attaching raw tracepoint {name}: {e}"));
+    }
+    Ok(())
 }
 
 impl Probes {
@@ -159,7 +204,9 @@ impl Probes {
         raise_memlock();
         let root = tracefs::tracefs_root()?;
         let (offsets, degraded) = tracefs::offsets_from(&root)?;
-        let (netns, netns_degraded) = match netns_offsets() {
+        let btf = Btf::from_sys();
+        let sock = btf.as_ref().ok().and_then(sock_offsets);
+        let (netns, netns_degraded) = match btf.and_then(|b| netns_offsets(&b)) {
             Ok(n) => (n, None),
             Err(e) => (
                 NetnsOffsets::default(),
@@ -172,7 +219,7 @@ impl Probes {
                 )),
             ),
         };
-        let mut probes = Self::attach_with(offsets, netns, opts, degraded.is_some())?;
+        let mut probes = Self::attach_with(offsets, netns, sock, opts, degraded.is_some())?;
         probes.degraded.extend(degraded);
         probes.degraded.extend(netns_degraded);
         Ok(probes)
@@ -181,6 +228,7 @@ impl Probes {
     fn attach_with(
         offsets: Offsets,
         netns: NetnsOffsets,
+        sock: Option<SockOffsets>,
         opts: ProbeOptions,
         skip_error_report: bool,
     ) -> Result<Self, Error> {
@@ -191,15 +239,37 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("NETNS", &netns, true)
+            .override_global("SOCK", &sock.unwrap_or_default(), true)
             .override_global("WAKE_AT", &(ring_size(opts.ring_bytes) as u64 / 4), true)
             .map_max_entries("EVENTS", ring_size(opts.ring_bytes))
             .map_max_entries("OWNERS", opts.owner_entries.max(1024))
             .load(object)
             .map_err(Error::Load)?;
         let mut attached = Vec::new();
+        let mut degraded = Vec::new();
         for (prog, cat, name) in PROGRAMS {
             if skip_error_report && *name == "inet_sk_error_report" {
                 continue;
+            }
+            if *prog == "inet_sock_set_state" && sock.is_some() {
+                match attach_raw(&mut ebpf, name) {
+                    Ok(()) => {
+                        attached.push(RAW_STATE);
+                        continue;
+                    }
+                    // A link left by a failed attach is dropped with the program's unload.
+                    Err(e) => degraded.push(format!(
+                        "state transitions use the classic tracepoint ({e}): the kernel skips it \
+                         while another BPF program runs on the same CPU (counted as missed)"
+                    )),
+                }
+            } else if *prog == "inet_sock_set_state" {
+                degraded.push(
+                    "state transitions use the classic tracepoint (no usable BTF layout of \
+                     struct sock): the kernel skips it while another BPF program runs on the same \
+                     CPU (counted as missed)"
+                        .to_string(),
+                );
             }
             let p: &mut TracePoint = ebpf
                 .program_mut(prog)
@@ -224,7 +294,6 @@ impl Probes {
         let counters = PerCpuArray::try_from(take("COUNTERS")?)?;
         // Kernel diagnostics are a help, not a need: without them the tracer runs as well.
         let kernel_log = KernelLog::default();
-        let mut degraded = Vec::new();
         let logger = match EbpfLogger::init_with_logger(&mut ebpf, Collector(kernel_log.clone())) {
             Ok(logger) => Some(logger),
             Err(aya_log::Error::MapNotFound) => None,
@@ -321,15 +390,53 @@ impl Probes {
         self.kernel_log.clone()
     }
 
-    /// Kernel-side counters summed over CPUs.
+    /// Kernel-side counters summed over CPUs, and the runs the kernel skipped.
     pub fn counters(&self) -> KernelCounters {
         let dropped = self
             .counters
             .get(&COUNTER_DROPPED, 0)
             .map(|v| v.iter().sum::<u64>())
             .unwrap_or(0);
-        KernelCounters { dropped }
+        let missed = self
+            .attached
+            .iter()
+            .filter_map(|name| self._ebpf.program(name)?.fd().ok())
+            .filter_map(|fd| recursion_misses(fd.as_fd()))
+            .sum();
+        KernelCounters { dropped, missed }
     }
+}
+
+/// How many times the kernel skipped program `prog` because a BPF program was already running
+/// on the CPU (`bpf_prog_info.recursion_misses`, Linux 5.12+); None when it cannot say.
+fn recursion_misses(prog: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // SAFETY: plain-old-data kernel struct; all zeros is a valid value.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    // union bpf_attr { struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; } info; }
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoAttr {
+        bpf_fd: prog.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: &raw mut info as u64,
+    };
+    // SAFETY: the attribute points at `info`, of the size it says; the kernel writes at most
+    // that much.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw const attr,
+            size_of_val(&attr) as libc::c_uint,
+        )
+    };
+    (r == 0).then_some(info.recursion_misses)
 }
 
 /// Per-CPU kernel counters, summed.
@@ -337,6 +444,16 @@ impl Probes {
 pub struct KernelCounters {
     /// Records lost because the ring buffer was full.
     pub dropped: u64,
+    /// Program runs the kernel skipped because another BPF program was running on the CPU
+    /// (what they would have sent is lost too).
+    pub missed: u64,
+}
+
+impl KernelCounters {
+    /// Everything lost, however.
+    pub fn lost(&self) -> u64 {
+        self.dropped + self.missed
+    }
 }
 
 #[cfg(test)]

@@ -180,6 +180,8 @@ pub struct Snapshot {
     pub netns: u64,
     pub host: HostCounts,
     pub dropped_events: u64,
+    /// Program runs the kernel skipped (another BPF program was running on the CPU).
+    pub missed_events: u64,
     pub ephemeral_port_range: [u16; 2],
     pub processes: Vec<ProcessView>,
     pub destinations: Vec<DestView>,
@@ -233,6 +235,7 @@ pub struct SnapshotOptions {
     /// Unix time of `now`, for the `ts` field.
     pub unix_now: f64,
     pub dropped_events: u64,
+    pub missed_events: u64,
     pub port_range: (u16, u16),
     /// `ip_local_port_range` of other network namespaces, by namespace; `port_range` for the
     /// others (and for namespace 0, unknown).
@@ -544,6 +547,7 @@ impl Table {
             netns: opts.host_netns,
             host,
             dropped_events: opts.dropped_events,
+            missed_events: opts.missed_events,
             ephemeral_port_range: [opts.port_range.0, opts.port_range.1],
             processes,
             destinations,

@@ -171,6 +171,7 @@ impl Tracer {
         let kernel = *self.shared.kernel.lock().unwrap();
         let mut opts = opts.clone();
         opts.dropped_events = kernel.dropped;
+        opts.missed_events = kernel.missed;
         opts.unix_now = unix_now();
         if opts.port_range == (0, 0) {
             opts.port_range = procfs::ephemeral_port_range().unwrap_or((0, 0));
@@ -310,8 +311,8 @@ fn reader_loop(
             let counters = probes.counters();
             *shared.kernel.lock().unwrap() = counters;
             probes.drain_kernel_log();
-            if counters.dropped > dropped_seen {
-                dropped_seen = counters.dropped;
+            if counters.lost() > dropped_seen {
+                dropped_seen = counters.lost();
                 let soon = Instant::now() + RECONCILE_AFTER;
                 let allowed = last_reconcile.map_or(soon, |t| t + RECONCILE_GAP);
                 reconcile_at.get_or_insert(soon.max(allowed));

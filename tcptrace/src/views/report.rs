@@ -39,6 +39,9 @@ pub struct Report {
     pub ts: f64,
     pub host: ReportHost,
     pub dropped_events: u64,
+    /// Program runs the kernel skipped (another BPF program was running on the CPU).
+    #[serde(default)]
+    pub missed_events: u64,
     /// Host-level rules of thumb crossed, in plain words.
     pub thresholds_crossed: Vec<String>,
     pub processes: Vec<serde_json::Value>,
@@ -76,6 +79,7 @@ pub fn build(snap: &Snapshot, source: &str, thresholds: &Thresholds) -> Report {
             netns: snap.netns,
         },
         dropped_events: snap.dropped_events,
+        missed_events: snap.missed_events,
         thresholds_crossed: host_thresholds(&h, thresholds),
         processes,
         destinations,
@@ -124,8 +128,15 @@ pub fn render_text(r: &Report) -> String {
     );
     let _ = writeln!(
         o,
-        "host: established {}  time_wait {}  close_wait {}  fin_wait2 {}  listen {}  total {}  dropped events {}",
-        h.established, h.time_wait, h.close_wait, h.fin_wait2, h.listen, h.total, r.dropped_events
+        "host: established {}  time_wait {}  close_wait {}  fin_wait2 {}  listen {}  total {}  dropped events {}{}",
+        h.established,
+        h.time_wait,
+        h.close_wait,
+        h.fin_wait2,
+        h.listen,
+        h.total,
+        r.dropped_events,
+        missed_note(r.missed_events)
     );
     let _ = writeln!(
         o,
@@ -279,4 +290,13 @@ pub fn render_text(r: &Report) -> String {
         }
     }
     o
+}
+
+/// "  missed N" when the kernel skipped program runs, else nothing (the usual case).
+pub fn missed_note(missed: u64) -> String {
+    if missed == 0 {
+        String::new()
+    } else {
+        format!("  missed {missed}")
+    }
 }

@@ -280,6 +280,12 @@ fn host(reg: &mut Registry, snap: &Snapshot, status: &Status) {
         "Kernel records lost because the ring buffer was full",
         snap.dropped_events,
     );
+    counter(
+        reg,
+        "tcptrace_missed_events",
+        "Program runs the kernel skipped because another BPF program was running on the CPU",
+        snap.missed_events,
+    );
     let states = family::<Gauge>(
         reg,
         "tcptrace_sockets",

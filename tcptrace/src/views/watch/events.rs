@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::{
     host::clock::{monotonic_ns, unix_now},
-    kernel::{errno, event::TcpEvent},
+    kernel::{errno, event::TcpEvent, probes::KernelCounters},
     state::Filter,
     tracer::{EventContext, EventSink},
     views::format::{clock, escape_cut},
@@ -157,19 +157,24 @@ fn text_event(l: &EventLine) -> String {
         ),
     }
 }
-pub(super) fn print_dropped(json: bool, new: u64, total: u64) {
+/// Says that `new` events were lost since the last call (`k`: the totals so far).
+pub(super) fn print_dropped(json: bool, new: u64, k: KernelCounters) {
     let mut out = std::io::stdout().lock();
     let _ = if json {
         writeln!(
             out,
             "{}",
-            serde_json::json!({"ts": unix_now(), "type": "dropped", "count": new, "dropped_events": total})
+            serde_json::json!({"ts": unix_now(), "type": "dropped", "count": new,
+                "dropped_events": k.dropped, "missed_events": k.missed})
         )
     } else {
         writeln!(
             out,
-            "{} {new} events dropped: the ring buffer was full (raise --ring-buffer-kib or filter less)",
-            clock(unix_now())
+            "{} {new} events lost ({} so far because the ring buffer was full: raise \
+             --ring-buffer-kib; {} skipped by the kernel while another BPF program ran)",
+            clock(unix_now()),
+            k.dropped,
+            k.missed
         )
     };
     let _ = out.flush();

@@ -88,10 +88,10 @@ pub async fn run(opts: WatchOptions) -> Result<(), WatchError> {
         loop {
             if mode == Mode::Events {
                 // No silent loss: say when the kernel could not hand over events.
-                let dropped = tracer.kernel_counters().dropped;
-                if dropped > dropped_seen {
-                    print_dropped(opts.json, dropped - dropped_seen, dropped);
-                    dropped_seen = dropped;
+                let k = tracer.kernel_counters();
+                if k.lost() > dropped_seen {
+                    print_dropped(opts.json, k.lost() - dropped_seen, k);
+                    dropped_seen = k.lost();
                 }
             } else {
                 let snap = tracer.snapshot(&snap_opts);

@@ -55,8 +55,9 @@ pub fn render(
             h.total,
         ),
         format!(
-            "dropped events {}  ports {}-{}  leak after {}s  exited processes {}",
+            "dropped events {}{}  ports {}-{}  leak after {}s  exited processes {}",
             snap.dropped_events,
+            crate::views::report::missed_note(snap.missed_events),
             snap.ephemeral_port_range[0],
             snap.ephemeral_port_range[1],
             leak_after_ns as f64 / 1e9,

@@ -130,8 +130,12 @@ fn header(v: &View) -> Vec<Line<'static>> {
     };
     let second = Line::from(vec![
         Span::styled(
-            format!("dropped {}", v.snap.dropped_events),
-            mark(v.snap.dropped_events > 0, p.warn()),
+            format!(
+                "dropped {}{}",
+                v.snap.dropped_events,
+                crate::views::report::missed_note(v.snap.missed_events)
+            ),
+            mark(v.snap.dropped_events + v.snap.missed_events > 0, p.warn()),
         ),
         Span::raw("  "),
         dest,

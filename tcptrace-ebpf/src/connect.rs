@@ -1,0 +1,198 @@
+//! `syscalls:sys_enter_connect` / `sys_exit_connect` and `sock:inet_sk_error_report`: how
+//! connects end when they do not succeed at once.
+
+use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use aya_log_ebpf::{error, warn};
+use tcptrace_common::{
+    AF_INET, AF_INET6, COUNTER_DROPPED, Event, FLAG_OWNER_CURRENT, IPPROTO_TCP, KIND_CONNECT,
+    KIND_ERROR,
+};
+
+use crate::{
+    CONNECTS, ConnectCtx, EVENTS, Record, SLOT_ERROR, count, current_owner, read, sock_netns,
+};
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    if let Err(err) = try_enter_connect(&ctx) {
+        rare!(
+            error,
+            &ctx,
+            "sys_enter_connect: reading the tracepoint record failed (error {}); connect not followed",
+            err
+        );
+    }
+    0
+}
+
+/// A connect() whose sockaddr could not be read from user memory (bad pointer, page not present).
+#[inline(always)]
+fn sockaddr_unreadable(ctx: &TracePointContext, err: i32) {
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    rare!(
+        warn,
+        ctx,
+        "sys_enter_connect: reading the sockaddr from user memory failed (error {}, pid {}); connect not followed",
+        err,
+        pid
+    );
+}
+
+fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
+    let uaddr = read::<u64>(ctx, off!(ce_uservaddr))? as *const [u8; 16];
+    // SAFETY: user memory read through bpf_probe_read_user.
+    let head = match unsafe { bpf_probe_read_user(uaddr) } {
+        Ok(head) => head,
+        Err(err) => {
+            sockaddr_unreadable(ctx, err);
+            return Ok(());
+        }
+    };
+    let family = u16::from_ne_bytes([head[0], head[1]]) as u8;
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
+    }
+    let mut c = ConnectCtx {
+        skaddr: 0,
+        daddr: [0; 16],
+        dport: u16::from_be_bytes([head[2], head[3]]),
+        family,
+        _pad: [0; 5],
+    };
+    if family == AF_INET {
+        c.daddr[..4].copy_from_slice(&head[4..8]);
+    } else {
+        // sockaddr_in6: family, port, flowinfo (4 bytes), then the 16-byte address at offset 8.
+        // SAFETY: user memory read through bpf_probe_read_user.
+        let full = match unsafe { bpf_probe_read_user(uaddr as *const [u8; 24]) } {
+            Ok(full) => full,
+            Err(err) => {
+                sockaddr_unreadable(ctx, err);
+                return Ok(());
+            }
+        };
+        c.daddr.copy_from_slice(&full[8..24]);
+    }
+    let id = bpf_get_current_pid_tgid();
+    if let Err(err) = CONNECTS.insert(&(id as u32), &c, 0) {
+        // Full (more threads inside connect() than entries) or busy.
+        let pid = id >> 32;
+        rare!(
+            warn,
+            ctx,
+            "sys_enter_connect: CONNECTS insert failed (error {}, pid {}); connect not followed",
+            err,
+            pid
+        );
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    if let Err(err) = try_exit_connect(&ctx) {
+        rare!(
+            error,
+            &ctx,
+            "sys_exit_connect: reading the tracepoint record failed (error {}); connect result lost",
+            err
+        );
+    }
+    0
+}
+
+fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: value copied out before the entry is removed.
+    let Some(c) = (unsafe { CONNECTS.get(&tid) }).copied() else {
+        return Ok(());
+    };
+    let _ = CONNECTS.remove(&tid);
+    let ret = read::<i64>(ctx, off!(cx_ret))?;
+    // Success is visible as SYN_SENT -> ESTABLISHED; only errors and -EINPROGRESS are sent.
+    // A call that failed before any TCP state change (no route) may be on a datagram socket
+    // too: userspace counts those as failures to reach the destination.
+    if ret == 0 {
+        return Ok(());
+    }
+    let o = current_owner();
+    let ev = Event {
+        // SAFETY: helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        skaddr: c.skaddr,
+        cgroup: o.cgroup,
+        pid: o.pid,
+        netns: sock_netns(c.skaddr),
+        kind: KIND_CONNECT,
+        oldstate: 0,
+        newstate: 0,
+        family: c.family,
+        sport: 0,
+        dport: c.dport,
+        ret: ret as i32,
+        flags: FLAG_OWNER_CURRENT,
+        saddr: [0; 16],
+        daddr: c.daddr,
+        comm: o.comm,
+    };
+    if EVENTS
+        .output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64)
+        .is_err()
+    {
+        count(COUNTER_DROPPED);
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn inet_sk_error_report(ctx: TracePointContext) -> u32 {
+    if let Err(err) = try_error_report(&ctx) {
+        rare!(
+            error,
+            &ctx,
+            "inet_sk_error_report: reading the tracepoint record failed (error {}); error lost",
+            err
+        );
+    }
+    0
+}
+
+fn try_error_report(ctx: &TracePointContext) -> Result<(), i32> {
+    // Only errors a connect can end with; ECONNRESET, EPIPE and the like (established
+    // connections, one or two per closed-by-RST connection) are filtered here, cheaply.
+    let error = read::<i32>(ctx, off!(er_error))?;
+    if !matches!(error, 1 | 13 | 100 | 101 | 110 | 111 | 112 | 113) {
+        return Ok(());
+    }
+    let rec = Record::read(ctx, SLOT_ERROR)?;
+    if rec.proto(off!(er_protocol), off!(er_protocol_size)) != IPPROTO_TCP {
+        return Ok(());
+    }
+    let mut ev = Event {
+        // SAFETY: helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        kind: KIND_ERROR,
+        family: rec.u16(off!(er_family)) as u8,
+        sport: rec.u16(off!(er_sport)),
+        dport: rec.u16(off!(er_dport)),
+        ret: error,
+        ..Event::default()
+    };
+    rec.addrs(
+        &mut ev,
+        (off!(er_saddr), off!(er_daddr)),
+        (off!(er_saddr_v6), off!(er_daddr_v6)),
+    );
+    if EVENTS
+        .output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64)
+        .is_err()
+    {
+        count(COUNTER_DROPPED);
+    }
+    Ok(())
+}

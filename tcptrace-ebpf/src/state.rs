@@ -1,0 +1,257 @@
+//! `sock:inet_sock_set_state`: every transition of a TCP socket, with its owner, from the
+//! classic tracepoint or the raw one.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use aya_log_ebpf::{error, warn};
+use tcptrace_common::{
+    Event, FLAG_OWNER_CURRENT, FLAG_OWNER_INHERITED, FLAG_OWNER_RECORDED, IPPROTO_TCP, KIND_STATE,
+    tcp_state,
+};
+
+use crate::{
+    CONNECTS, COUNTER_DROPPED, EVENTS, LISTENERS, Listener, OWNERS, Record, SLOT_STATE, count,
+    current_owner, listener_key, set_owner, sock_netns, submit_flags,
+};
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    if let Err(err) = try_set_state(&ctx) {
+        rare!(
+            error,
+            &ctx,
+            "inet_sock_set_state: reading the tracepoint record failed (error {}); transition lost",
+            err
+        );
+    }
+    0
+}
+
+/// The classic tracepoint: fields from its record, at the offsets tracefs gives.
+fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
+    let rec = Record::read(ctx, SLOT_STATE)?;
+    if rec.proto(off!(ss_protocol), off!(ss_protocol_size)) != IPPROTO_TCP {
+        return Ok(());
+    }
+    let skaddr = rec.u64(off!(ss_skaddr));
+    let t = Transition {
+        skaddr,
+        old: rec.i32(off!(ss_oldstate)) as u8,
+        new: rec.i32(off!(ss_newstate)) as u8,
+        family: rec.u16(off!(ss_family)) as u8,
+        sport: rec.u16(off!(ss_sport)),
+        dport: rec.u16(off!(ss_dport)),
+        netns: sock_netns(skaddr),
+    };
+    emit_state(
+        ctx,
+        &t,
+        &rec,
+        (off!(ss_saddr), off!(ss_daddr)),
+        (off!(ss_saddr_v6), off!(ss_daddr_v6)),
+    );
+    Ok(())
+}
+
+/// The same transition as a raw tracepoint (the tracepoint's arguments: the socket and both
+/// states), used where the kernel's BTF gives the socket's layout. Cheaper than the classic one
+/// (no record is formatted), and the kernel skips it only when it would run nested in itself,
+/// where a classic tracepoint program is skipped whenever any BPF program is running on the CPU
+/// (another tool's included): transitions would be lost, unseen but for the kernel's
+/// `recursion_misses`.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
+    if let Err(err) = try_set_state_raw(&ctx) {
+        rare!(
+            error,
+            &ctx,
+            "inet_sock_set_state: reading the socket failed (error {}); transition lost",
+            err
+        );
+    }
+    0
+}
+
+fn try_set_state_raw(ctx: &RawTracePointContext) -> Result<(), i32> {
+    let skaddr: u64 = ctx.arg(0);
+    let old: u64 = ctx.arg(1);
+    let new: u64 = ctx.arg(2);
+    let proto_at = skaddr + sock!(protocol) as u64;
+    let proto_size = sock!(protocol_size);
+    // SAFETY: kernel memory read through bpf_probe_read_kernel.
+    let proto = unsafe {
+        if proto_size == 1 {
+            bpf_probe_read_kernel(proto_at as *const u8)? as u16
+        } else {
+            bpf_probe_read_kernel(proto_at as *const u16)?
+        }
+    };
+    if proto != IPPROTO_TCP {
+        return Ok(());
+    }
+    let rec = Record::read_sock(skaddr, SLOT_STATE)?;
+    let net = rec.u64(sock!(net));
+    let inum_at = net + sock!(net_inum) as u64;
+    let mut sport = rec.u16(sock!(num));
+    if sport == 0 {
+        let at = skaddr + sock!(inet_sport) as u64;
+        // SAFETY: as above.
+        sport = u16::from_be(unsafe { bpf_probe_read_kernel(at as *const u16) }.unwrap_or(0));
+    }
+    let netns = if net == 0 {
+        0
+    } else {
+        // SAFETY: as above.
+        unsafe { bpf_probe_read_kernel(inum_at as *const u32) }.unwrap_or(0)
+    };
+    let t = Transition {
+        skaddr,
+        old: old as u8,
+        new: new as u8,
+        family: rec.u16(sock!(family)) as u8,
+        sport,
+        dport: u16::from_be(rec.u16(sock!(dport))),
+        netns,
+    };
+    emit_state(
+        ctx,
+        &t,
+        &rec,
+        (sock!(rcv_saddr), sock!(daddr)),
+        (sock!(v6_rcv_saddr), sock!(v6_daddr)),
+    );
+    Ok(())
+}
+
+/// One transition of a TCP socket, wherever its fields were read.
+struct Transition {
+    skaddr: u64,
+    old: u8,
+    new: u8,
+    family: u8,
+    sport: u16,
+    dport: u16,
+    netns: u32,
+}
+
+/// Sends one transition (addresses from `rec` at `v4` / `v6`, local then remote) with its owner,
+/// and keeps the owner and listener maps up to date.
+#[inline(always)]
+fn emit_state<C: EbpfContext, const N: usize>(
+    ctx: &C,
+    t: &Transition,
+    rec: &Record<N>,
+    v4: (u16, u16),
+    v6: (u16, u16),
+) {
+    let (skaddr, old, new, family, netns) = (t.skaddr, t.old, t.new, t.family, t.netns);
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count(COUNTER_DROPPED);
+        // Keep the owner map consistent even when the record is lost.
+        if new == tcp_state::CLOSE {
+            let _ = OWNERS.remove(&skaddr);
+        }
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: the reservation is exactly one Event; every field is written below.
+    let ev = unsafe { &mut *ev };
+    // Field by field: a whole Event built on the stack would not fit beside the record.
+    ev.skaddr = skaddr;
+    ev.cgroup = 0;
+    ev.pid = 0;
+    ev.netns = netns;
+    ev.kind = KIND_STATE;
+    ev.oldstate = old;
+    ev.newstate = new;
+    ev.family = family;
+    ev.sport = t.sport;
+    ev.ret = 0;
+    ev.flags = 0;
+    ev.comm = [0; 16];
+    // SAFETY: helper without arguments.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.dport = t.dport;
+    rec.addrs(ev, v4, v6);
+
+    let process_context = (old == tcp_state::CLOSE && new == tcp_state::SYN_SENT)
+        || new == tcp_state::LISTEN
+        || (old == tcp_state::CLOSE_WAIT && new == tcp_state::LAST_ACK)
+        || (old == tcp_state::LISTEN && new == tcp_state::CLOSE)
+        || (old == tcp_state::ESTABLISHED && new == tcp_state::FIN_WAIT1);
+
+    if new == tcp_state::SYN_SENT && old == tcp_state::CLOSE || new == tcp_state::LISTEN {
+        // The owner is the current task: record it.
+        let o = current_owner();
+        set_owner(ev, &o, FLAG_OWNER_CURRENT);
+        if let Err(err) = OWNERS.insert(&skaddr, &o, 0) {
+            owner_insert_failed(ctx, err);
+        }
+        if new == tcp_state::LISTEN {
+            let key = listener_key(netns, family, t.sport);
+            if let Err(err) = LISTENERS.insert(&key, &Listener { owner: o, skaddr }, 0) {
+                rare!(
+                    warn,
+                    ctx,
+                    "inet_sock_set_state: LISTENERS insert failed (error {}); sockets accepted from this listener get no owner",
+                    err
+                );
+            }
+        } else if let Some(c) = CONNECTS.get_ptr_mut(o.tid) {
+            // SAFETY: entry of this thread, written only by this thread.
+            unsafe { (*c).skaddr = skaddr };
+        }
+    } else if new == tcp_state::SYN_RECV {
+        // A connection on its way to accept(): it belongs to the listener's owner.
+        let key = listener_key(netns, family, t.sport);
+        // SAFETY: value copied out before use.
+        if let Some(l) = unsafe { LISTENERS.get(&key) } {
+            let o = l.owner;
+            set_owner(ev, &o, FLAG_OWNER_INHERITED);
+            if let Err(err) = OWNERS.insert(&skaddr, &o, 0) {
+                owner_insert_failed(ctx, err);
+            }
+        }
+    } else if new == tcp_state::CLOSE_WAIT {
+        // Runs in softirq, on whatever task was on the CPU: the recorded owner is the truth.
+        // SAFETY: value copied out by set_owner.
+        if let Some(o) = unsafe { OWNERS.get(&skaddr) } {
+            set_owner(ev, o, FLAG_OWNER_RECORDED);
+        }
+    } else if process_context {
+        // The application itself (close, shutdown, listen socket closed).
+        let o = current_owner();
+        set_owner(ev, &o, FLAG_OWNER_CURRENT);
+    }
+    // Other transitions carry no owner: userspace has the socket's owner from its creation,
+    // and skipping the lookup keeps the common path cheap.
+
+    if new == tcp_state::CLOSE {
+        let _ = OWNERS.remove(&skaddr);
+        if old == tcp_state::LISTEN {
+            let key = listener_key(netns, family, t.sport);
+            // SAFETY: value read before removal.
+            if let Some(l) = unsafe { LISTENERS.get(&key) } {
+                if l.skaddr == skaddr {
+                    let _ = LISTENERS.remove(&key);
+                }
+            }
+        }
+    }
+    entry.submit(submit_flags());
+}
+
+/// An OWNERS insert failed: the socket's later softirq transitions are reported without owner.
+#[inline(always)]
+fn owner_insert_failed<C: EbpfContext>(ctx: &C, err: i32) {
+    rare!(
+        warn,
+        ctx,
+        "inet_sock_set_state: OWNERS insert failed (error {}); the socket is reported without owner",
+        err
+    );
+}
