@@ -194,8 +194,14 @@ impl SockOffsets {
 pub const COUNTER_DROPPED: u32 = 0;
 pub const COUNTERS_LEN: u32 = 1;
 
-/// Default ring buffer size in bytes (power of two, multiple of the page size).
+/// Default ring buffer size in bytes (power of two, multiple of the page size): the total over
+/// every ring.
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+
+/// Number of ring buffers (`EVENTS0` ...): a program running on CPU `c` writes to ring
+/// `c % RINGS`, so that producers on different CPUs do not share a ring's lock and cache lines
+/// (up to this many CPUs; beyond, CPUs share rings by that many).
+pub const RINGS: u32 = 16;
 
 /// TCP states as the kernel numbers them (include/net/tcp_states.h).
 pub mod tcp_state {

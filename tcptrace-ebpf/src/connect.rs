@@ -14,7 +14,7 @@ use tcptrace_common::{
 };
 
 use crate::{
-    CONNECTS, ConnectCtx, EVENTS, Record, SLOT_ERROR, count, current_owner, read, sock_netns,
+    CONNECTS, ConnectCtx, Record, SLOT_ERROR, count, current_owner, read, ring, sock_netns,
 };
 
 #[tracepoint]
@@ -140,7 +140,7 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
         daddr: c.daddr,
         comm: o.comm,
     };
-    if EVENTS
+    if ring()
         .output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64)
         .is_err()
     {
@@ -188,7 +188,7 @@ fn try_error_report(ctx: &TracePointContext) -> Result<(), i32> {
         (off!(er_saddr), off!(er_daddr)),
         (off!(er_saddr_v6), off!(er_daddr_v6)),
     );
-    if EVENTS
+    if ring()
         .output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64)
         .is_err()
     {

@@ -12,8 +12,9 @@
 //!   e.g. a non-blocking connect refused.
 //!
 //! Field offsets come from userspace (`OFFSETS`, read from tracefs at start-up). Records go to
-//! userspace through one ring buffer, submitted without wake-up: the reader drains it on a
-//! timer, which costs far less than one wake-up per record. A record that cannot be reserved is
+//! userspace through one ring buffer per CPU (`RINGS` of them, `cpu % RINGS`), submitted
+//! without wake-up: the reader drains them on a timer, which costs far less than one wake-up
+//! per record, and puts the records of all rings back in time order. A record that cannot be reserved is
 //! counted in the per-CPU `COUNTERS[COUNTER_DROPPED]`.
 //!
 //! Cost matters: these programs run in the workload's own context on every connection. Maps
@@ -30,7 +31,7 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_probe_read_kernel,
+        bpf_get_smp_processor_id, bpf_probe_read_kernel,
     },
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -40,8 +41,8 @@ use aya_ebpf::{
 mod record;
 use record::Record;
 use tcptrace_common::{
-    COUNTER_DROPPED, COUNTERS_LEN, DEFAULT_RING_BYTES, Event, NetnsOffsets, Offsets, SOCK_CHUNK,
-    SockOffsets,
+    COUNTER_DROPPED, COUNTERS_LEN, DEFAULT_RING_BYTES, Event, NetnsOffsets, Offsets, RINGS,
+    SOCK_CHUNK, SockOffsets,
 };
 
 /// Overridden at load time with the offsets tracefs gives (read-only data: the verifier knows
@@ -86,18 +87,18 @@ fn listener_key(netns: u32, family: u8, port: u16) -> u64 {
     (netns as u64) << 32 | (family as u64) << 16 | port as u64
 }
 
-/// Unread bytes in the ring buffer beyond which a record wakes the reader at once (set by
-/// userspace to a quarter of the ring). Below it, records are submitted without wake-up and
+/// Unread bytes in a ring buffer beyond which a record wakes the reader at once (set by
+/// userspace to a quarter of one ring). Below it, records are submitted without wake-up and
 /// the reader drains them on its timer.
 #[unsafe(no_mangle)]
 static WAKE_AT: u64 = 1 << 20;
 
 /// Submit flags for the next record: wake the reader only when the buffer is filling up.
 #[inline(always)]
-fn submit_flags() -> u64 {
+fn submit_flags(rb: &RingBuf) -> u64 {
     // SAFETY: aligned read of a static; volatile so the load-time value is used.
     let wake_at = unsafe { core::ptr::read_volatile(&raw const WAKE_AT) };
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > wake_at {
+    if rb.query(BPF_RB_AVAIL_DATA as u64) > wake_at {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -184,8 +185,34 @@ struct ConnectCtx {
 /// BPF_F_NO_COMMON_LRU: each CPU keeps its own LRU list (cheaper inserts under load).
 const NO_COMMON_LRU: u32 = 2;
 
-#[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+/// Declares the rings and [`ring`], which picks the current CPU's.
+macro_rules! rings {
+    ($($n:literal => $name:ident),* $(,)?) => {
+        $(
+            #[map]
+            static $name: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES / RINGS, 0);
+        )*
+
+        /// The ring of the CPU this runs on (`cpu % RINGS`).
+        #[inline(always)]
+        fn ring() -> &'static RingBuf {
+            // SAFETY: helper without arguments.
+            let cpu = unsafe { bpf_get_smp_processor_id() };
+            match cpu % RINGS {
+                $($n => &$name,)*
+                _ => &EVENTS0,
+            }
+        }
+    };
+}
+
+rings!(
+    0 => EVENTS0, 1 => EVENTS1, 2 => EVENTS2, 3 => EVENTS3,
+    4 => EVENTS4, 5 => EVENTS5, 6 => EVENTS6, 7 => EVENTS7,
+    8 => EVENTS8, 9 => EVENTS9, 10 => EVENTS10, 11 => EVENTS11,
+    12 => EVENTS12, 13 => EVENTS13, 14 => EVENTS14, 15 => EVENTS15,
+);
+const _: () = assert!(RINGS == 16, "rings! declares 16 rings");
 
 /// Per-CPU scratch space for one tracepoint record or socket chunk (too big for the 512-byte
 /// stack beside the rest), one slot per program that uses it: a program can run nested in

@@ -14,8 +14,8 @@ use tcptrace_common::{
 };
 
 use crate::{
-    CONNECTS, COUNTER_DROPPED, EVENTS, LISTENERS, Listener, OWNERS, Record, SLOT_STATE, count,
-    current_owner, listener_key, set_owner, sock_netns, submit_flags,
+    CONNECTS, COUNTER_DROPPED, LISTENERS, Listener, OWNERS, Record, SLOT_STATE, count,
+    current_owner, listener_key, ring, set_owner, sock_netns, submit_flags,
 };
 
 #[tracepoint]
@@ -149,7 +149,8 @@ fn emit_state<C: EbpfContext, const N: usize>(
     v6: (u16, u16),
 ) {
     let (skaddr, old, new, family, netns) = (t.skaddr, t.old, t.new, t.family, t.netns);
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+    let rb = ring();
+    let Some(mut entry) = rb.reserve::<Event>(0) else {
         count(COUNTER_DROPPED);
         // Keep the owner map consistent even when the record is lost.
         if new == tcp_state::CLOSE {
@@ -242,7 +243,7 @@ fn emit_state<C: EbpfContext, const N: usize>(
             }
         }
     }
-    entry.submit(submit_flags());
+    entry.submit(submit_flags(rb));
 }
 
 /// An OWNERS insert failed: the socket's later softirq transitions are reported without owner.

@@ -120,7 +120,8 @@ struct WatchArgs {
     /// Wide output: TIME_WAIT count, top remote endpoint and command line.
     #[arg(long, short = 'w')]
     wide: bool,
-    /// Kernel ring buffer size in KiB, 4 to 1048576 (rounded up to a power of two).
+    /// Kernel ring buffers in KiB, 4 to 1048576: the total, split between one ring per CPU (up
+    /// to 16 rings, each at least 4 KiB, sizes rounded up to a power of two).
     #[arg(long, default_value_t = tcptrace_common::DEFAULT_RING_BYTES / 1024, value_parser = ring_buffer_kib, value_name = "KIB")]
     ring_buffer_kib: u32,
 }

@@ -44,6 +44,10 @@ pub enum Error {
         field: &'static str,
     },
 
+    /// The number of possible CPUs could not be read.
+    #[error("cannot read the possible CPUs from /sys/devices/system/cpu/possible")]
+    Cpus(#[source] io::Error),
+
     /// The binary was built with AYA_BUILD_SKIP.
     #[error(
         "this tcptrace binary was built without its eBPF programs (AYA_BUILD_SKIP): rebuild with `cargo xtask build`"

@@ -6,6 +6,7 @@ pub mod errno;
 mod error;
 pub mod event;
 pub mod log;
+pub mod order;
 pub mod probes;
 pub mod tracefs;
 

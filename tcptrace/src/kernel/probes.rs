@@ -11,7 +11,7 @@ use aya::{
     programs::{RawTracePoint, TracePoint},
 };
 use aya_log::EbpfLogger;
-use tcptrace_common::{COUNTER_DROPPED, Event, NetnsOffsets, Offsets, SockOffsets};
+use tcptrace_common::{COUNTER_DROPPED, Event, NetnsOffsets, Offsets, RINGS, SockOffsets};
 
 use crate::kernel::{
     Error,
@@ -32,6 +32,12 @@ pub const PROGRAMS: &[(&str, &str, &str)] = &[
 /// The raw tracepoint program for `inet_sock_set_state`: cheaper, and not skipped while another
 /// BPF program runs on the CPU (see the eBPF crate).
 pub const RAW_STATE: &str = "inet_sock_set_state_raw";
+
+/// The rings' map names, by index.
+const RING_NAMES: [&str; RINGS as usize] = [
+    "EVENTS0", "EVENTS1", "EVENTS2", "EVENTS3", "EVENTS4", "EVENTS5", "EVENTS6", "EVENTS7",
+    "EVENTS8", "EVENTS9", "EVENTS10", "EVENTS11", "EVENTS12", "EVENTS13", "EVENTS14", "EVENTS15",
+];
 
 /// What is missing to run the tracer, as one line for the user.
 #[derive(Debug)]
@@ -108,7 +114,8 @@ fn raise_memlock() {
 /// Loaded and attached programs plus the maps userspace reads.
 pub struct Probes {
     // Field order matters for drop: the ring buffers and counters are dropped before the object.
-    ring: RingBuf<MapData>,
+    /// The rings CPUs write to (`cpu % RINGS`); rings no CPU maps to are not opened.
+    rings: Vec<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     /// None when the object logs nothing (no AYA_LOGS map) or the map could not be opened.
     logger: Option<EbpfLogger<Collector>>,
@@ -136,6 +143,14 @@ impl Default for ProbeOptions {
             owner_entries: 131072,
         }
     }
+}
+
+/// Size of each ring in use and how many are in use, for a total of `total` bytes on a host with
+/// `cpus` possible CPUs: the total split between the rings CPUs write to (at least one page
+/// each), so the memory stays bounded however many CPUs there are.
+pub fn ring_layout(total: u32, cpus: usize) -> (u32, usize) {
+    let used = cpus.clamp(1, RINGS as usize);
+    (ring_size(total / used as u32), used)
 }
 
 /// Rounds a ring buffer size to what the kernel accepts: a power of two, at least one page.
@@ -236,12 +251,19 @@ impl Probes {
         if object.is_empty() {
             return Err(Error::NotBuiltIn);
         }
-        let mut ebpf = EbpfLoader::new()
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Cpus(e))?;
+        let (per_ring, used) = ring_layout(opts.ring_bytes, cpus);
+        let mut loader = EbpfLoader::new();
+        for i in 0..RINGS as usize {
+            // Rings no CPU writes to get the smallest size the kernel takes.
+            let size = if i < used { per_ring } else { ring_size(0) };
+            loader.map_max_entries(RING_NAMES[i], size);
+        }
+        let mut ebpf = loader
             .override_global("OFFSETS", &offsets, true)
             .override_global("NETNS", &netns, true)
             .override_global("SOCK", &sock.unwrap_or_default(), true)
-            .override_global("WAKE_AT", &(ring_size(opts.ring_bytes) as u64 / 4), true)
-            .map_max_entries("EVENTS", ring_size(opts.ring_bytes))
+            .override_global("WAKE_AT", &(per_ring as u64 / 4), true)
             .map_max_entries("OWNERS", opts.owner_entries.max(1024))
             .load(object)
             .map_err(Error::Load)?;
@@ -290,7 +312,10 @@ impl Probes {
             attached.push(*prog);
         }
         let mut take = |map: &'static str| ebpf.take_map(map).ok_or(Error::MapMissing { map });
-        let ring = RingBuf::try_from(take("EVENTS")?)?;
+        let rings = RING_NAMES[..used]
+            .iter()
+            .map(|name| Ok(RingBuf::try_from(take(name)?)?))
+            .collect::<Result<Vec<_>, Error>>()?;
         let counters = PerCpuArray::try_from(take("COUNTERS")?)?;
         // Kernel diagnostics are a help, not a need: without them the tracer runs as well.
         let kernel_log = KernelLog::default();
@@ -305,7 +330,7 @@ impl Probes {
             }
         };
         Ok(Self {
-            ring,
+            rings,
             counters,
             logger,
             _ebpf: ebpf,
@@ -331,36 +356,49 @@ impl Probes {
         &self.attached
     }
 
-    /// Waits until the kernel wakes the reader (the ring buffer is a quarter full) or `timeout`
-    /// passes, whichever is first.
+    /// How many rings are read (one per CPU, up to [`RINGS`]).
+    pub fn rings(&self) -> usize {
+        self.rings.len()
+    }
+
+    /// Waits until the kernel wakes the reader (a ring is a quarter full) or `timeout` passes,
+    /// whichever is first.
     pub fn wait(&self, timeout: std::time::Duration) {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
-        let mut pfd = libc::pollfd {
-            fd: self.ring.as_fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; the result only decides whether to drain now or later.
+        use std::os::fd::AsRawFd as _;
+        let mut pfds: Vec<libc::pollfd> = self
+            .rings
+            .iter()
+            .map(|r| libc::pollfd {
+                fd: r.as_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: valid pollfds, as many as we pass; the result only decides whether to drain
+        // now or later.
         unsafe {
             libc::poll(
-                &mut pfd,
-                1,
+                pfds.as_mut_ptr(),
+                pfds.len() as libc::nfds_t,
                 timeout.as_millis().min(i32::MAX as u128) as i32,
             )
         };
     }
 
-    /// Calls `f` with every record waiting in the ring buffer; returns how many were read.
+    /// Calls `f` with every record waiting in the rings, ring by ring (each ring's records in
+    /// order; see [`super::order`] for putting rings together); returns how many were read.
     /// Records of an unexpected size are skipped (and counted as malformed by the caller).
     pub fn drain(&mut self, mut f: impl FnMut(&Event)) -> usize {
         let mut n = 0;
-        while let Some(item) = self.ring.next() {
-            if item.len() >= size_of::<Event>() {
-                // SAFETY: Event is plain-old-data; read_unaligned copes with any alignment.
-                let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
-                f(&ev);
+        for ring in &mut self.rings {
+            while let Some(item) = ring.next() {
+                if item.len() >= size_of::<Event>() {
+                    // SAFETY: Event is plain-old-data; read_unaligned copes with any alignment.
+                    let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
+                    f(&ev);
+                }
+                n += 1;
             }
-            n += 1;
         }
         n
     }
@@ -459,6 +497,18 @@ impl KernelCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ring_memory_is_bounded_whatever_the_number_of_cpus() {
+        // The default 4 MiB: split between the CPUs' rings, never more in all.
+        assert_eq!(ring_layout(4 << 20, 2), (2 << 20, 2));
+        assert_eq!(ring_layout(4 << 20, 16), (256 << 10, 16));
+        assert_eq!(ring_layout(4 << 20, 128), (256 << 10, 16));
+        assert_eq!(ring_layout(4 << 20, 1), (4 << 20, 1));
+        // A tiny total still gives each ring a page.
+        assert_eq!(ring_layout(4096, 2), (4096, 2));
+        assert_eq!(ring_layout(4096, 0), (4096, 1));
+    }
 
     #[test]
     fn ring_sizes_are_powers_of_two_of_at_least_a_page() {

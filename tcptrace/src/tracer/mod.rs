@@ -32,6 +32,7 @@ use crate::{
     },
     kernel::event::{TcpEvent, decode},
     kernel::log::KernelLog,
+    kernel::order::Reorder,
     kernel::probes::{KernelCounters, ProbeOptions, Probes},
     state::snapshot::Snapshot,
     state::{ConnectFailure, SnapshotOptions, Table, TableConfig},
@@ -275,11 +276,22 @@ fn reader_loop(
     let mut reconcile_at: Option<Instant> = None;
     let mut last_reconcile: Option<Instant> = None;
     let mut dropped_seen = 0u64;
+    let mut reorder = Reorder::new(probes.rings());
     while !shared.stop.load(Ordering::Relaxed) {
-        // Drain the ring buffer first, whatever the table is doing: a view computing a snapshot
-        // holds the table for a few milliseconds, and the kernel must not find the buffer full
-        // meanwhile. Events wait in `batch` until the table is free.
-        probes.drain(|raw| {
+        // Drain the rings first, whatever the table is doing: a view computing a snapshot
+        // holds the table for a few milliseconds, and the kernel must not find a ring full
+        // meanwhile. Records of all rings are put back in time order (`reorder` holds the
+        // newest a few milliseconds); events wait in `batch` until the table is free.
+        probes.drain(|raw| reorder.push(*raw));
+        // Before a reconcile, everything read is applied (only records written during the
+        // last few microseconds can still come, with older stamps).
+        let reconcile_due = reconcile_at.is_some_and(|t| Instant::now() >= t);
+        let upto = if reconcile_due {
+            u64::MAX
+        } else {
+            monotonic_ns()
+        };
+        reorder.release(upto, |raw| {
             if let Some(ev) = decode(raw) {
                 batch.push(ev);
             }
@@ -318,9 +330,9 @@ fn reader_loop(
                 reconcile_at.get_or_insert(soon.max(allowed));
             }
         }
-        // Every event read so far is applied (nothing waits in `batch`): the kernel's list, read
-        // now, can overrule only what happened before.
-        if batch.is_empty() && reconcile_at.is_some_and(|t| Instant::now() >= t) {
+        // Every event read so far is applied (nothing waits in `batch` or `reorder`): the
+        // kernel's list, read now, can overrule only what happened before.
+        if batch.is_empty() && reorder.is_empty() && reconcile_due {
             reconcile_at = None;
             last_reconcile = Some(Instant::now());
             if reconcile(&shared) {
