@@ -385,17 +385,17 @@ impl Probes {
         };
     }
 
-    /// Calls `f` with every record waiting in the rings, ring by ring (each ring's records in
-    /// order; see [`super::order`] for putting rings together); returns how many were read.
-    /// Records of an unexpected size are skipped (and counted as malformed by the caller).
-    pub fn drain(&mut self, mut f: impl FnMut(&Event)) -> usize {
+    /// Calls `f` with every record waiting in the rings and its ring's index, ring by ring
+    /// (each ring's records in order; see [`super::order`] for putting rings together); returns
+    /// how many were read. Records of an unexpected size are skipped.
+    pub fn drain(&mut self, mut f: impl FnMut(usize, &Event)) -> usize {
         let mut n = 0;
-        for ring in &mut self.rings {
+        for (i, ring) in self.rings.iter_mut().enumerate() {
             while let Some(item) = ring.next() {
                 if item.len() >= size_of::<Event>() {
                     // SAFETY: Event is plain-old-data; read_unaligned copes with any alignment.
                     let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
-                    f(&ev);
+                    f(i, &ev);
                 }
                 n += 1;
             }

@@ -282,7 +282,7 @@ fn reader_loop(
         // holds the table for a few milliseconds, and the kernel must not find a ring full
         // meanwhile. Records of all rings are put back in time order (`reorder` holds the
         // newest a few milliseconds); events wait in `batch` until the table is free.
-        probes.drain(|raw| reorder.push(*raw));
+        probes.drain(|ring, raw| reorder.push(ring, *raw));
         // Before a reconcile, everything read is applied (only records written during the
         // last few microseconds can still come, with older stamps).
         let reconcile_due = reconcile_at.is_some_and(|t| Instant::now() >= t);

@@ -4,8 +4,8 @@
 //! Phases of one run:
 //! 1. Overhead. `churngen churn` (xtask/src/bin/churngen.rs) connects, accepts and closes on
 //!    loopback for `--secs` under each configuration: nothing attached, each tcptrace variant,
-//!    a bpftrace one-liner printing every transition (what bcc's tcpstates does) and one counting
-//!    them in the kernel. Configurations are interleaved (A B C D A B C D ...) over `--rounds`,
+//!    the floor (tcptrace's hooks with programs that return at once), a bpftrace one-liner
+//!    printing every transition (what bcc's tcpstates does) and one counting them in the kernel. Configurations are interleaved (A B C D A B C D ...) over `--rounds`,
 //!    for two workloads: RST close in the root namespace, FIN close (TIME_WAIT, reused) in a
 //!    namespace of our own. Tracers are attached before the load starts.
 //! 2. In-kernel cost: one more RST round per tracer with BPF run-time statistics switched on.
@@ -14,6 +14,9 @@
 //! 4. Start-up: `watch` started in a namespace holding `--sockets` connected sockets.
 //! 5. Holders: the daemon's CPU while it keeps track of who holds `--holder-sockets` CLOSE_WAIT
 //!    sockets among `--holder-procs` processes.
+//! 6. Scaling (when `--threads` lists several counts, e.g. `--threads 1,2,4,16`): the RST churn
+//!    at each thread count for the baseline, a floor (the same hooks, empty programs), tcptrace
+//!    and the counting bpftrace, with the in-kernel cost per program run at each.
 //!
 //! The load saturates every core, so other processes' CPU shows as overhead: before each round
 //! the bench waits a little for the machine to go quiet, and the report gives, per
@@ -35,6 +38,7 @@ mod overhead;
 mod parse;
 mod procs;
 mod report;
+mod scaling;
 mod smoke;
 mod startup;
 
@@ -64,9 +68,10 @@ pub struct BenchArgs {
     /// Seconds of load per configuration and round.
     #[arg(long, default_value_t = 4.0)]
     secs: f64,
-    /// churngen client threads (as many acceptor threads run); default: one per core.
-    #[arg(long)]
-    threads: Option<usize>,
+    /// churngen client threads (as many acceptor threads run); default: one per core. A list
+    /// (`--threads 1,2,4,16`) also runs the scaling phase at each count.
+    #[arg(long, value_delimiter = ',', value_name = "N[,N...]")]
+    threads: Vec<usize>,
     /// CLOSE_WAIT sockets of the leak-latency phase.
     #[arg(long, default_value_t = 20)]
     leak_sockets: usize,
@@ -98,7 +103,7 @@ impl BenchArgs {
         Self {
             rounds: 1,
             secs: 1.0,
-            threads: None,
+            threads: vec![1, 2],
             leak_sockets: 3,
             sockets: 1000,
             holder_sockets: 500,
@@ -212,6 +217,8 @@ struct Plan {
     rounds: u32,
     secs: f64,
     threads: usize,
+    /// Thread counts of the scaling phase (none: no scaling phase).
+    scaling: Vec<usize>,
     leak_sockets: usize,
     sockets: usize,
     holder_sockets: usize,
@@ -228,12 +235,23 @@ impl Plan {
             .chain(std::env::args().skip(1))
             .collect::<Vec<_>>()
             .join(" ");
-        let threads = a.threads.unwrap_or_else(cores).max(1);
+        // One count: the overhead phase's; several: the scaling phase's, the overhead phase
+        // keeping one thread per core.
+        let threads = match a.threads.as_slice() {
+            [one] => (*one).max(1),
+            _ => cores(),
+        };
+        let scaling: Vec<usize> = if a.threads.len() > 1 {
+            a.threads.iter().map(|&t| t.max(1)).collect()
+        } else {
+            Vec::new()
+        };
         if a.smoke {
             Self {
                 rounds: 1,
                 secs: 1.0,
                 threads,
+                scaling,
                 leak_sockets: 3,
                 sockets: 1000,
                 holder_sockets: 500,
@@ -250,6 +268,7 @@ impl Plan {
                 rounds: a.rounds.max(1),
                 secs: a.secs.max(0.5),
                 threads,
+                scaling,
                 leak_sockets: a.leak_sockets.max(1),
                 sockets: a.sockets.max(2),
                 holder_sockets: a.holder_sockets.max(1),
@@ -323,6 +342,19 @@ impl Bench {
         let t = Instant::now();
         let holder = self.holder_cost()?;
         took("holders", t);
+        let scales = if self.plan.scaling.is_empty() {
+            Vec::new()
+        } else {
+            let t = Instant::now();
+            let scale_configs = Config::scaling(&self.variants);
+            let counts = self.plan.scaling.clone();
+            let s = self.scaling(&scale_configs, &counts)?;
+            took("scaling", t);
+            if self.plan.smoke && s.iter().any(|x| x.samples.iter().any(|v| v.is_empty())) {
+                anyhow::bail!("scaling: a configuration has no sample");
+            }
+            vec![(scale_configs, s)]
+        };
 
         if self.plan.smoke {
             smoke_checks(&configs, &samples, &costs, &leaks, &startup)?;
@@ -332,6 +364,14 @@ impl Bench {
             &host, &self.plan, waited, &configs, &samples, &per_conn, &costs, &leaks, &startup,
         );
         report.push_str(&holders::render(&holder));
+        for (configs, s) in &scales {
+            report.push_str(&scaling::render(
+                configs,
+                s,
+                self.plan.secs,
+                self.plan.rounds,
+            ));
+        }
         Ok(report)
     }
 }

@@ -144,7 +144,7 @@ impl Bench {
     }
 
     /// One configuration, one workload, one round.
-    fn round(&self, w: Workload, c: &Config, ns: Option<&Netns>) -> Result<Sample> {
+    pub(super) fn round(&self, w: Workload, c: &Config, ns: Option<&Netns>) -> Result<Sample> {
         let mut tracer = self.start_tracer(&c.tracer)?;
         let cpu0 = tracer.as_ref().and_then(|t| cpu_ticks(t.pid()));
         let reader0 = tracer
@@ -231,7 +231,11 @@ impl Bench {
                 }
                 p
             }
-            Tracer::Bpftrace { program, counts } => {
+            Tracer::Bpftrace {
+                program,
+                counts,
+                attached,
+            } => {
                 // The printing one writes to /dev/null; attachment is read from the kernel
                 // (`bpftool perf list` names the process holding the tracepoint link).
                 let p = Proc::spawn(
@@ -243,7 +247,7 @@ impl Bench {
                 wait_until(Duration::from_secs(30), "bpftrace attaching", || {
                     perf_links()
                         .iter()
-                        .any(|(owner, tp, _)| *owner == pid && tp == "inet_sock_set_state")
+                        .any(|(owner, tp, _)| *owner == pid && tp == attached)
                 })?;
                 p
             }

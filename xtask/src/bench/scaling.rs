@@ -1,0 +1,138 @@
+//! Phase 6, when `--threads` lists several counts: the RST churn of the overhead phase at each
+//! thread count (baseline, the floor, every tcptrace variant, the counting bpftrace, interleaved
+//! over rounds), then one round per tracer with BPF statistics on for the in-kernel cost per
+//! program run. The figures issue 10's targets are read from: how the state program's cost and
+//! tcptrace's throughput loss change with the number of busy CPUs.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context as _, Result};
+
+use super::{
+    Bench,
+    configs::{Config, Tracer, Workload},
+    kernel_cost::KernelCost,
+    numbers::median,
+    overhead::Sample,
+    procs::check_interrupted,
+};
+
+/// One thread count's figures.
+pub(super) struct Scale {
+    pub(super) threads: usize,
+    /// Per configuration (in the order of [`Config::scaling`]): its rounds.
+    pub(super) samples: Vec<Vec<Sample>>,
+    pub(super) costs: Vec<KernelCost>,
+}
+
+impl Bench {
+    pub(super) fn scaling(&mut self, configs: &[Config], counts: &[usize]) -> Result<Vec<Scale>> {
+        let main_threads = self.plan.threads;
+        let mut out = Vec::new();
+        for &threads in counts {
+            self.plan.threads = threads;
+            let mut samples = vec![Vec::new(); configs.len()];
+            for round in 1..=self.plan.rounds {
+                for (ci, c) in configs.iter().enumerate() {
+                    check_interrupted()?;
+                    let s = self
+                        .round(Workload::Rst, c, None)
+                        .with_context(|| format!("{threads} threads / {}", c.name))?;
+                    println!(
+                        "bench: scaling {threads:>3} threads round {round}/{} {:<36} {:>9.0} conn/s",
+                        self.plan.rounds, c.name, s.cps
+                    );
+                    samples[ci].push(s);
+                }
+            }
+            let costs = self.kernel_costs(configs)?;
+            out.push(Scale {
+                threads,
+                samples,
+                costs,
+            });
+        }
+        self.plan.threads = main_threads;
+        Ok(out)
+    }
+}
+
+/// ns per run of the state program in `cost` (tcptrace's raw or classic one, bpftrace's).
+fn state_ns(cost: &KernelCost) -> Option<f64> {
+    cost.progs
+        .iter()
+        .find(|(name, _)| name.starts_with("inet_sock_set_s"))
+        .filter(|(_, (runs, _))| *runs > 0)
+        .map(|(_, &(runs, ns))| ns as f64 / runs as f64)
+}
+
+/// In-kernel ns per connection, all programs of `cost`.
+fn kernel_ns_per_conn(cost: &KernelCost) -> Option<f64> {
+    let ns: u64 = cost.progs.values().map(|&(_, ns)| ns).sum();
+    (cost.connections > 0).then(|| ns as f64 / cost.connections as f64)
+}
+
+pub(super) fn render(configs: &[Config], scales: &[Scale], secs: f64, rounds: u32) -> String {
+    let mut r = String::new();
+    let w = &mut r;
+    let _ = writeln!(
+        w,
+        "\n## Scaling with busy CPUs (RST close)\n\n\
+         The RST churn at each thread count (T client and T acceptor threads), {secs} s per \
+         configuration and round, {rounds} interleaved round(s); conn/s is the median. The floor \
+         attaches tcptrace's hooks (state transitions, the connect syscalls, error reports) as \
+         classic tracepoints with empty bpftrace programs (tcptrace's own state hook is a raw \
+         tracepoint, a little cheaper to enter). Loss = 1 - conn/s / \
+         baseline; *loss vs bpftrace* is tcptrace's loss over the counting bpftrace's loss in the \
+         same run (target <= 1.5). *state ns / run*: the state program's mean run time with BPF \
+         statistics on (one more round per tracer); the target is the figure at 16 threads <= \
+         1.3 x the figure at 2.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| threads | configuration | conn/s | vs baseline | loss vs bpftrace | dropped | tracer CPU | state ns / run | kernel ns / connection |"
+    );
+    let _ = writeln!(w, "|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    let counting = configs
+        .iter()
+        .position(|c| matches!(c.tracer, Tracer::Bpftrace { counts: true, .. }));
+    for s in scales {
+        let cps: Vec<f64> = s
+            .samples
+            .iter()
+            .map(|v| median(&v.iter().map(|x| x.cps).collect::<Vec<_>>()))
+            .collect();
+        let base = cps.first().copied().filter(|b| *b > 0.0);
+        let loss = |i: usize| base.map(|b| 1.0 - cps[i] / b);
+        let count_loss = counting.and_then(loss).filter(|l| *l > 0.0);
+        for (ci, c) in configs.iter().enumerate() {
+            let cost = s.costs.iter().find(|k| k.config == c.name);
+            let v = &s.samples[ci];
+            let dropped: Option<u64> = v.iter().map(|x| x.dropped).sum();
+            let cpu: Vec<f64> = v.iter().filter_map(|x| x.cpu).collect();
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                s.threads,
+                c.name,
+                cps[ci] as u64,
+                base.map_or("-".into(), |b| format!("{:.1}%", 100.0 * cps[ci] / b)),
+                match (&c.tracer, loss(ci), count_loss) {
+                    (Tracer::Tcptrace(_), Some(l), Some(cl)) => format!("{:.2}", l / cl),
+                    _ => "-".into(),
+                },
+                dropped.map_or("-".into(), |d| d.to_string()),
+                if cpu.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{:.1}%", 100.0 * median(&cpu))
+                },
+                cost.and_then(state_ns)
+                    .map_or("-".into(), |n| format!("{n:.0}")),
+                cost.and_then(kernel_ns_per_conn)
+                    .map_or("-".into(), |n| format!("{n:.0}")),
+            );
+        }
+    }
+    r
+}
