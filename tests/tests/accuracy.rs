@@ -9,7 +9,7 @@ use std::{fs, path::PathBuf, time::Instant};
 
 use serde_json::Value;
 use tcptrace_tests::{
-    Scenario, Tcptrace, daemon_json, poll, process, require_root, ss_filter_count, u64_at,
+    Netns, Scenario, Tcptrace, daemon_json, poll, process, require_root, ss_filter_count, u64_at,
 };
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
@@ -19,18 +19,28 @@ fn signal(pid: u32, sig: libc::c_int) {
     unsafe { libc::kill(pid as libc::pid_t, sig) };
 }
 
+/// `ip netns exec NAME`, or nothing for our own namespace.
+fn wrapper(ns: Option<&Netns>) -> Vec<&str> {
+    ns.map_or(Vec::new(), |ns| vec!["ip", "netns", "exec", &ns.name])
+}
+
 /// A leak: a server that accepts `count` connections and never closes them, and a client process
 /// that opens them and closes its ends (its sockets wait in FIN_WAIT2 for the server's FIN).
 fn leak(count: usize) -> (Scenario, Scenario, u16) {
+    leak_in(None, count)
+}
+
+fn leak_in(ns: Option<&Netns>, count: usize) -> (Scenario, Scenario, u16) {
     let n = count.to_string();
+    let w = wrapper(ns);
     let mut server = Scenario::spawn(
         SCENARIO,
-        &[],
+        &w,
         &["leak-server", "--addr", "127.0.0.1:0", "--count", &n],
     );
     let port = server.ready_port();
     let to = format!("127.0.0.1:{port}");
-    let mut clients = Scenario::spawn(SCENARIO, &[], &["clients", "--to", &to, "--count", &n]);
+    let mut clients = Scenario::spawn(SCENARIO, &w, &["clients", "--to", &to, "--count", &n]);
     clients.expect("READY");
     server.expect("ACCEPTED");
     clients.expect("DONE");
@@ -142,12 +152,48 @@ impl Drop for Daemon {
     }
 }
 
+/// `ss -tanH state STATE FILTER` in `ns` (ours without one): how many lines, and the lines.
+fn ss_in(ns: Option<&Netns>, state: &str, filter: &str) -> (usize, String) {
+    match ns {
+        None => ss_filter_count(state, filter),
+        Some(ns) => {
+            let out = std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &ns.name, "ss", "-tanH", "state", state, filter,
+                ])
+                .output()
+                .expect("ip netns exec ss");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            (lines.len(), lines.join("\n"))
+        }
+    }
+}
+
 #[test]
 fn table_is_reconciled_with_the_kernel_after_lost_records() {
     require_root!("table_is_reconciled_with_the_kernel_after_lost_records");
+    reconciled_after_lost_records(None);
+}
+
+/// The same in a network namespace of the test's own (a container's): the table is compared
+/// with that namespace's socket list too.
+#[test]
+fn table_is_reconciled_in_other_namespaces_after_lost_records() {
+    require_root!("table_is_reconciled_in_other_namespaces_after_lost_records");
+    let ns = Netns::create();
+    reconciled_after_lost_records(Some(&ns));
+}
+
+fn reconciled_after_lost_records(ns: Option<&Netns>) {
     const N: usize = 100;
-    let d = Daemon::start("reconcile", "ring_buffer_kib = 4");
-    let (server, _clients, port) = leak(N);
+    let name = if ns.is_some() {
+        "reconcile-ns"
+    } else {
+        "reconcile"
+    };
+    let d = Daemon::start(name, "ring_buffer_kib = 4");
+    let (server, _clients, port) = leak_in(ns, N);
     let spid = server.pid();
     let server_side = format!("src 127.0.0.1:{port}");
     let close_wait = |r: &Value| process(r, spid).and_then(|p| u64_at(p, "close_wait.count"));
@@ -182,7 +228,7 @@ fn table_is_reconciled_with_the_kernel_after_lost_records() {
     let mut server = server;
     signal(spid, libc::SIGKILL);
     let _ = server.proc.exited();
-    poll(10, || match ss_filter_count("close-wait", &server_side) {
+    poll(10, || match ss_in(ns, "close-wait", &server_side) {
         (0, _) => Ok(()),
         (n, _) => Err(format!("{n} CLOSE-WAIT still")),
     })
@@ -201,7 +247,7 @@ fn table_is_reconciled_with_the_kernel_after_lost_records() {
     println!("status after the burst: {st}");
 
     // Within a few seconds the server's sockets are gone from the table, as from the kernel.
-    let (truth, lines) = ss_filter_count("close-wait", &server_side);
+    let (truth, lines) = ss_in(ns, "close-wait", &server_side);
     let (report, status) = poll(8, || {
         let r = d.cli("report")?;
         let s = d.cli("status")?;

@@ -1,4 +1,4 @@
-//! Reconcile: after the kernel lost records (ring buffer full), the table may hold sockets that
+//! Reconcile: after the kernel lost records (ring buffer full, runs skipped), the table may hold sockets that
 //! closed unseen, miss sockets that opened unseen, or show stale states. [`Table::reconcile`]
 //! compares it with the kernel's own socket list of this network namespace (sock_diag) and
 //! corrects it, counting what it changed.
@@ -6,14 +6,15 @@
 //! Two limits keep it from undoing what it cannot see:
 //! * Time: only entries whose last change is older than the moment the list was read are
 //!   compared, so an event still in flight is never overruled.
-//! * Namespaces: the list holds this network namespace only, and the table does not know a
-//!   socket's namespace (the tracepoint does not say). An entry is compared only when its owner
-//!   was in this namespace when the table first saw it (its netns inode, from
-//!   [`super::ProcSource::netns`]); sockets without a known owner, or of processes in other
-//!   namespaces, are left as they are (and TIME_WAIT entries expire by themselves). One
-//!   exception: a socket without a known owner whose pair the list holds in another state takes
-//!   that state (the pair says it is this namespace's socket); the tracer then looks its owner
-//!   up again.
+//! * Namespaces: a list holds one network namespace. Records carry their socket's namespace
+//!   where the kernel has BTF; then every namespace is compared with its own list
+//!   ([`Table::reconcile_netns`]) and entries of other namespaces are left alone. An entry whose
+//!   namespace is unknown (0: no BTF) is compared only when its owner was in the list's
+//!   namespace when the table first saw it (its netns inode, from [`super::ProcSource::netns`]);
+//!   sockets without a known owner are left as they are (and TIME_WAIT entries expire by
+//!   themselves). One exception: a socket without a known owner whose pair the list holds in
+//!   another state takes that state (the pair says it is this namespace's socket); the tracer
+//!   then looks its owner up again.
 
 use std::{collections::HashSet, net::SocketAddr};
 
@@ -57,8 +58,20 @@ impl Table {
         read_at_ns: u64,
         now_ns: u64,
     ) -> Reconciled {
-        let mut r = Reconciled::default();
         self.own_netns = netns;
+        self.reconcile_netns(kernel, netns, read_at_ns, now_ns)
+    }
+
+    /// Like [`Table::reconcile`], for the list of another network namespace than ours (records
+    /// carry their namespace: their sockets are told apart).
+    pub fn reconcile_netns(
+        &mut self,
+        kernel: &[KernelSocket],
+        netns: u64,
+        read_at_ns: u64,
+        now_ns: u64,
+    ) -> Reconciled {
+        let mut r = Reconciled::default();
         let kmap: HashMap<(SocketAddr, SocketAddr), KernelSocket> = kernel
             .iter()
             .filter(|k| !transient(k.state))

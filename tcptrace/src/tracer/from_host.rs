@@ -176,6 +176,35 @@ pub(super) fn reconcile(shared: &Shared) -> bool {
         .lock()
         .unwrap()
         .reconcile(&kernel, netns, read_at, monotonic_ns());
+    // Other namespaces (containers): their lists from /proc/PID/net/tcp{,6} of one of their
+    // processes, when records say which namespace a socket is in.
+    if shared.netns_known {
+        for (other, pid) in namespaces().into_iter().filter(|&(n, _)| n != netns) {
+            let read_at = monotonic_ns();
+            let Ok(records) = holders::sockets_of_netns(Some(pid)) else {
+                continue;
+            };
+            let kernel: Vec<KernelSocket> = records
+                .into_iter()
+                .filter_map(|r| {
+                    let state = TcpState::from_u8(r.state)?;
+                    Some(KernelSocket {
+                        local: r.local,
+                        remote: r.remote,
+                        state,
+                        // /proc lists mini-sockets with their substate and no inode; only
+                        // TIME_WAIT tells them from full sockets for sure.
+                        timewait: state == TcpState::TimeWait,
+                    })
+                })
+                .collect();
+            shared
+                .table
+                .lock()
+                .unwrap()
+                .reconcile_netns(&kernel, other, read_at, monotonic_ns());
+        }
+    }
     true
 }
 

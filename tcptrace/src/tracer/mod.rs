@@ -100,6 +100,8 @@ struct Shared {
     port_ranges: Mutex<std::collections::HashMap<u64, (u16, u16)>>,
     /// tcptrace's own network namespace (0: unknown), read once at start.
     host_netns: u64,
+    /// Records carry their socket's network namespace.
+    netns_known: bool,
 }
 
 /// A running tracer. Dropping it stops the reader and detaches every program.
@@ -133,6 +135,7 @@ impl Tracer {
             kernel_log: probes.kernel_log(),
             port_ranges: Mutex::default(),
             host_netns: holders::netns_of(std::process::id()).unwrap_or(0),
+            netns_known: probes.netns_known(),
             retry_owners: AtomicBool::new(false),
         });
         let reader_shared = shared.clone();
