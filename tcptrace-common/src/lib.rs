@@ -192,7 +192,10 @@ impl SockOffsets {
 
 /// Index into the per-CPU `COUNTERS` array: records lost because the ring buffer was full.
 pub const COUNTER_DROPPED: u32 = 0;
-pub const COUNTERS_LEN: u32 = 1;
+/// Index into `COUNTERS`: transitions the kernel skipped the state program for (it was
+/// interrupted on its CPU) that `inet_state_rescue` reported instead.
+pub const COUNTER_RESCUED: u32 = 1;
+pub const COUNTERS_LEN: u32 = 2;
 
 /// Default ring buffer size in bytes (power of two, multiple of the page size): the total over
 /// every ring.

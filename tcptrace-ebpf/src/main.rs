@@ -41,8 +41,8 @@ use aya_ebpf::{
 mod record;
 use record::Record;
 use tcptrace_common::{
-    COUNTER_DROPPED, COUNTERS_LEN, DEFAULT_RING_BYTES, Event, NetnsOffsets, Offsets, RINGS,
-    SOCK_CHUNK, SockOffsets,
+    COUNTER_DROPPED, COUNTER_RESCUED, COUNTERS_LEN, DEFAULT_RING_BYTES, Event, NetnsOffsets,
+    Offsets, RINGS, SOCK_CHUNK, SockOffsets,
 };
 
 /// Overridden at load time with the offsets tracefs gives (read-only data: the verifier knows
@@ -218,11 +218,17 @@ const _: () = assert!(RINGS == 16, "rings! declares 16 rings");
 /// stack beside the rest), one slot per program that uses it: a program can run nested in
 /// another on the same CPU (a softirq arriving while a program runs), never in itself.
 #[map]
-pub(crate) static SCRATCH: PerCpuArray<[u8; SOCK_CHUNK]> = PerCpuArray::with_max_entries(2, 0);
+pub(crate) static SCRATCH: PerCpuArray<[u8; SOCK_CHUNK]> = PerCpuArray::with_max_entries(3, 0);
 /// [`SCRATCH`] slot of the state programs (classic or raw, never both attached).
 const SLOT_STATE: u32 = 0;
 /// [`SCRATCH`] slot of `inet_sk_error_report`.
 const SLOT_ERROR: u32 = 1;
+/// [`SCRATCH`] slot of `inet_state_rescue` (it runs while the state program holds its slot).
+const SLOT_RESCUE: u32 = 2;
+
+/// Per CPU: 1 while `inet_sock_set_state_raw` runs there (see `inet_state_rescue`).
+#[map]
+static STATE_BUSY: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);

@@ -14,8 +14,9 @@ use tcptrace_common::{
 };
 
 use crate::{
-    CONNECTS, COUNTER_DROPPED, LISTENERS, Listener, OWNERS, Record, SLOT_STATE, count,
-    current_owner, listener_key, ring, set_owner, sock_netns, submit_flags,
+    CONNECTS, COUNTER_DROPPED, COUNTER_RESCUED, LISTENERS, Listener, OWNERS, Record, SLOT_RESCUE,
+    SLOT_STATE, STATE_BUSY, count, current_owner, listener_key, ring, set_owner, sock_netns,
+    submit_flags,
 };
 
 #[tracepoint]
@@ -65,7 +66,17 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 /// `recursion_misses`.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
-    if let Err(err) = try_set_state_raw(&ctx) {
+    let busy = STATE_BUSY.get_ptr_mut(0);
+    if let Some(b) = busy {
+        // SAFETY: this CPU's slot; only this program writes it, and it does not nest in itself.
+        unsafe { *b = 1 };
+    }
+    let r = try_set_state_raw(&ctx, SLOT_STATE);
+    if let Some(b) = busy {
+        // SAFETY: as above.
+        unsafe { *b = 0 };
+    }
+    if let Err(err) = r {
         rare!(
             error,
             &ctx,
@@ -76,7 +87,31 @@ pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-fn try_set_state_raw(ctx: &RawTracePointContext) -> Result<(), i32> {
+/// Attached to the same tracepoint after [`inet_sock_set_state_raw`]: a softirq that interrupts
+/// that program on its CPU makes transitions of its own, and the kernel skips the program for
+/// them (it never runs nested in itself). This one then finds the main program busy on its CPU
+/// and reports the transition in its place, counted in `COUNTERS[COUNTER_RESCUED]`. Otherwise it
+/// returns at once.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_state_rescue(ctx: RawTracePointContext) -> i32 {
+    // SAFETY: this CPU's slot, read once.
+    let busy = STATE_BUSY.get_ptr(0).is_some_and(|b| unsafe { *b } != 0);
+    if !busy {
+        return 0;
+    }
+    count(COUNTER_RESCUED);
+    if let Err(err) = try_set_state_raw(&ctx, SLOT_RESCUE) {
+        rare!(
+            error,
+            &ctx,
+            "inet_sock_set_state: reading the socket failed (error {}); transition lost",
+            err
+        );
+    }
+    0
+}
+
+fn try_set_state_raw(ctx: &RawTracePointContext, slot: u32) -> Result<(), i32> {
     let skaddr: u64 = ctx.arg(0);
     let old: u64 = ctx.arg(1);
     let new: u64 = ctx.arg(2);
@@ -93,7 +128,7 @@ fn try_set_state_raw(ctx: &RawTracePointContext) -> Result<(), i32> {
     if proto != IPPROTO_TCP {
         return Ok(());
     }
-    let rec = Record::read_sock(skaddr, SLOT_STATE)?;
+    let rec = Record::read_sock(skaddr, slot)?;
     let net = rec.u64(sock!(net));
     let inum_at = net + sock!(net_inum) as u64;
     let mut sport = rec.u16(sock!(num));

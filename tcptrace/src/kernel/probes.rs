@@ -11,7 +11,9 @@ use aya::{
     programs::{RawTracePoint, TracePoint},
 };
 use aya_log::EbpfLogger;
-use tcptrace_common::{COUNTER_DROPPED, Event, NetnsOffsets, Offsets, RINGS, SockOffsets};
+use tcptrace_common::{
+    COUNTER_DROPPED, COUNTER_RESCUED, Event, NetnsOffsets, Offsets, RINGS, SockOffsets,
+};
 
 use crate::kernel::{
     Error,
@@ -32,6 +34,10 @@ pub const PROGRAMS: &[(&str, &str, &str)] = &[
 /// The raw tracepoint program for `inet_sock_set_state`: cheaper, and not skipped while another
 /// BPF program runs on the CPU (see the eBPF crate).
 pub const RAW_STATE: &str = "inet_sock_set_state_raw";
+
+/// Attached after [`RAW_STATE`] to the same tracepoint: reports the transitions the kernel skips
+/// [`RAW_STATE`] for (made by a softirq that interrupted it on its CPU).
+pub const RESCUE: &str = "inet_state_rescue";
 
 /// The rings' map names, by index.
 const RING_NAMES: [&str; RINGS as usize] = [
@@ -196,14 +202,14 @@ pub fn sock_offsets(btf: &Btf) -> Option<SockOffsets> {
     s.usable().then_some(s)
 }
 
-/// Loads and attaches the raw state program to raw tracepoint `name`.
-fn attach_raw(ebpf: &mut Ebpf, name: &str) -> Result<(), String> {
+/// Loads program `prog` and attaches it to raw tracepoint `name`.
+fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
     let p: &mut RawTracePoint = ebpf
-        .program_mut(RAW_STATE)
-        .ok_or_else(|| format!("program {RAW_STATE} missing from the object"))?
+        .program_mut(prog)
+        .ok_or_else(|| format!("program {prog} missing from the object"))?
         .try_into()
-        .map_err(|e| format!("{RAW_STATE}: {e}"))?;
-    p.load().map_err(|e| format!("loading {RAW_STATE}: {e}"))?;
+        .map_err(|e| format!("{prog}: {e}"))?;
+    p.load().map_err(|e| format!("loading {prog}: {e}"))?;
     if let Err(e) = p.attach(name) {
         let _ = p.unload();
         return Err(format!("attaching raw tracepoint {name}: {e}"));
@@ -274,9 +280,16 @@ impl Probes {
                 continue;
             }
             if *prog == "inet_sock_set_state" && sock.is_some() {
-                match attach_raw(&mut ebpf, name) {
+                match attach_raw(&mut ebpf, RAW_STATE, name) {
                     Ok(()) => {
                         attached.push(RAW_STATE);
+                        match attach_raw(&mut ebpf, RESCUE, name) {
+                            Ok(()) => attached.push(RESCUE),
+                            Err(e) => degraded.push(format!(
+                                "transitions made while the state program is interrupted are \
+                                 lost (counted as missed): {e}"
+                            )),
+                        }
                         continue;
                     }
                     // A link left by a failed attach is dropped with the program's unload.
@@ -428,20 +441,29 @@ impl Probes {
         self.kernel_log.clone()
     }
 
-    /// Kernel-side counters summed over CPUs, and the runs the kernel skipped.
+    /// Kernel-side counters summed over CPUs, and the runs the kernel skipped that nothing
+    /// made up for.
     pub fn counters(&self) -> KernelCounters {
-        let dropped = self
-            .counters
-            .get(&COUNTER_DROPPED, 0)
-            .map(|v| v.iter().sum::<u64>())
-            .unwrap_or(0);
-        let missed = self
+        let sum = |index: u32| {
+            self.counters
+                .get(&index, 0)
+                .map(|v| v.iter().sum::<u64>())
+                .unwrap_or(0)
+        };
+        let dropped = sum(COUNTER_DROPPED);
+        // The rescue program's own skips lose nothing (the state program ran); the state
+        // program's skips that the rescue program reported are not lost either.
+        let skipped: u64 = self
             .attached
             .iter()
+            .filter(|&&name| name != RESCUE)
             .filter_map(|name| self._ebpf.program(name)?.fd().ok())
             .filter_map(|fd| recursion_misses(fd.as_fd()))
             .sum();
-        KernelCounters { dropped, missed }
+        KernelCounters {
+            dropped,
+            missed: skipped.saturating_sub(sum(COUNTER_RESCUED)),
+        }
     }
 }
 
