@@ -26,6 +26,7 @@ use prometheus_client::{
 
 use super::protocol::Status;
 use crate::state::snapshot::{HostCounts, ProcessView, Snapshot};
+use crate::views::format::escape;
 
 type Labels = Vec<(String, String)>;
 type FGauge = Gauge<f64, AtomicU64>;
@@ -121,9 +122,13 @@ impl Metrics {
         let mut reg = Registry::default();
         host(&mut reg, snap, status);
         per_process_gauges(&mut reg, snap, caps.top_processes);
+        container_info(&mut reg, snap);
         self.procs.record(
             snap.processes.iter().map(|p| {
-                let key = (p.comm.clone(), p.container.clone().unwrap_or_default());
+                let key = (
+                    escape(&p.comm).into_owned(),
+                    escape(p.container.as_deref().unwrap_or("")).into_owned(),
+                );
                 let counts = Counts {
                     connects: p.connects.ok,
                     failed: p.connects.failed.clone(),
@@ -407,6 +412,41 @@ const PROCESS_GAUGES: [ProcessGauge; 6] = [
     },
 ];
 
+/// One series (value 1) per container the snapshot's processes are in: what the short
+/// `container_id` label of the other series stands for (the full id, and on Kubernetes the pod's
+/// uid, namespace and name and the container's name), to join on, e.g.
+/// `tcptrace_close_wait_sockets * on (container_id) group_left (pod_namespace, pod_name)
+/// tcptrace_container_info`. Names come from other processes and the node's files: escaped.
+fn container_info(reg: &mut Registry, snap: &Snapshot) {
+    let f = family::<Gauge>(
+        reg,
+        "tcptrace_container_info",
+        "Containers of the traced processes: full id, Kubernetes pod and container names",
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for p in &snap.processes {
+        let Some(short) = p.container.as_deref() else {
+            continue;
+        };
+        if !seen.insert(short) {
+            continue;
+        }
+        let pod = p.pod.as_ref();
+        let labels = l(&[
+            ("container_id", &escape(short)),
+            (
+                "full_container_id",
+                &escape(p.container_id.as_deref().unwrap_or("")),
+            ),
+            ("pod_uid", &escape(p.pod_uid.as_deref().unwrap_or(""))),
+            ("pod_namespace", &escape(pod.map_or("", |x| &x.namespace))),
+            ("pod_name", &escape(pod.map_or("", |x| &x.name))),
+            ("container_name", &escape(pod.map_or("", |x| &x.container))),
+        ]);
+        f.get_or_create(&labels).set(1);
+    }
+}
+
 /// Gauges by pid for the `top` worst processes; the rest summed (ages: the maximum) under
 /// `pid="other"`.
 fn per_process_gauges(reg: &mut Registry, snap: &Snapshot, top: usize) {
@@ -420,8 +460,11 @@ fn per_process_gauges(reg: &mut Registry, snap: &Snapshot, top: usize) {
         let labels = if i < top {
             l(&[
                 ("pid", pid.as_str()),
-                ("comm", p.comm.as_str()),
-                ("container_id", p.container.as_deref().unwrap_or("")),
+                ("comm", &escape(&p.comm)),
+                (
+                    "container_id",
+                    &escape(p.container.as_deref().unwrap_or("")),
+                ),
             ])
         } else {
             other.clone()

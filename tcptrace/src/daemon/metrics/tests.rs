@@ -92,6 +92,62 @@ fn gauges_by_pid_top_n_and_other() {
 }
 
 #[test]
+fn containers_have_an_info_series_and_names_are_escaped() {
+    let p = |pid: u32, comm: &str, pod: &str| ProcessView {
+        pid,
+        comm: comm.to_string(),
+        container: Some("0123456789ab".into()),
+        container_id: Some(format!("0123456789ab{}", "c".repeat(52))),
+        pod_uid: Some("5f6e7d8c-0000-4000-8000-000000000001".into()),
+        pod: Some(crate::state::snapshot::PodView {
+            namespace: "shop".into(),
+            name: pod.into(),
+            container: "web".into(),
+        }),
+        close_wait: CloseWaitView {
+            count: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let snap = Snapshot {
+        // Two processes of one container: one info series.
+        processes: vec![
+            p(1, "ev\x1b[2Jil", "cart-7d\n9"),
+            p(2, "other", "cart-7d\n9"),
+        ],
+        ..Default::default()
+    };
+    let caps = Caps {
+        top_processes: 2,
+        top_destinations: 10,
+    };
+    let text = Metrics::default().render(&snap, &Status::default(), caps, Instant::now());
+    let info: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("tcptrace_container_info{"))
+        .collect();
+    assert_eq!(
+        info,
+        [format!(
+            "tcptrace_container_info{{container_id=\"0123456789ab\",full_container_id=\"0123456789ab{}\",pod_uid=\"5f6e7d8c-0000-4000-8000-000000000001\",pod_namespace=\"shop\",pod_name=\"cart-7d\\\\x0a9\",container_name=\"web\"}} 1",
+            "c".repeat(52)
+        )],
+        "{text}"
+    );
+    // No control byte reaches the exposition; the comm's ESC is written as \x1b.
+    assert!(
+        !text.chars().any(|c| c.is_control() && c != '\n'),
+        "{text:?}"
+    );
+    assert!(
+        text.contains("comm=\"ev\\\\x1b[2Jil\""),
+        "{}",
+        text.lines().find(|l| l.contains("ev")).unwrap_or("")
+    );
+}
+
+#[test]
 fn sockets_by_state_add_up_without_a_total() {
     let h = HostCounts {
         established: 3,
