@@ -424,7 +424,15 @@ impl Table {
                 });
             }
             cw.oldest_secs = round3(cw.oldest_secs);
-            let mut remotes: Vec<RemoteCount> = remotes
+            // The most frequent remotes: chosen before any is formatted (a leaking server can
+            // have one remote per socket, thousands of them).
+            let top = if opts.detail { 20 } else { 5 };
+            let mut by_count: Vec<(SocketAddr, u64)> = remotes.into_iter().collect();
+            if by_count.len() > top {
+                by_count.select_nth_unstable_by(top, |a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                by_count.truncate(top);
+            }
+            let mut remotes: Vec<RemoteCount> = by_count
                 .into_iter()
                 .map(|(r, count)| RemoteCount {
                     remote: r.to_string(),
@@ -432,7 +440,6 @@ impl Table {
                 })
                 .collect();
             remotes.sort_by(|a, b| b.count.cmp(&a.count).then(a.remote.cmp(&b.remote)));
-            remotes.truncate(if opts.detail { 20 } else { 5 });
             cw.remotes = remotes;
             cw.new_per_min = p.cw_entries.len() as f64;
             sockets.sort_by(|a, b| {
