@@ -47,7 +47,7 @@ enum Command {
 #[derive(Args, Debug)]
 struct DaemonArgs {
     /// Control socket for `report` and `status` [default: /run/tcptrace/tcptrace.sock]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "TCPTRACE_SOCKET")]
     socket: Option<PathBuf>,
     /// Prometheus endpoint, ADDR:PORT, or "off" [default: 127.0.0.1:9464]
     #[arg(long, value_name = "ADDR:PORT")]
@@ -63,24 +63,27 @@ struct DaemonArgs {
 #[derive(Args, Debug)]
 struct ReportArgs {
     /// Control socket of the daemon.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET, env = "TCPTRACE_SOCKET")]
     socket: PathBuf,
     /// One JSON object instead of text.
     #[arg(long, short = 'j')]
     json: bool,
-    /// Only this process (repeatable).
-    #[arg(long, short = 'p', value_name = "PID")]
+    /// Only these processes (comma-separated or repeated).
+    #[arg(long, short = 'p', value_name = "PID", value_delimiter = ',')]
     pid: Vec<u32>,
-    /// Only processes of this container: its id or a prefix of it (at least 4 hex digits), or a
-    /// pod name (repeatable).
-    #[arg(long, value_name = "ID", value_parser = container_selector)]
+    /// Only processes with this command name (repeatable).
+    #[arg(long, short = 'c', value_name = "NAME")]
+    comm: Vec<String>,
+    /// Only processes of these containers: an id or a prefix of it (at least 4 hex digits), or
+    /// a pod name (comma-separated or repeated).
+    #[arg(long, value_name = "ID", value_parser = container_selector, value_delimiter = ',')]
     container: Vec<String>,
 }
 
 #[derive(Args, Debug)]
 struct StatusArgs {
     /// Control socket of the daemon.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET, env = "TCPTRACE_SOCKET")]
     socket: PathBuf,
     /// One JSON object instead of text.
     #[arg(long, short = 'j')]
@@ -101,18 +104,19 @@ struct WatchArgs {
     /// A socket in CLOSE_WAIT for longer than this many seconds (0 to 86400) counts as leaked.
     #[arg(long, default_value = "5", value_parser = leak_after_secs, value_name = "SECS")]
     leak_after: f64,
-    /// Show only this process (repeatable).
-    #[arg(long, short = 'p', value_name = "PID")]
+    /// Show only these processes (comma-separated or repeated).
+    #[arg(long, short = 'p', value_name = "PID", value_delimiter = ',')]
     pid: Vec<u32>,
     /// Show only processes with this command name (repeatable).
     #[arg(long, short = 'c', value_name = "NAME")]
     comm: Vec<String>,
-    /// Show only processes of this container: its id or a prefix of it (at least 4 hex
-    /// digits), or a pod name (repeatable).
-    #[arg(long, value_name = "ID", value_parser = container_selector)]
+    /// Show only processes of these containers: an id or a prefix of it (at least 4 hex
+    /// digits), or a pod name (comma-separated or repeated).
+    #[arg(long, value_name = "ID", value_parser = container_selector, value_delimiter = ',')]
     container: Vec<String>,
-    /// Show only processes with a socket or connect on this local or remote port (repeatable).
-    #[arg(long, value_name = "PORT")]
+    /// Show only processes with a socket or connect on one of these local or remote ports
+    /// (comma-separated or repeated).
+    #[arg(long, value_name = "PORT", value_delimiter = ',')]
     port: Vec<u16>,
     /// Exit after this many seconds (0.1 to ten years).
     #[arg(long, short = 'd', value_parser = duration_secs, value_name = "SECS")]
@@ -190,7 +194,7 @@ fn main() -> ExitCode {
                 Err(e) => Err(e),
             },
             Command::Report(a) => {
-                Ok(client::report(&a.socket, a.json, &a.pid, &a.container).await?)
+                Ok(client::report(&a.socket, a.json, &a.pid, &a.comm, &a.container).await?)
             }
             Command::Status(a) => Ok(client::status(&a.socket, a.json).await?),
         }

@@ -1175,3 +1175,58 @@ fn kernel_log_reaches_the_daemon_log() {
         panic!("{e}: want {want}\n{}", d.proc.describe());
     }
 }
+
+/// `report` and `status` find the daemon through TCPTRACE_SOCKET, and `report` takes the filter
+/// lists `watch` takes: `-p` comma-separated, `-c`.
+#[test]
+fn report_and_status_use_tcptrace_socket_and_filter_lists() {
+    if !root_or_skip("report_and_status_use_tcptrace_socket_and_filter_lists") {
+        return;
+    }
+    let daemon = Daemon::start("envsock", &[]);
+    let (s1, _, _c1) = leak(2);
+    let (s2, _, _c2) = leak(2);
+    let (p1, p2) = (s1.pid(), s2.pid());
+    if let Err(e) = poll(20, || {
+        let r = daemon.cli("report")?;
+        match (process(&r, p1), process(&r, p2)) {
+            (Some(_), Some(_)) => Ok(()),
+            _ => Err(format!("both servers in the report: {r}")),
+        }
+    }) {
+        panic!("{e}\n{}", daemon.proc.describe());
+    }
+    // No --socket anywhere below: the environment says where the daemon is.
+    let run = |args: &[&str]| -> Value {
+        let out = Command::new(tcptrace_bin())
+            .args(args)
+            .env("TCPTRACE_SOCKET", &daemon.socket)
+            .output()
+            .expect("run tcptrace");
+        assert!(out.status.success(), "tcptrace {args:?}: {out:?}");
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let pids = |r: &Value| -> BTreeSet<u64> {
+        r["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["pid"].as_u64())
+            .collect()
+    };
+    assert_eq!(run(&["status", "--json"])["pid"], daemon.pid());
+    let both = run(&["report", "--json", "-p", &format!("{p1},{p2}")]);
+    assert_eq!(both["source"], "daemon", "{both}");
+    assert_eq!(pids(&both), BTreeSet::from([p1 as u64, p2 as u64]));
+    let one = run(&["report", "--json", "-c", "scenario", "-p", &p1.to_string()]);
+    assert_eq!(pids(&one), BTreeSet::from([p1 as u64]));
+    let none = run(&[
+        "report",
+        "--json",
+        "-c",
+        "not-scenario",
+        "-p",
+        &format!("{p1},{p2}"),
+    ]);
+    assert_eq!(pids(&none), BTreeSet::new());
+}

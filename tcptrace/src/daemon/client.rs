@@ -85,6 +85,7 @@ pub async fn report(
     socket: &Path,
     json: bool,
     pids: &[u32],
+    comms: &[String],
     containers: &[String],
 ) -> Result<(), ClientError> {
     let mut r: Report = match protocol::request(socket, "report").await {
@@ -114,6 +115,13 @@ pub async fn report(
             p["pid"]
                 .as_u64()
                 .is_some_and(|pid| pids.contains(&(pid as u32)))
+        });
+    }
+    if !comms.is_empty() {
+        r.processes.retain(|p| {
+            p["comm"]
+                .as_str()
+                .is_some_and(|c| comms.iter().any(|w| w == c))
         });
     }
     if !containers.is_empty() {
