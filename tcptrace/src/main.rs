@@ -7,7 +7,7 @@ use tcptrace::{
     daemon::client,
     daemon::config::{Config, DEFAULT_SOCKET, bounds},
     daemon::server as daemon,
-    kernel::probes::ProbeOptions,
+    kernel::{event::TcpState, probes::ProbeOptions},
     state::Filter,
     tracer::TracerOptions,
     views::watch::{self, WatchOptions},
@@ -98,6 +98,14 @@ struct WatchArgs {
     /// Print every state transition and failed connect instead of the per-process view.
     #[arg(long, short = 'e')]
     events: bool,
+    /// With --events: only transitions from or to these states, named as ss names them
+    /// (established, syn-sent, syn-recv, fin-wait-1, fin-wait-2, time-wait, close, close-wait,
+    /// last-ack, listen, closing; comma-separated or repeated). Failed connects are still shown.
+    #[arg(long, value_name = "STATE", value_delimiter = ',', value_parser = state_name, requires = "events")]
+    state: Vec<TcpState>,
+    /// Timestamps of the text output in local time (with its UTC offset) instead of UTC.
+    #[arg(long = "local-time", short = 'T')]
+    local_time: bool,
     /// Newline-delimited JSON: one object per interval (or per event with --events).
     #[arg(long, short = 'j')]
     json: bool,
@@ -137,6 +145,25 @@ fn secs_in(s: &str, range: (f64, f64)) -> Result<f64, String> {
         .parse()
         .map_err(|_| format!("`{s}` is not a number of seconds"))?;
     bounds::secs(v, range)
+}
+
+/// A TCP state as ss names it (`close-wait`), or as the kernel does (`CLOSE_WAIT`).
+fn state_name(s: &str) -> Result<TcpState, String> {
+    let want: String = s
+        .chars()
+        .filter(|c| !matches!(c, '-' | '_'))
+        .collect::<String>()
+        .to_ascii_uppercase();
+    (1..=12)
+        .filter_map(TcpState::from_u8)
+        .filter(|t| !matches!(t, TcpState::NewSynRecv))
+        .find(|t| t.name().replace('_', "") == want)
+        .ok_or_else(|| {
+            format!(
+                "`{s}` is not a TCP state: established, syn-sent, syn-recv, fin-wait-1, \
+                 fin-wait-2, time-wait, close, close-wait, last-ack, listen or closing"
+            )
+        })
 }
 
 fn interval_secs(s: &str) -> Result<f64, String> {
@@ -229,6 +256,7 @@ fn daemon_config(a: &DaemonArgs) -> anyhow::Result<Config> {
 }
 
 fn watch_options(a: WatchArgs) -> WatchOptions {
+    tcptrace::views::format::use_local_time(a.local_time);
     WatchOptions {
         interval: Duration::from_secs_f64(a.interval),
         events: a.events,
@@ -240,6 +268,7 @@ fn watch_options(a: WatchArgs) -> WatchOptions {
             ports: a.port,
             containers: a.container,
         },
+        states: a.state,
         duration: a.duration.map(Duration::from_secs_f64),
         tracer: TracerOptions {
             probes: ProbeOptions {

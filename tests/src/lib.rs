@@ -223,11 +223,12 @@ impl Scenario {
     }
 }
 
-/// A running tcptrace; every stdout line is kept, parsed as JSON.
+/// A running tcptrace; every stdout line is kept, as text and parsed as JSON.
 pub struct Tcptrace {
     pub proc: Guarded,
     pub args: Vec<String>,
     lines: Arc<Mutex<Vec<Result<Value, String>>>>,
+    text: Arc<Mutex<Vec<String>>>,
 }
 
 impl Tcptrace {
@@ -249,7 +250,8 @@ impl Tcptrace {
         let stderr = Captured::default();
         stderr.collect(child.stderr.take().unwrap());
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
+        let text = Arc::new(Mutex::new(Vec::new()));
+        let (sink, text_sink) = (lines.clone(), text.clone());
         let out = child.stdout.take().unwrap();
         thread::spawn(move || {
             for line in BufReader::new(out).lines() {
@@ -260,6 +262,7 @@ impl Tcptrace {
                 let parsed =
                     serde_json::from_str::<Value>(&line).map_err(|e| format!("{e}: {line}"));
                 sink.lock().unwrap().push(parsed);
+                text_sink.lock().unwrap().push(line);
             }
         });
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -272,7 +275,13 @@ impl Tcptrace {
             },
             args,
             lines,
+            text,
         }
+    }
+
+    /// Every stdout line so far, as printed (text output).
+    pub fn text_lines(&self) -> Vec<String> {
+        self.text.lock().unwrap().clone()
     }
 
     /// `tcptrace watch --json --interval 1 <extra>`; returns once the first snapshot is out.

@@ -552,3 +552,84 @@ fn not_root_is_refused_clearly() {
     drop(g);
     drop(copy);
 }
+
+/// `watch --events --state close-wait`: only transitions from or to CLOSE_WAIT, every one of a
+/// leak's; `-T` marks the text stream's clock with local time's offset (TZ set for the test).
+#[test]
+fn events_filtered_by_state_and_local_time() {
+    require_root!("events_filtered_by_state_and_local_time");
+    const N: usize = 3;
+    let tt = Tcptrace::start(&["watch", "--events", "--json", "--state", "close-wait"]);
+    // Let it attach: the text stream below shows when it is (its header comes first).
+    let mut text = Tcptrace::start_env(
+        &["watch", "-e", "-T", "--state", "CLOSE_WAIT,last-ack"],
+        &[("TZ", "XST-5:30")],
+    );
+    let end = Instant::now() + DEADLINE;
+    while text.text_lines().is_empty() {
+        assert!(
+            Instant::now() < end,
+            "no header from watch -e -T\n{}",
+            text.context()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let mut server = Scenario::spawn(
+        SCENARIO,
+        &[],
+        &[
+            "leak-server",
+            "--addr",
+            "127.0.0.1:0",
+            "--count",
+            &N.to_string(),
+        ],
+    );
+    let port = server.ready_port();
+    let to = format!("127.0.0.1:{port}");
+    let mut clients = Scenario::spawn(
+        SCENARIO,
+        &[],
+        &["clients", "--to", &to, "--count", &N.to_string()],
+    );
+    clients.expect("DONE");
+    server.expect("ACCEPTED");
+    let server_side = |e: &Value| e["local"].as_str() == Some(to.as_str());
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let seen = tt.values().iter().filter(|e| server_side(e)).count();
+        if seen >= N || Instant::now() >= end {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_millis(300));
+    let states: Vec<Value> = tt
+        .values()
+        .into_iter()
+        .filter(|e| e["type"] == "state")
+        .collect();
+    assert!(
+        states
+            .iter()
+            .all(|e| e["old"] == "CLOSE_WAIT" || e["new"] == "CLOSE_WAIT"),
+        "a transition not from or to CLOSE_WAIT: {states:?}"
+    );
+    let mine: Vec<&Value> = states.iter().filter(|e| server_side(e)).collect();
+    assert_eq!(mine.len(), N, "the leak's transitions: {mine:?}");
+    assert!(mine.iter().all(|e| e["old"] == "ESTABLISHED"), "{mine:?}");
+
+    let out = text.text_lines();
+    let header = out.first().map_or("", String::as_str);
+    assert!(header.starts_with("TIME (+05:30)"), "header: {header:?}");
+    // The leak's CLOSE_WAIT entries, stamped in the test's zone (UTC + 5:30).
+    let leak_lines: Vec<&String> = out.iter().filter(|l| l.contains(&to)).collect();
+    assert_eq!(leak_lines.len(), N, "text stream:\n{}", out.join("\n"));
+    let expect = (unix_now() + 5.5 * 3600.0) as u64 % 86400;
+    let stamp = &leak_lines[0][..8];
+    let secs: Vec<u64> = stamp.split(':').filter_map(|x| x.parse().ok()).collect();
+    let got = secs[0] * 3600 + secs[1] * 60 + secs[2];
+    let diff = (expect + 86400 - got) % 86400;
+    assert!(diff < 60, "stamp {stamp} is not local time (UTC+05:30) now");
+}

@@ -260,10 +260,10 @@ impl Probes {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Cpus(e))?;
         let (per_ring, used) = ring_layout(opts.ring_bytes, cpus);
         let mut loader = EbpfLoader::new();
-        for i in 0..RINGS as usize {
+        for (i, name) in RING_NAMES.iter().enumerate() {
             // Rings no CPU writes to get the smallest size the kernel takes.
             let size = if i < used { per_ring } else { ring_size(0) };
-            loader.map_max_entries(RING_NAMES[i], size);
+            loader.map_max_entries(name, size);
         }
         let mut ebpf = loader
             .override_global("OFFSETS", &offsets, true)

@@ -1,7 +1,44 @@
 //! Small formatting helpers shared by the human-readable views.
 
-/// HH:MM:SS.mmm (UTC) of a unix time.
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether the text views show local time (`-T`) rather than UTC.
+static LOCAL_TIME: AtomicBool = AtomicBool::new(false);
+
+/// Shows local time instead of UTC in the text views from now on (set once, at start).
+pub fn use_local_time(on: bool) {
+    LOCAL_TIME.store(on, Ordering::Relaxed);
+}
+
+/// Seconds east of UTC of local time at unix time `ts` (0 when it cannot be known).
+fn utc_offset(ts: f64) -> i64 {
+    let t = ts as libc::time_t;
+    // SAFETY: all-zero is a valid tm; localtime_r writes it and reads only `t`.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers for the call's duration.
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return 0;
+    }
+    tm.tm_gmtoff
+}
+
+/// The zone the text views' clocks are in: "UTC", or local time's offset ("+01:00").
+pub fn zone(ts: f64) -> String {
+    if !LOCAL_TIME.load(Ordering::Relaxed) {
+        return "UTC".into();
+    }
+    let off = utc_offset(ts);
+    let sign = if off < 0 { '-' } else { '+' };
+    format!("{sign}{:02}:{:02}", off.abs() / 3600, off.abs() % 3600 / 60)
+}
+
+/// HH:MM:SS.mmm of a unix time: UTC, or local time after [`use_local_time`] (see [`zone`]).
 pub fn clock(ts: f64) -> String {
+    let ts = if LOCAL_TIME.load(Ordering::Relaxed) {
+        ts + utc_offset(ts) as f64
+    } else {
+        ts
+    };
     let ms = (ts * 1000.0) as u64;
     let s = ms / 1000;
     format!(

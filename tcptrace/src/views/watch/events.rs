@@ -10,10 +10,14 @@ use serde::Serialize;
 
 use crate::{
     host::clock::{monotonic_ns, unix_now},
-    kernel::{errno, event::TcpEvent, probes::KernelCounters},
+    kernel::{
+        errno,
+        event::{TcpEvent, TcpState},
+        probes::KernelCounters,
+    },
     state::Filter,
     tracer::{EventContext, EventSink},
-    views::format::{clock, escape_cut},
+    views::format::{clock, escape_cut, zone},
 };
 
 /// One line of the event stream (`--events --json`).
@@ -57,15 +61,25 @@ impl EventHeader {
             let _ = writeln!(
                 out,
                 "{:<12} {:>7} {:<15} {:<26} {:<26} TRANSITION",
-                "TIME", "PID", "COMM", "LOCAL", "REMOTE"
+                format!("TIME ({})", zone(unix_now())),
+                "PID",
+                "COMM",
+                "LOCAL",
+                "REMOTE"
             );
             let _ = out.flush();
         });
     }
 }
 
-/// Prints the event stream; runs on the reader thread.
-pub(super) fn event_sink(json: bool, filter: Filter, header: EventHeader) -> EventSink {
+/// Prints the event stream; runs on the reader thread. `states`: print only transitions from or
+/// to one of these (all when empty).
+pub(super) fn event_sink(
+    json: bool,
+    filter: Filter,
+    states: Vec<TcpState>,
+    header: EventHeader,
+) -> EventSink {
     // Offset from the kernel's monotonic clock to wall-clock time.
     let offset = unix_now() - monotonic_ns() as f64 / 1e9;
     let out = std::io::stdout();
@@ -80,6 +94,7 @@ pub(super) fn event_sink(json: bool, filter: Filter, header: EventHeader) -> Eve
             ..
         } = *ev
             && filter.matches_event(ctx.pid, &ctx.comm, [local.port(), remote.port()])
+            && (states.is_empty() || states.contains(&old) || states.contains(&new))
         {
             lines.push(EventLine {
                 ts,

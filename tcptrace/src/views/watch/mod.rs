@@ -17,6 +17,7 @@ use self::{
 
 use crate::{
     host::signals::{Received, SignalError, Signals},
+    kernel::event::TcpState,
     state::{Filter, SnapshotOptions, TableConfig},
     tracer::{Tracer, TracerError, TracerOptions},
 };
@@ -40,15 +41,22 @@ pub struct WatchOptions {
     pub json: bool,
     pub wide: bool,
     pub filter: Filter,
+    /// With `events`: only transitions from or to these states (all when empty).
+    pub states: Vec<TcpState>,
     pub duration: Option<Duration>,
     pub tracer: TracerOptions,
 }
 /// Runs `watch` until Ctrl-C, SIGTERM or `--duration`.
 pub async fn run(opts: WatchOptions) -> Result<(), WatchError> {
     let header = EventHeader::new();
-    let sink = opts
-        .events
-        .then(|| event_sink(opts.json, opts.filter.clone(), header.clone()));
+    let sink = opts.events.then(|| {
+        event_sink(
+            opts.json,
+            opts.filter.clone(),
+            opts.states.clone(),
+            header.clone(),
+        )
+    });
     let mut signals = Signals::new()?;
     let tracer = Tracer::start(opts.tracer.clone(), sink)?;
     for d in tracer.degraded() {
@@ -170,6 +178,7 @@ mod tests {
             json: false,
             wide,
             filter: Filter::default(),
+            states: Vec::new(),
             duration: None,
             tracer: TracerOptions::default(),
         }

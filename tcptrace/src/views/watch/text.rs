@@ -46,8 +46,9 @@ pub fn render(
     let h = &snap.host;
     let mut lines = vec![
         format!(
-            "{} UTC  established {}  time_wait {}  close_wait {}  listen {}  total {}",
+            "{} {}  established {}  time_wait {}  close_wait {}  listen {}  total {}",
             &clock(snap.ts)[..8],
+            crate::views::format::zone(snap.ts),
             h.established,
             h.time_wait,
             h.close_wait,

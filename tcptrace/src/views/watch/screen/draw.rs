@@ -93,7 +93,11 @@ fn header(v: &View) -> Vec<Line<'static>> {
     let (h, p, th) = (&v.snap.host, v.palette, v.thresholds);
     let mark = |crossed: bool, s: Style| if crossed { s } else { Style::new() };
     let first = Line::from(vec![
-        Span::raw(format!("{} UTC  ", &clock(v.snap.ts)[..8])),
+        Span::raw(format!(
+            "{} {}  ",
+            &clock(v.snap.ts)[..8],
+            crate::views::format::zone(v.snap.ts)
+        )),
         Span::raw(format!("established {}  ", h.established)),
         Span::styled(
             format!("close_wait {}", h.close_wait),
