@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use tcptrace::{
     daemon::client,
     daemon::config::{Config, DEFAULT_SOCKET, bounds},
@@ -42,6 +42,13 @@ enum Command {
     Report(ReportArgs),
     /// Uptime, attached programs, events seen and dropped, table size and evictions of the daemon.
     Status(StatusArgs),
+    /// Shell completions on stdout, e.g. `tcptrace completions bash > /etc/bash_completion.d/tcptrace`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// The manual page (roff) on stdout, e.g. `tcptrace man | man -l -`.
+    Man,
 }
 
 #[derive(Args, Debug)]
@@ -203,6 +210,32 @@ fn container_selector(s: &str) -> Result<String, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Generated from the definitions above; nothing to trace, no runtime needed.
+    let generated = match cli.command {
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tcptrace", &mut out);
+            Some(out)
+        }
+        Command::Man => {
+            let mut out = Vec::new();
+            // Writing to memory does not fail.
+            let _ = clap_mangen::Man::new(Cli::command()).render(&mut out);
+            Some(out)
+        }
+        _ => None,
+    };
+    if let Some(out) = generated {
+        use std::io::Write as _;
+        return match std::io::stdout().lock().write_all(&out) {
+            // `| head`: the reader has what it wanted.
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                eprintln!("tcptrace: writing to stdout: {e}");
+                ExitCode::FAILURE
+            }
+            _ => ExitCode::SUCCESS,
+        };
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -224,6 +257,7 @@ fn main() -> ExitCode {
                 Ok(client::report(&a.socket, a.json, &a.pid, &a.comm, &a.container).await?)
             }
             Command::Status(a) => Ok(client::status(&a.socket, a.json).await?),
+            Command::Completions { .. } | Command::Man => Ok(()),
         }
     });
     match result {
