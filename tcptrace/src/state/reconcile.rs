@@ -16,15 +16,15 @@
 //!   another state takes that state (the pair says it is this namespace's socket); the tracer
 //!   then looks its owner up again.
 
-use std::{collections::HashSet, net::SocketAddr};
+use std::net::SocketAddr;
 
-use rustc_hash::FxHashMap as HashMap;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use super::{
     processes::ProcId,
     sockets::{ConnectPhase, Sock, is_connected_state},
     table::{Reconciled, Table},
-    time_wait::{TIME_WAIT_NS, mini, tuple_key},
+    time_wait::{mini, tuple_key},
 };
 use crate::kernel::event::TcpState;
 
@@ -89,7 +89,7 @@ impl Table {
         let elsewhere = |ns: u64| ns != 0 && ns != netns;
 
         // Every pair the table holds, to find what it misses.
-        let mut known: HashSet<(SocketAddr, SocketAddr)> = HashSet::new();
+        let mut known: HashSet<(SocketAddr, SocketAddr)> = HashSet::default();
         // Full sockets: (key, what the kernel says, or None when it has no such socket).
         let mut full: Vec<(u64, Option<KernelSocket>)> = Vec::new();
         for (&k, s) in &self.sockets {
@@ -110,20 +110,10 @@ impl Table {
                 _ => {}
             }
         }
-        let mut tw: Vec<(usize, Option<KernelSocket>)> = Vec::new();
-        for (i, t) in self.time_wait.iter().enumerate() {
-            if !self.tw_live(t) || elsewhere(t.netns) {
-                continue;
-            }
-            known.insert((t.local, t.remote));
-            if t.expiry_ns.saturating_sub(TIME_WAIT_NS) >= read_at_ns || !here(t.netns, t.owner) {
-                continue;
-            }
-            match kmap.get(&(t.local, t.remote)) {
-                Some(ks) if ks.state == TcpState::TimeWait => {}
-                ks => tw.push((i, ks.copied())),
-            }
-        }
+        // TIME_WAIT entries are not compared (nor missing ones added): they leave by
+        // themselves within TIME_WAIT_NS, and on a churning host they are most of both lists,
+        // which made a reconcile hold the table for hundreds of milliseconds (the rings filled
+        // meanwhile, and the records lost called for another reconcile).
         let mut fw2: Vec<(u64, Option<KernelSocket>)> = Vec::new();
         for (&key, f) in &self.fin_wait2.by_pair {
             if elsewhere(f.netns) {
@@ -162,19 +152,6 @@ impl Table {
                 }
             }
         }
-        for (i, ks) in tw {
-            let t = &self.time_wait[i];
-            let (ns, local, remote, owner, inbound) =
-                (t.netns, t.local, t.remote, t.owner, t.inbound);
-            self.tw_index.remove(&tuple_key(ns, &local, &remote));
-            match ks {
-                Some(ks) if ks.state == TcpState::FinWait2 => {
-                    self.push_fin_wait2(now_ns, mini(ns, local, remote, owner, inbound));
-                    r.fixed += 1;
-                }
-                _ => r.removed += 1,
-            }
-        }
         for (key, ks) in fw2 {
             let Some(f) = self.fin_wait2.by_pair.remove(&key) else {
                 continue;
@@ -189,7 +166,15 @@ impl Table {
         }
 
         for ks in kmap.values() {
-            if known.contains(&(ks.local, ks.remote)) {
+            // A mini-socket the table holds as TIME_WAIT is not missing either.
+            if ks.state == TcpState::TimeWait
+                || known.contains(&(ks.local, ks.remote))
+                || (ks.timewait
+                    && [netns, 0].iter().any(|&n| {
+                        self.tw_index
+                            .contains_key(&tuple_key(n, &ks.local, &ks.remote))
+                    }))
+            {
                 continue;
             }
             r.added += 1;

@@ -150,14 +150,22 @@ pub(super) const RECONCILE_AFTER: Duration = Duration::from_secs(1);
 /// its load) would otherwise pay for a dump of every socket each second.
 pub(super) const RECONCILE_GAP: Duration = Duration::from_secs(3);
 
-/// Corrects the table from the kernel's socket list (sock_diag) after lost records. A failed
-/// read leaves the table as it is (the next loss tries again) and returns false.
-pub(super) fn reconcile(shared: &Shared) -> bool {
+/// The kernel's socket lists after lost records, read off the reader thread (reading every
+/// namespace's list can take long on a busy host; the reader keeps draining meanwhile).
+pub(super) struct KernelLists {
+    /// When the first list was read: entries the table changed since are not compared.
+    read_at: u64,
+    /// Ours (sock_diag), then every other namespace's (/proc/PID/net/tcp{,6} of one of its
+    /// processes) when records carry their namespace.
+    own: (u64, Vec<KernelSocket>),
+    others: Vec<(u64, Vec<KernelSocket>)>,
+}
+
+/// Reads the lists; None when ours cannot be read (the next loss tries again).
+pub(super) fn read_kernel_lists(netns_known: bool) -> Option<KernelLists> {
     let read_at = monotonic_ns();
-    let Ok(listed) = sockdiag::tcp_sockets() else {
-        return false;
-    };
-    let kernel: Vec<KernelSocket> = listed
+    let listed = sockdiag::tcp_sockets().ok()?;
+    let own: Vec<KernelSocket> = listed
         .into_iter()
         .filter_map(|d| {
             Some(KernelSocket {
@@ -168,19 +176,10 @@ pub(super) fn reconcile(shared: &Shared) -> bool {
             })
         })
         .collect();
-    let Some(netns) = holders::netns_of(std::process::id()) else {
-        return false;
-    };
-    shared
-        .table
-        .lock()
-        .unwrap()
-        .reconcile(&kernel, netns, read_at, monotonic_ns());
-    // Other namespaces (containers): their lists from /proc/PID/net/tcp{,6} of one of their
-    // processes, when records say which namespace a socket is in.
-    if shared.netns_known {
+    let netns = holders::netns_of(std::process::id())?;
+    let mut others = Vec::new();
+    if netns_known {
         for (other, pid) in namespaces().into_iter().filter(|&(n, _)| n != netns) {
-            let read_at = monotonic_ns();
             let Ok(records) = holders::sockets_of_netns(Some(pid)) else {
                 continue;
             };
@@ -198,14 +197,24 @@ pub(super) fn reconcile(shared: &Shared) -> bool {
                     })
                 })
                 .collect();
-            shared
-                .table
-                .lock()
-                .unwrap()
-                .reconcile_netns(&kernel, other, read_at, monotonic_ns());
+            others.push((other, kernel));
         }
     }
-    true
+    Some(KernelLists {
+        read_at,
+        own: (netns, own),
+        others,
+    })
+}
+
+/// Corrects the table from the lists (every record read before they were is applied).
+pub(super) fn apply_kernel_lists(shared: &Shared, lists: &KernelLists) {
+    let mut table = shared.table.lock().unwrap();
+    let (netns, own) = &lists.own;
+    table.reconcile(own, *netns, lists.read_at, monotonic_ns());
+    for (other, kernel) in &lists.others {
+        table.reconcile_netns(kernel, *other, lists.read_at, monotonic_ns());
+    }
 }
 
 /// ip_local_port_range of the namespaces the table's processes are in, each read again after

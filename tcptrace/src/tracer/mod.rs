@@ -21,7 +21,8 @@ mod from_host;
 pub use from_host::{SysProcs, existing_sockets, namespaces};
 
 use from_host::{
-    PortRanges, RECONCILE_AFTER, RECONCILE_GAP, reconcile, resolve_holders, resolve_owners,
+    KernelLists, PortRanges, RECONCILE_AFTER, RECONCILE_GAP, apply_kernel_lists, read_kernel_lists,
+    resolve_holders, resolve_owners,
 };
 
 use crate::{
@@ -280,15 +281,40 @@ fn reader_loop(
     let mut last_reconcile: Option<Instant> = None;
     let mut dropped_seen = 0u64;
     let mut reorder = Reorder::new(probes.rings());
+    let mut lists_job: Option<std::sync::mpsc::Receiver<Option<KernelLists>>> = None;
     while !shared.stop.load(Ordering::Relaxed) {
         // Drain the rings first, whatever the table is doing: a view computing a snapshot
         // holds the table for a few milliseconds, and the kernel must not find a ring full
         // meanwhile. Records of all rings are put back in time order (`reorder` holds the
         // newest a few milliseconds); events wait in `batch` until the table is free.
+        // A reconcile is due: the kernel's lists are read on a thread of their own (it can take
+        // long; the rings must keep being drained meanwhile).
+        if lists_job.is_none() && reconcile_at.is_some_and(|t| Instant::now() >= t) {
+            reconcile_at = None;
+            last_reconcile = Some(Instant::now());
+            let (tx, rx) = std::sync::mpsc::channel();
+            let netns_known = shared.netns_known;
+            let spawned = std::thread::Builder::new()
+                .name("tcptrace-lists".into())
+                .spawn(move || {
+                    let _ = tx.send(read_kernel_lists(netns_known));
+                });
+            if spawned.is_ok() {
+                lists_job = Some(rx);
+            }
+        }
         probes.drain(|ring, raw| reorder.push(ring, *raw));
-        // Before a reconcile, everything read is applied (only records written during the
-        // last few microseconds can still come, with older stamps).
-        let reconcile_due = reconcile_at.is_some_and(|t| Instant::now() >= t);
+        // Lists read: everything drained so far is applied before they are (only records
+        // written during the last few microseconds can still come, with older stamps).
+        let lists = lists_job.as_ref().and_then(|rx| match rx.try_recv() {
+            Ok(lists) => Some(lists),
+            Err(std::sync::mpsc::TryRecvError::Empty) => None,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(None),
+        });
+        if lists.is_some() {
+            lists_job = None;
+        }
+        let reconcile_due = lists.as_ref().is_some_and(Option::is_some);
         let upto = if reconcile_due {
             u64::MAX
         } else {
@@ -300,7 +326,8 @@ fn reader_loop(
             }
         });
         if !batch.is_empty() {
-            let table = if batch.len() < MAX_PENDING {
+            // Before lists are applied, the batch must be (it is older than they are).
+            let table = if batch.len() < MAX_PENDING && !reconcile_due {
                 shared.table.try_lock().ok()
             } else {
                 Some(shared.table.lock().unwrap())
@@ -334,15 +361,14 @@ fn reader_loop(
             }
         }
         // Every event read so far is applied (nothing waits in `batch` or `reorder`): the
-        // kernel's list, read now, can overrule only what happened before.
-        if batch.is_empty() && reorder.is_empty() && reconcile_due {
-            reconcile_at = None;
-            last_reconcile = Some(Instant::now());
-            if reconcile(&shared) {
-                // Owners may have been lost with the records, or looked up too early (a socket
-                // still in the accept queue has none): look up unowned sockets again.
-                shared.retry_owners.store(true, Ordering::Relaxed);
-            }
+        // lists overrule only what happened before they were read.
+        if let Some(Some(lists)) = lists
+            && batch.is_empty()
+        {
+            apply_kernel_lists(&shared, &lists);
+            // Owners may have been lost with the records, or looked up too early (a socket
+            // still in the accept queue has none): look up unowned sockets again.
+            shared.retry_owners.store(true, Ordering::Relaxed);
         }
         probes.wait(every);
     }
