@@ -161,8 +161,12 @@ pub(super) struct KernelLists {
     others: Vec<(u64, Vec<KernelSocket>)>,
 }
 
-/// Reads the lists; None when ours cannot be read (the next loss tries again).
-pub(super) fn read_kernel_lists(netns_known: bool) -> Option<KernelLists> {
+/// Reads the lists (`netns`: ours, 0 when unknown); None when ours cannot be read (the next
+/// loss tries again).
+pub(super) fn read_kernel_lists(netns: u64, netns_known: bool) -> Option<KernelLists> {
+    if netns == 0 {
+        return None;
+    }
     let read_at = monotonic_ns();
     let listed = sockdiag::tcp_sockets().ok()?;
     let own: Vec<KernelSocket> = listed
@@ -176,7 +180,6 @@ pub(super) fn read_kernel_lists(netns_known: bool) -> Option<KernelLists> {
             })
         })
         .collect();
-    let netns = holders::netns_of(std::process::id())?;
     let mut others = Vec::new();
     if netns_known {
         for (other, pid) in namespaces().into_iter().filter(|&(n, _)| n != netns) {

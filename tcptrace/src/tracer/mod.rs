@@ -293,11 +293,11 @@ fn reader_loop(
             reconcile_at = None;
             last_reconcile = Some(Instant::now());
             let (tx, rx) = std::sync::mpsc::channel();
-            let netns_known = shared.netns_known;
+            let (netns, netns_known) = (shared.host_netns, shared.netns_known);
             let spawned = std::thread::Builder::new()
                 .name("tcptrace-lists".into())
                 .spawn(move || {
-                    let _ = tx.send(read_kernel_lists(netns_known));
+                    let _ = tx.send(read_kernel_lists(netns, netns_known));
                 });
             if spawned.is_ok() {
                 lists_job = Some(rx);

@@ -85,27 +85,22 @@ pub(super) struct Config {
 }
 
 impl Config {
+    /// The configurations of the overhead phase: the scaling phase's, with the printing
+    /// bpftrace before the counting one.
     pub(super) fn list(variants: &[TracerVariant]) -> Vec<Config> {
-        let mut c = vec![
+        let mut c = Config::scaling(variants);
+        let counting = c.len() - 1;
+        c.insert(
+            counting,
             Config {
-                name: "baseline (nothing attached)".into(),
-                tracer: Tracer::None,
+                name: "bpftrace printing (tcpstates)".into(),
+                tracer: Tracer::Bpftrace {
+                    program: BPFTRACE_PRINT,
+                    counts: false,
+                    attached: "inet_sock_set_state",
+                },
             },
-            Config::floor(),
-        ];
-        c.extend(variants.iter().map(|v| Config {
-            name: v.name.into(),
-            tracer: Tracer::Tcptrace(v.clone()),
-        }));
-        c.push(Config {
-            name: "bpftrace printing (tcpstates)".into(),
-            tracer: Tracer::Bpftrace {
-                program: BPFTRACE_PRINT,
-                counts: false,
-                attached: "inet_sock_set_state",
-            },
-        });
-        c.push(Config::counting());
+        );
         c
     }
 
