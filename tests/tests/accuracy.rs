@@ -152,6 +152,29 @@ impl Drop for Daemon {
     }
 }
 
+/// One CPU this process may run on per ring (a CPU writes to ring `cpu % 16`).
+fn ring_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this process.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+            0,
+            "sched_getaffinity"
+        );
+        set
+    };
+    let mut rings = std::collections::BTreeMap::new();
+    for cpu in 0..libc::CPU_SETSIZE as usize {
+        // SAFETY: cpu < CPU_SETSIZE.
+        if unsafe { libc::CPU_ISSET(cpu, &set) } {
+            rings.entry(cpu % 16).or_insert(cpu);
+        }
+    }
+    assert!(!rings.is_empty(), "no CPU in this process's affinity mask");
+    rings.into_values().collect()
+}
+
 /// `ss -tanH state STATE FILTER` in `ns` (ours without one): how many lines, and the lines.
 fn ss_in(ns: Option<&Netns>, state: &str, filter: &str) -> (usize, String) {
     match ns {
@@ -219,12 +242,22 @@ fn reconciled_after_lost_records(ns: Option<&Netns>) {
     let mut serve = Scenario::spawn(SCENARIO, &[], &["serve", "--addr", "127.0.0.1:0"]);
     let to = format!("127.0.0.1:{}", serve.ready_port());
     signal(d.t.proc.pid(), libc::SIGSTOP);
-    let mut churn = Scenario::spawn(
-        SCENARIO,
-        &[],
-        &["churn", "--to", &to, "--count", "300", "--rst"],
-    );
-    churn.expect("DONE");
+    // Each CPU writes to its own ring: churn pinned to every CPU this test may use fills them
+    // all, wherever the server's closes then run.
+    let mut churns: Vec<Scenario> = ring_cpus()
+        .iter()
+        .map(|cpu| {
+            let cpu = cpu.to_string();
+            Scenario::spawn(
+                SCENARIO,
+                &["taskset", "-c", &cpu],
+                &["churn", "--to", &to, "--count", "300", "--rst"],
+            )
+        })
+        .collect();
+    for churn in &mut churns {
+        churn.expect("DONE");
+    }
     let mut server = server;
     signal(spid, libc::SIGKILL);
     let _ = server.proc.exited();
