@@ -90,6 +90,10 @@ pub struct Offsets {
     pub er_daddr_v6: u16,
     pub ce_uservaddr: u16,
     pub cx_ret: u16,
+    /// `fd` of `sys_enter_connect`.
+    pub ce_fd: u16,
+    /// `ret` of `sys_exit_accept` / `sys_exit_accept4` (the new descriptor).
+    pub ax_ret: u16,
 }
 
 impl Offsets {
@@ -120,6 +124,8 @@ impl Offsets {
         er_daddr_v6: 44,
         ce_uservaddr: 24,
         cx_ret: 16,
+        ce_fd: 16,
+        ax_ret: 16,
     };
 }
 
@@ -226,8 +232,49 @@ pub const AF_INET: u8 = 2;
 pub const AF_INET6: u8 = 10;
 pub const IPPROTO_TCP: u16 = 6;
 
+/// Frames kept of a user call stack (the `STACKS` map's value is this many addresses).
+pub const STACK_DEPTH: usize = 32;
+/// Words copied from the top of the user stack at the syscall, for the frame a walk by frame
+/// pointers skips (the caller of a libc wrapper that keeps no frame of its own).
+pub const STACK_TOP_WORDS: usize = 8;
+/// [`SockStack::kind`]: the descriptor was connected (`connect()`).
+pub const STACK_CONNECT: u32 = 1;
+/// [`SockStack::kind`]: the descriptor was returned by `accept()` / `accept4()`.
+pub const STACK_ACCEPT: u32 = 2;
+
+/// The user call stack a descriptor was opened with: the value of `SOCK_STACKS`, keyed by
+/// `tgid << 32 | fd`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockStack {
+    /// Id in the `STACKS` map; negative: the walk failed (an errno: -EFAULT, -EEXIST when the
+    /// map's bucket holds another stack).
+    pub stack_id: i64,
+    /// [`STACK_CONNECT`] or [`STACK_ACCEPT`].
+    pub kind: u32,
+    /// Thread that opened it.
+    pub tid: u32,
+    pub ts_ns: u64,
+    /// User stack pointer at the syscall (0: unknown).
+    pub sp: u64,
+    /// The words at `sp` upwards (zeros: unreadable).
+    pub top: [u64; STACK_TOP_WORDS],
+}
+
+/// Where `struct pt_regs` keeps the user stack pointer (from BTF; 0: unknown).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegsOffsets {
+    pub sp: u32,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod user {
+    // SAFETY: plain-old-data, repr(C), every bit pattern valid.
+    unsafe impl aya::Pod for super::SockStack {}
+    // SAFETY: plain-old-data, repr(C), every bit pattern valid.
+    unsafe impl aya::Pod for super::RegsOffsets {}
     // SAFETY: plain-old-data, repr(C), every bit pattern valid.
     unsafe impl aya::Pod for super::Event {}
     // SAFETY: plain-old-data, repr(C), every bit pattern valid.

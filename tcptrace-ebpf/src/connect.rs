@@ -10,7 +10,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{error, warn};
 use tcptrace_common::{
     AF_INET, AF_INET6, COUNTER_DROPPED, Event, FLAG_OWNER_CURRENT, IPPROTO_TCP, KIND_CONNECT,
-    KIND_ERROR,
+    KIND_ERROR, STACK_CONNECT,
 };
 
 use crate::{
@@ -56,6 +56,12 @@ fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
     let family = u16::from_ne_bytes([head[0], head[1]]) as u8;
     if family != AF_INET && family != AF_INET6 {
         return Ok(());
+    }
+    if crate::stacks::stacks_on() {
+        let fd = read::<i64>(ctx, off!(ce_fd))?;
+        if (0..=i32::MAX as i64).contains(&fd) {
+            crate::stacks::record(ctx, fd as u32, STACK_CONNECT);
+        }
     }
     let mut c = ConnectCtx {
         skaddr: 0,

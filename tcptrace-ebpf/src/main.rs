@@ -281,6 +281,7 @@ fn set_owner(ev: &mut Event, o: &Owner, flag: u32) {
 }
 
 mod connect;
+mod stacks;
 mod state;
 
 #[cfg(not(test))]

@@ -361,7 +361,10 @@ fn bursts_lose_no_transition() {
         .lines()
         .filter(|l| l.contains("recursion_misses"))
         .collect();
-    println!("programs the kernel skipped runs of:\n{}", misses.join("\n"));
+    println!(
+        "programs the kernel skipped runs of:\n{}",
+        misses.join("\n")
+    );
     assert_eq!(u64_at(&snap, "dropped_events"), Some(0), "{}", snap["host"]);
     assert_eq!(
         u64_at(&snap, "missed_events"),

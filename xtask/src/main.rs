@@ -60,6 +60,8 @@ const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     // The interactive screen of `watch` is tested under tmux (send-keys, capture-pane).
     "tmux",
+    // The leak-stack test compiles a C program with frame pointers.
+    "gcc",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -170,6 +170,14 @@ pub async fn status(socket: &Path, json: bool) -> Result<(), ClientError> {
         printable(&s.programs_attached.join(", "))
     );
     println!(
+        "stacks: {}",
+        match (&s.stacks_error, s.stacks) {
+            (Some(e), _) => format!("could not be switched on: {}", printable(e)),
+            (None, true) => "on".to_string(),
+            (None, false) => "off (`stacks = true` in the config file, then SIGHUP)".to_string(),
+        }
+    );
+    println!(
         "events seen {}, dropped {}, missed {}, for unknown sockets {}",
         s.events_seen, s.events_dropped, s.events_missed, s.events_unknown_socket
     );

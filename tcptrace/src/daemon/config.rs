@@ -6,6 +6,7 @@
 //! metrics_addr = "127.0.0.1:9464"          # Prometheus endpoint; "off" disables it
 //! leak_after_secs = 5.0
 //! ring_buffer_kib = 4096
+//! stacks = false                           # call stacks of leaked sockets (reloadable)
 //!
 //! [limits]
 //! max_sockets = 1000000
@@ -80,6 +81,9 @@ pub struct Config {
     pub metrics_addr: String,
     pub leak_after_secs: f64,
     pub ring_buffer_kib: u32,
+    /// Record the call stack each socket is opened with (about a microsecond per connect and
+    /// accept); switched on and off by a reload.
+    pub stacks: bool,
     pub limits: Limits,
     pub alerts: Alerts,
 }
@@ -112,6 +116,7 @@ impl Default for Config {
             metrics_addr: DEFAULT_METRICS.into(),
             leak_after_secs: 5.0,
             ring_buffer_kib: tcptrace_common::DEFAULT_RING_BYTES / 1024,
+            stacks: false,
             limits: Limits::default(),
             alerts: Alerts::default(),
         }

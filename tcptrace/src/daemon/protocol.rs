@@ -27,6 +27,12 @@ pub struct Status {
     pub pid: u32,
     pub uptime_secs: f64,
     pub programs_attached: Vec<String>,
+    /// Call stacks of opened sockets are recorded (`stacks`).
+    #[serde(default)]
+    pub stacks: bool,
+    /// Why stacks could not be switched on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stacks_error: Option<String>,
     /// What works less well on this kernel.
     pub degraded: Vec<String>,
     /// Records applied to the table.

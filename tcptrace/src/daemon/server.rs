@@ -116,7 +116,10 @@ impl State {
         let cfg = self.cfg.lock().unwrap().clone();
         let stats = self.tracer.with_table(|t| t.stats());
         let k = self.tracer.kernel_counters();
+        let (stacks, stacks_error) = self.tracer.stacks();
         Status {
+            stacks,
+            stacks_error,
             pid: std::process::id(),
             uptime_secs: (self.tracer.uptime().as_secs_f64() * 10.0).round() / 10.0,
             programs_attached: self
@@ -236,6 +239,8 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
         TracerOptions {
             probes: ProbeOptions {
                 ring_bytes: cfg.ring_buffer_kib.saturating_mul(1024),
+                // Room for stacks always: a reload may switch them on.
+                stacks: Some(cfg.stacks),
                 ..Default::default()
             },
             table: table_config(&cfg),
@@ -363,6 +368,23 @@ fn reload(state: &State, file: Option<&Path>) {
             let table = table_config(&new);
             state.tracer.with_table(|t| t.set_config(table));
             cur.leak_after_secs = new.leak_after_secs;
+            if new.stacks != cur.stacks {
+                match state.tracer.set_stacks(new.stacks) {
+                    Ok(()) => {
+                        cur.stacks = new.stacks;
+                        log(
+                            "info",
+                            if new.stacks {
+                                "stacks on"
+                            } else {
+                                "stacks off"
+                            },
+                            &[],
+                        );
+                    }
+                    Err(e) => log("error", "stacks could not be switched", &[("error", e)]),
+                }
+            }
             cur.limits = new.limits;
             cur.alerts = new.alerts;
             log(

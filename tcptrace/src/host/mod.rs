@@ -7,3 +7,4 @@ pub mod procfs;
 pub mod services;
 pub mod signals;
 pub mod sockdiag;
+pub mod symbols;

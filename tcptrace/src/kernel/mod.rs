@@ -8,6 +8,7 @@ pub mod event;
 pub mod log;
 pub mod order;
 pub mod probes;
+pub mod stacks;
 pub mod tracefs;
 
 pub use error::Error;

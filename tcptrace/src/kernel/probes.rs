@@ -7,18 +7,19 @@ use std::{fmt, os::fd::AsFd as _};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, TracePoint},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
+    programs::{RawTracePoint, TracePoint, trace_point::TracePointLinkId},
 };
 use aya_log::EbpfLogger;
 use tcptrace_common::{
-    COUNTER_DROPPED, COUNTER_RESCUED, Event, NetnsOffsets, Offsets, RINGS, SockOffsets,
+    COUNTER_DROPPED, COUNTER_RESCUED, Event, NetnsOffsets, Offsets, RINGS, RegsOffsets, SockOffsets,
 };
 
 use crate::kernel::{
     Error,
     btf::{Btf, BtfError},
     log::{Collector, KernelLog},
+    stacks::StackTables,
     tracefs,
 };
 
@@ -125,12 +126,18 @@ pub struct Probes {
     counters: PerCpuArray<MapData, u64>,
     /// None when the object logs nothing (no AYA_LOGS map) or the map could not be opened.
     logger: Option<EbpfLogger<Collector>>,
-    _ebpf: Ebpf,
+    pub(super) _ebpf: Ebpf,
     kernel_log: KernelLog,
     attached: Vec<&'static str>,
     degraded: Vec<String>,
     /// Records carry their socket's network namespace (BTF offsets were found).
     netns_known: bool,
+    /// `STACKS_ON`; None when the object was loaded without room for stacks.
+    pub(super) stacks_on: Option<Array<MapData, u32>>,
+    /// Links of [`ACCEPT_PROGRAMS`] while stacks are on.
+    pub(super) accept_links: Vec<(&'static str, TracePointLinkId)>,
+    /// The stack maps, until [`Probes::take_stack_tables`].
+    pub(super) stack_tables: Option<StackTables>,
 }
 
 /// Options for [`Probes::attach`].
@@ -140,6 +147,9 @@ pub struct ProbeOptions {
     pub ring_bytes: u32,
     /// Entries of the kernel owner map (socket -> owner).
     pub owner_entries: u32,
+    /// Call stacks of opened descriptors: None, never (the stack maps get one entry); Some(on),
+    /// maps sized for them and recording on or off (switched with [`Probes::set_stacks`]).
+    pub stacks: Option<bool>,
 }
 
 impl Default for ProbeOptions {
@@ -147,6 +157,7 @@ impl Default for ProbeOptions {
         Self {
             ring_bytes: tcptrace_common::DEFAULT_RING_BYTES,
             owner_entries: 131072,
+            stacks: None,
         }
     }
 }
@@ -203,6 +214,20 @@ pub fn sock_offsets(btf: &Btf) -> Option<SockOffsets> {
 }
 
 /// Loads program `prog` and attaches it to raw tracepoint `name`.
+/// The classic tracepoint program `prog` of the object.
+pub(super) fn tracepoint<'a>(
+    ebpf: &'a mut Ebpf,
+    prog: &'static str,
+) -> Result<&'a mut TracePoint, Error> {
+    ebpf.program_mut(prog)
+        .ok_or(Error::ProgramMissing { program: prog })?
+        .try_into()
+        .map_err(|source| Error::NotATracepoint {
+            program: prog,
+            source,
+        })
+}
+
 fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
     let p: &mut RawTracePoint = ebpf
         .program_mut(prog)
@@ -227,6 +252,14 @@ impl Probes {
         let (offsets, degraded) = tracefs::offsets_from(&root)?;
         let btf = Btf::from_sys();
         let sock = btf.as_ref().ok().and_then(sock_offsets);
+        let regs = RegsOffsets {
+            sp: btf
+                .as_ref()
+                .ok()
+                .and_then(|b| b.offset_of("pt_regs", "sp").ok())
+                .unwrap_or(0),
+            _pad: 0,
+        };
         let (netns, netns_degraded) = match btf.and_then(|b| netns_offsets(&b)) {
             Ok(n) => (n, None),
             Err(e) => (
@@ -240,7 +273,7 @@ impl Probes {
                 )),
             ),
         };
-        let mut probes = Self::attach_with(offsets, netns, sock, opts, degraded.is_some())?;
+        let mut probes = Self::attach_with(offsets, netns, sock, regs, opts, degraded.is_some())?;
         probes.degraded.extend(degraded);
         probes.degraded.extend(netns_degraded);
         Ok(probes)
@@ -250,6 +283,7 @@ impl Probes {
         offsets: Offsets,
         netns: NetnsOffsets,
         sock: Option<SockOffsets>,
+        regs: RegsOffsets,
         opts: ProbeOptions,
         skip_error_report: bool,
     ) -> Result<Self, Error> {
@@ -265,11 +299,16 @@ impl Probes {
             let size = if i < used { per_ring } else { ring_size(0) };
             loader.map_max_entries(name, size);
         }
+        if opts.stacks.is_none() {
+            loader.map_max_entries("SOCK_STACKS", 1);
+            loader.map_max_entries("STACKS", 1);
+        }
         let mut ebpf = loader
             .override_global("OFFSETS", &offsets, true)
             .override_global("NETNS", &netns, true)
             .override_global("SOCK", &sock.unwrap_or_default(), true)
             .override_global("WAKE_AT", &(per_ring as u64 / 4), true)
+            .override_global("REGS", &regs, true)
             .map_max_entries("OWNERS", opts.owner_entries.max(1024))
             .load(object)
             .map_err(Error::Load)?;
@@ -306,14 +345,7 @@ impl Probes {
                         .to_string(),
                 );
             }
-            let p: &mut TracePoint = ebpf
-                .program_mut(prog)
-                .ok_or(Error::ProgramMissing { program: prog })?
-                .try_into()
-                .map_err(|source| Error::NotATracepoint {
-                    program: prog,
-                    source,
-                })?;
+            let p = tracepoint(&mut ebpf, prog)?;
             p.load().map_err(|source| Error::Refused {
                 program: prog,
                 source,
@@ -330,6 +362,16 @@ impl Probes {
             .map(|name| Ok(RingBuf::try_from(take(name)?)?))
             .collect::<Result<Vec<_>, Error>>()?;
         let counters = PerCpuArray::try_from(take("COUNTERS")?)?;
+        let (stacks_on, stack_tables) = match opts.stacks {
+            None => (None, None),
+            Some(_) => (
+                Some(Array::try_from(take("STACKS_ON")?)?),
+                Some(StackTables::new(
+                    HashMap::try_from(take("SOCK_STACKS")?)?,
+                    StackTraceMap::try_from(take("STACKS")?)?,
+                )),
+            ),
+        };
         // Kernel diagnostics are a help, not a need: without them the tracer runs as well.
         let kernel_log = KernelLog::default();
         let logger = match EbpfLogger::init_with_logger(&mut ebpf, Collector(kernel_log.clone())) {
@@ -342,7 +384,7 @@ impl Probes {
                 None
             }
         };
-        Ok(Self {
+        let mut probes = Self {
             rings,
             counters,
             logger,
@@ -351,7 +393,14 @@ impl Probes {
             attached,
             degraded,
             netns_known: netns != NetnsOffsets::default(),
-        })
+            stacks_on,
+            accept_links: Vec::new(),
+            stack_tables,
+        };
+        if opts.stacks == Some(true) {
+            probes.set_stacks(true)?;
+        }
+        Ok(probes)
     }
 
     /// Whether records carry their socket's network namespace.

@@ -176,6 +176,9 @@ pub fn offsets_from_fields(
         er_daddr_v6: get(er, e, "daddr_v6")?.offset,
         ce_uservaddr: get(ce, "syscalls:sys_enter_connect", "uservaddr")?.offset,
         cx_ret: get(cx, "syscalls:sys_exit_connect", "ret")?.offset,
+        ce_fd: get(ce, "syscalls:sys_enter_connect", "fd")?.offset,
+        // Every sys_exit_* record has the same layout (syscall number, then ret).
+        ax_ret: get(cx, "syscalls:sys_exit_connect", "ret")?.offset,
     })
 }
 

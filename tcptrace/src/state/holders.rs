@@ -27,6 +27,10 @@ pub(super) struct Held {
     pub(super) unaccepted: bool,
     /// The socket's inode once known (it never changes; 0 until a process accepts it).
     pub(super) inode: u64,
+    /// The call stack it was opened with (`--stacks`), once looked up.
+    pub(super) stack: Option<std::sync::Arc<super::stacks::LeakStack>>,
+    /// The stack was looked up (found or not).
+    pub(super) stack_tried: bool,
 }
 
 /// A socket whose holders the table wants looked up.
@@ -115,7 +119,9 @@ impl Table {
         if !self.sockets.contains_key(&key) {
             return;
         }
-        let held = match held_by {
+        let old = &self.sockets[&key].held;
+        let (stack, stack_tried) = (old.stack.clone(), old.stack_tried);
+        let mut held = match held_by {
             // Not found this time: what an earlier lookup found stands.
             HeldBy::Unknown => Held {
                 checked_ns: Some(now_ns),
@@ -138,9 +144,13 @@ impl Table {
                     by,
                     unaccepted: false,
                     inode,
+                    ..Default::default()
                 }
             }
         };
+        // The stack the socket was opened with does not change with its holders.
+        held.stack = stack;
+        held.stack_tried = stack_tried;
         if let Some(s) = self.sockets.get_mut(&key) {
             s.held = held;
         }

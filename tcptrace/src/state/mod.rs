@@ -9,6 +9,7 @@ mod processes;
 mod reconcile;
 pub mod snapshot;
 mod sockets;
+mod stacks;
 mod table;
 mod time_wait;
 
@@ -18,6 +19,7 @@ pub use processes::{ProcMeta, ProcSource};
 pub use reconcile::KernelSocket;
 pub use snapshot::{Filter, Snapshot, SnapshotOptions, sort_processes};
 pub use sockets::ExistingSocket;
+pub use stacks::{LeakStack, LeakStackView, StackQuery};
 pub use table::{Reconciled, Table, TableConfig, TableStats};
 pub use time_wait::TIME_WAIT_NS;
 

@@ -41,6 +41,10 @@ pub struct SocketView {
     pub netns: u64,
     /// The age is an estimate: the socket is older than tracing (from the kernel's tcp_info).
     pub age_estimated: bool,
+    /// The call stack that opened it, innermost frame first (`--stacks`; absent when not
+    /// recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stack: Option<Vec<String>>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -65,6 +69,10 @@ pub struct CloseWaitView {
     /// live views.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sockets: Option<Vec<SocketView>>,
+    /// The CLOSE_WAIT sockets grouped by the call stack that opened them, most sockets first
+    /// (`--stacks`; absent when no stack is known).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub leak_stacks: Vec<super::stacks::LeakStackView>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -421,9 +429,12 @@ impl Table {
                     unaccepted: s.held.unaccepted,
                     netns: s.netns,
                     age_estimated: s.age_estimated,
+                    stack: s.held.stack.as_ref().map(|st| st.frames.clone()),
                 });
             }
             cw.oldest_secs = round3(cw.oldest_secs);
+            cw.leak_stacks =
+                super::stacks::group(acc.cw.iter().filter_map(|s| s.held.stack.as_ref()));
             // The most frequent remotes: chosen before any is formatted (a leaking server can
             // have one remote per socket, thousands of them).
             let top = if opts.detail { 20 } else { 5 };

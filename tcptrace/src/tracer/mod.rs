@@ -17,6 +17,7 @@ use std::{
 };
 
 mod from_host;
+mod stacks;
 
 pub use from_host::{SysProcs, existing_sockets, namespaces};
 
@@ -103,6 +104,14 @@ struct Shared {
     host_netns: u64,
     /// Records carry their socket's network namespace.
     netns_known: bool,
+    /// Stacks wanted (`--stacks`, the daemon's `stacks`): the reader switches the probes.
+    stacks_wanted: AtomicBool,
+    /// Stacks being recorded (set by the reader once the probes are switched).
+    stacks_on: AtomicBool,
+    /// Why stacks could not be switched on, when they could not.
+    stacks_error: Mutex<Option<String>>,
+    /// Loaded with room for stacks (the upkeep thread owns the lookups).
+    stacks_room: bool,
 }
 
 /// A running tracer. Dropping it stops the reader and detaches every program.
@@ -115,7 +124,9 @@ pub struct Tracer {
 impl Tracer {
     /// Attaches, loads the existing sockets, starts the reader.
     pub fn start(opts: TracerOptions, sink: Option<EventSink>) -> Result<Self, TracerError> {
-        let probes = Probes::attach(opts.probes)?;
+        let mut probes = Probes::attach(opts.probes)?;
+        let stack_tables = probes.take_stack_tables();
+        let stacks_on = probes.stacks();
         let mut table = Table::new(opts.table, Box::new(SysProcs::default()));
         if sink.is_some() {
             table.record_failures();
@@ -138,6 +149,10 @@ impl Tracer {
             host_netns: holders::netns_of(std::process::id()).unwrap_or(0),
             netns_known: probes.netns_known(),
             retry_owners: AtomicBool::new(false),
+            stacks_wanted: AtomicBool::new(stacks_on),
+            stacks_on: AtomicBool::new(stacks_on),
+            stacks_error: Mutex::new(None),
+            stacks_room: stack_tables.is_some(),
         });
         let reader_shared = shared.clone();
         let every = opts.drain_every;
@@ -155,7 +170,7 @@ impl Tracer {
         tracer.upkeep = Some(
             std::thread::Builder::new()
                 .name("tcptrace-upkeep".into())
-                .spawn(move || upkeep_loop(shared))
+                .spawn(move || upkeep_loop(shared, stack_tables))
                 .map_err(TracerError::Thread)?,
         );
         // One drain before the first view, so that it includes what happened during start-up.
@@ -214,6 +229,26 @@ impl Tracer {
         &self.shared.kernel_log
     }
 
+    /// Starts or stops recording the call stacks sockets are opened with (the daemon's
+    /// reloadable `stacks`); takes effect within one drain. Fails when the tracer was started
+    /// without room for stacks.
+    pub fn set_stacks(&self, on: bool) -> Result<(), String> {
+        if !self.shared.stacks_room {
+            return Err("stacks were not enabled at start".into());
+        }
+        self.shared.stacks_wanted.store(on, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether stacks are being recorded, and why they could not be switched on if they
+    /// could not.
+    pub fn stacks(&self) -> (bool, Option<String>) {
+        (
+            self.shared.stacks_on.load(Ordering::Relaxed),
+            self.shared.stacks_error.lock().unwrap().clone(),
+        )
+    }
+
     /// Stops the reader and detaches every program.
     pub fn stop(mut self) {
         self.shutdown();
@@ -239,7 +274,9 @@ impl Drop for Tracer {
 /// Once a second: the table's upkeep (TIME_WAIT expiry, exited processes), the port ranges of
 /// the namespaces in use, owners of unowned CLOSE_WAIT sockets and holders of every CLOSE_WAIT
 /// socket. The table is locked only to read what to look up and to record what was found.
-fn upkeep_loop(shared: Arc<Shared>) {
+fn upkeep_loop(shared: Arc<Shared>, stack_tables: Option<crate::kernel::stacks::StackTables>) {
+    // Symbolizers keep per-thread caches: the lookups live on this thread.
+    let mut stack_resolver = stack_tables.map(stacks::StackResolver::new);
     let mut tried_owners: HashSet<(SocketAddr, SocketAddr)> = HashSet::new();
     let mut holders = HolderResolver::default();
     let mut port_ranges = PortRanges::default();
@@ -263,6 +300,11 @@ fn upkeep_loop(shared: Arc<Shared>) {
         *shared.port_ranges.lock().unwrap() = port_ranges.current();
         resolve_owners(&shared, unowned, &mut tried_owners);
         resolve_holders(&shared, &mut holders);
+        if shared.stacks_on.load(Ordering::Relaxed)
+            && let Some(resolver) = stack_resolver.as_mut()
+        {
+            resolver.resolve(&shared.table);
+        }
     }
 }
 
@@ -348,6 +390,13 @@ fn reader_loop(
             }
         }
         shared.drains.fetch_add(1, Ordering::Release);
+        let wanted = shared.stacks_wanted.load(Ordering::Relaxed);
+        if wanted != probes.stacks() && shared.stacks_error.lock().unwrap().is_none() {
+            match probes.set_stacks(wanted) {
+                Ok(()) => shared.stacks_on.store(wanted, Ordering::Relaxed),
+                Err(e) => *shared.stacks_error.lock().unwrap() = Some(e.to_string()),
+            }
+        }
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
             let counters = probes.counters();

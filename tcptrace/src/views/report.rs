@@ -241,6 +241,28 @@ pub fn render_text(r: &Report) -> String {
                 .collect();
             let _ = writeln!(o, "    to: {}", rs.join(", "));
         }
+        for g in cw["leak_stacks"].as_array().into_iter().flatten() {
+            let frames: Vec<&str> = g["stack"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let n = g["sockets"].as_u64().unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "    {n} socket{} opened by {} from {}",
+                if n == 1 { "" } else { "s" },
+                g["opened"].as_str().unwrap_or("?"),
+                escape(&stack_line(&frames))
+            );
+            for f in &frames {
+                let _ = writeln!(o, "        {}", escape(f));
+            }
+            if let Some(problem) = g["problem"].as_str() {
+                let _ = writeln!(o, "      note: {}", escape(problem));
+            }
+        }
         let failed = p["connects"]["failed"]
             .as_object()
             .cloned()
@@ -292,11 +314,58 @@ pub fn render_text(r: &Report) -> String {
     o
 }
 
+/// A stack as one line, outermost call first: "main -> handle_upload -> connect" (function
+/// names without their source lines; the entry points every stack starts from left out).
+pub fn stack_line(frames: &[&str]) -> String {
+    const ENTRY: &[&str] = &[
+        "_start",
+        "__libc_start_main",
+        "__libc_start_call_main",
+        "start_thread",
+        "clone",
+        "clone3",
+        "__clone",
+        "__clone3",
+    ];
+    let names: Vec<&str> = frames
+        .iter()
+        .rev()
+        .map(|f| f.split(" (").next().unwrap_or(f))
+        .filter(|f| !ENTRY.contains(f) && !f.starts_with("__libc_start_main"))
+        .collect();
+    if names.is_empty() {
+        "(no frames)".to_string()
+    } else {
+        names.join(" -> ")
+    }
+}
+
 /// "  missed N" when the kernel skipped program runs, else nothing (the usual case).
 pub fn missed_note(missed: u64) -> String {
     if missed == 0 {
         String::new()
     } else {
         format!("  missed {missed}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stack_is_one_line_outermost_first() {
+        let frames = [
+            "__libc_connect (connect.c:26)",
+            "fetch_thumbnail (thumb.c:10)",
+            "handle_upload (up.c:42)",
+            "main (main.c:7)",
+            "__libc_start_call_main (libc_start_call_main.h:58)",
+        ];
+        assert_eq!(
+            stack_line(&frames),
+            "main -> handle_upload -> fetch_thumbnail -> __libc_connect"
+        );
+        assert_eq!(stack_line(&[]), "(no frames)");
     }
 }

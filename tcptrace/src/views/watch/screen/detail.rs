@@ -15,12 +15,15 @@ use crate::{
     views::{
         findings::{advice, findings, range_size},
         format::{escape, fmt_age},
+        report::stack_line,
     },
 };
 
 /// CLOSE_WAIT sockets listed before "... and N more".
 const MAX_SOCKETS: usize = 10;
 const BAR: usize = 20;
+/// Leak stacks listed before "... and N more".
+const MAX_STACKS: usize = 3;
 
 pub fn draw(f: &mut Frame, area: Rect, v: &View) {
     let (title, body) = match v.detail {
@@ -108,6 +111,28 @@ pub fn lines(p: &ProcessView, v: &View) -> Vec<Line<'static>> {
         out.push(Line::from(format!(
             "  ... and {} more",
             sockets.len() - MAX_SOCKETS
+        )));
+    }
+    // The code paths that opened them (--stacks): one line per stack, most sockets first.
+    for g in cw.leak_stacks.iter().take(MAX_STACKS) {
+        let frames: Vec<&str> = g.stack.iter().map(String::as_str).collect();
+        out.push(Line::from(Span::styled(
+            format!(
+                "  {} opened by {} from {}",
+                g.sockets,
+                g.opened,
+                escape(&stack_line(&frames))
+            ),
+            pal.bad(),
+        )));
+        if let Some(problem) = &g.problem {
+            out.push(Line::from(format!("    note: {}", escape(problem))));
+        }
+    }
+    if cw.leak_stacks.len() > MAX_STACKS {
+        out.push(Line::from(format!(
+            "  ... and {} more stacks (tcptrace report)",
+            cw.leak_stacks.len() - MAX_STACKS
         )));
     }
     let failed = if p.connects.failed.is_empty() {
