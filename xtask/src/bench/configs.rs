@@ -85,10 +85,23 @@ pub(super) struct Config {
 }
 
 impl Config {
-    /// The configurations of the overhead phase: the scaling phase's, with the printing
-    /// bpftrace before the counting one.
+    /// The configurations of the overhead phase: the scaling phase's, `watch --stacks` (the
+    /// cost of recording the stack of every connect and accept), and the printing bpftrace
+    /// before the counting one.
     pub(super) fn list(variants: &[TracerVariant]) -> Vec<Config> {
         let mut c = Config::scaling(variants);
+        let counting = c.len() - 1;
+        c.insert(
+            counting,
+            Config {
+                name: "tcptrace watch --stacks".into(),
+                tracer: Tracer::Tcptrace(TracerVariant {
+                    name: "tcptrace watch --stacks",
+                    args: vec!["watch", "--json", "--interval", "1", "--stacks"],
+                    ready: Ready::FirstJsonLine,
+                }),
+            },
+        );
         let counting = c.len() - 1;
         c.insert(
             counting,
