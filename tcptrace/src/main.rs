@@ -89,6 +89,10 @@ struct ReportArgs {
     /// a pod name (comma-separated or repeated).
     #[arg(long, value_name = "ID", value_parser = container_selector, value_delimiter = ',')]
     container: Vec<String>,
+    /// Family and port filters keep the processes with a CLOSE_WAIT socket or a destination
+    /// that passes them.
+    #[command(flatten)]
+    sockets: SocketFilterArgs,
 }
 
 #[derive(Args, Debug)]
@@ -99,6 +103,51 @@ struct StatusArgs {
     /// One JSON object instead of text.
     #[arg(long, short = 'j')]
     json: bool,
+}
+
+/// Family and port filters, shared by watch and report (bcc's and ss's letters).
+#[derive(Args, Debug, Default)]
+struct SocketFilterArgs {
+    /// Only IPv4 sockets and destinations.
+    #[arg(long = "ipv4", short = '4', conflicts_with = "ipv6")]
+    ipv4: bool,
+    /// Only IPv6 sockets and destinations.
+    #[arg(long = "ipv6", short = '6')]
+    ipv6: bool,
+    /// Only processes with a socket or connect on one of these local or remote ports
+    /// (comma-separated or repeated).
+    #[arg(long, value_name = "PORT", value_delimiter = ',')]
+    port: Vec<u16>,
+    /// Only sockets on these local ports (comma-separated, like tcpstates -L).
+    #[arg(
+        long = "local-port",
+        short = 'L',
+        value_name = "PORT",
+        value_delimiter = ','
+    )]
+    local_port: Vec<u16>,
+    /// Only sockets and connects to these remote ports (comma-separated, like tcpstates -D).
+    #[arg(
+        long = "remote-port",
+        short = 'D',
+        value_name = "PORT",
+        value_delimiter = ','
+    )]
+    remote_port: Vec<u16>,
+}
+
+impl SocketFilterArgs {
+    /// Adds these filters to `f`.
+    fn apply(self, f: &mut Filter) {
+        f.family = match (self.ipv4, self.ipv6) {
+            (true, _) => Some(4),
+            (_, true) => Some(6),
+            _ => None,
+        };
+        f.ports = self.port;
+        f.local_ports = self.local_port;
+        f.remote_ports = self.remote_port;
+    }
 }
 
 #[derive(Args, Debug)]
@@ -133,10 +182,8 @@ struct WatchArgs {
     /// digits), or a pod name (comma-separated or repeated).
     #[arg(long, value_name = "ID", value_parser = container_selector, value_delimiter = ',')]
     container: Vec<String>,
-    /// Show only processes with a socket or connect on one of these local or remote ports
-    /// (comma-separated or repeated).
-    #[arg(long, value_name = "PORT", value_delimiter = ',')]
-    port: Vec<u16>,
+    #[command(flatten)]
+    sockets: SocketFilterArgs,
     /// Exit after this many seconds (0.1 to ten years).
     #[arg(long, short = 'd', value_parser = duration_secs, value_name = "SECS")]
     duration: Option<f64>,
@@ -263,7 +310,14 @@ fn main() -> ExitCode {
                 Err(e) => Err(e),
             },
             Command::Report(a) => {
-                Ok(client::report(&a.socket, a.json, &a.pid, &a.comm, &a.container).await?)
+                let mut f = Filter {
+                    pids: a.pid,
+                    comms: a.comm,
+                    containers: a.container,
+                    ..Default::default()
+                };
+                a.sockets.apply(&mut f);
+                Ok(client::report(&a.socket, a.json, &f).await?)
             }
             Command::Status(a) => Ok(client::status(&a.socket, a.json).await?),
             Command::Completions { .. } | Command::Man => Ok(()),
@@ -308,11 +362,15 @@ fn watch_options(a: WatchArgs) -> WatchOptions {
         events: a.events,
         json: a.json,
         wide: a.wide,
-        filter: Filter {
-            pids: a.pid,
-            comms: a.comm,
-            ports: a.port,
-            containers: a.container,
+        filter: {
+            let mut f = Filter {
+                pids: a.pid,
+                comms: a.comm,
+                containers: a.container,
+                ..Default::default()
+            };
+            a.sockets.apply(&mut f);
+            f
         },
         states: a.state,
         duration: a.duration.map(Duration::from_secs_f64),

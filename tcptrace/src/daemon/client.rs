@@ -7,7 +7,7 @@ use crate::{
     host::clock::{monotonic_ns, unix_now},
     state::{
         SnapshotOptions, Table, TableConfig,
-        snapshot::{PodView, container_selected},
+        snapshot::{Filter, PodView, container_selected},
     },
     tracer::{SysProcs, existing_sockets},
     views::findings::Thresholds,
@@ -81,13 +81,42 @@ fn printable(s: &str) -> String {
         .collect()
 }
 
-pub async fn report(
-    socket: &Path,
-    json: bool,
-    pids: &[u32],
-    comms: &[String],
-    containers: &[String],
-) -> Result<(), ClientError> {
+/// Whether a process of a report passes `f` (pid, command, container; family and ports
+/// against its CLOSE_WAIT sockets and destinations).
+fn report_selects(f: &Filter, p: &serde_json::Value) -> bool {
+    use std::net::SocketAddr;
+    let addr = |v: &serde_json::Value| v.as_str().and_then(|s| s.parse::<SocketAddr>().ok());
+    let pid_ok = f.pids.is_empty()
+        || p["pid"]
+            .as_u64()
+            .is_some_and(|pid| f.pids.contains(&(pid as u32)));
+    let comm_ok = f.comms.is_empty()
+        || p["comm"]
+            .as_str()
+            .is_some_and(|c| f.comms.iter().any(|w| w == c));
+    let container_ok = f.containers.is_empty() || {
+        let pod: Option<PodView> = serde_json::from_value(p["pod"].clone()).ok();
+        container_selected(&f.containers, p["container_id"].as_str(), pod.as_ref())
+    };
+    let sockets_ok = !f.selects_sockets()
+        || p["close_wait"]["sockets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| match (addr(&s["local"]), addr(&s["remote"])) {
+                (Some(l), Some(r)) => f.socket_hit(Some(&l), &r),
+                _ => false,
+            })
+        || p["destinations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| addr(&d["remote"]))
+            .any(|r| f.socket_hit(None, &r));
+    pid_ok && comm_ok && container_ok && sockets_ok
+}
+
+pub async fn report(socket: &Path, json: bool, filter: &Filter) -> Result<(), ClientError> {
     let mut r: Report = match protocol::request(socket, "report").await {
         Ok(v) => serde_json::from_value(v["report"].clone()).map_err(|source| {
             ClientError::Malformed {
@@ -110,26 +139,7 @@ pub async fn report(
         }
         Err(source) => return Err(daemon_error(socket, source)),
     };
-    if !pids.is_empty() {
-        r.processes.retain(|p| {
-            p["pid"]
-                .as_u64()
-                .is_some_and(|pid| pids.contains(&(pid as u32)))
-        });
-    }
-    if !comms.is_empty() {
-        r.processes.retain(|p| {
-            p["comm"]
-                .as_str()
-                .is_some_and(|c| comms.iter().any(|w| w == c))
-        });
-    }
-    if !containers.is_empty() {
-        r.processes.retain(|p| {
-            let pod: Option<PodView> = serde_json::from_value(p["pod"].clone()).ok();
-            container_selected(containers, p["container_id"].as_str(), pod.as_ref())
-        });
-    }
+    r.processes.retain(|p| report_selects(filter, p));
     if json {
         println!(
             "{}",

@@ -4,6 +4,7 @@
 //! later, [`Table::reconcile`] for the kernel's socket list after lost records); views only read the [`Snapshot`]s it hands out.
 mod connects;
 mod destinations;
+mod filter;
 mod holders;
 mod processes;
 mod reconcile;

@@ -196,43 +196,7 @@ pub struct Snapshot {
     pub exited: ExitedTotals,
 }
 
-/// Which processes a snapshot shows.
-#[derive(Clone, Debug, Default)]
-pub struct Filter {
-    pub pids: Vec<u32>,
-    pub comms: Vec<String>,
-    pub ports: Vec<u16>,
-    /// Container ids (or prefixes) and pod names, lowercase.
-    pub containers: Vec<String>,
-}
-
-/// Whether a process in this container / pod is one `containers` selects (ids by prefix, pod
-/// names whole).
-pub fn container_selected(
-    containers: &[String],
-    container_id: Option<&str>,
-    pod: Option<&PodView>,
-) -> bool {
-    containers.iter().any(|c| {
-        container_id.is_some_and(|id| id.starts_with(c.as_str()))
-            || pod.is_some_and(|p| p.name == *c)
-    })
-}
-
-impl Filter {
-    pub fn is_empty(&self) -> bool {
-        self.pids.is_empty()
-            && self.comms.is_empty()
-            && self.ports.is_empty()
-            && self.containers.is_empty()
-    }
-    /// Whether an event-stream line with these fields passes.
-    pub fn matches_event(&self, pid: u32, comm: &str, ports: [u16; 2]) -> bool {
-        (self.pids.is_empty() || self.pids.contains(&pid))
-            && (self.comms.is_empty() || self.comms.iter().any(|c| c == comm))
-            && (self.ports.is_empty() || ports.iter().any(|p| self.ports.contains(p)))
-    }
-}
+pub use super::filter::{Filter, container_selected, family_of};
 
 /// Options of [`Table::snapshot`].
 #[derive(Clone, Debug, Default)]
@@ -292,9 +256,6 @@ impl Table {
             }
         };
         let filter = &opts.filter;
-        let port_hit = |l: &SocketAddr, r: &SocketAddr| {
-            filter.ports.contains(&l.port()) || filter.ports.contains(&r.port())
-        };
         for s in self.sockets.values() {
             match s.state {
                 TcpState::Established => host.established += 1,
@@ -314,8 +275,12 @@ impl Table {
             if s.state == TcpState::CloseWait {
                 match s.held_by() {
                     HeldAs::Holders(by) => {
+                        let hit = filter.selects_sockets()
+                            && filter.socket_hit(Some(&s.local), &s.remote);
                         for (id, _) in by {
-                            per_proc.entry(*id).or_default().cw.push(s);
+                            let acc = per_proc.entry(*id).or_default();
+                            acc.cw.push(s);
+                            acc.port_match |= hit;
                         }
                     }
                     HeldAs::Backlog(Some(id)) => per_proc.entry(id).or_default().backlog.push(s),
@@ -331,7 +296,8 @@ impl Table {
                 if uses_port {
                     *acc.ports.entry((s.netns, s.remote)).or_default() += 1;
                 }
-                acc.port_match |= !filter.ports.is_empty() && port_hit(&s.local, &s.remote);
+                acc.port_match |=
+                    filter.selects_sockets() && filter.socket_hit(Some(&s.local), &s.remote);
             }
         }
         // Mini-sockets: TIME_WAIT (false) and FIN_WAIT2 (true).
@@ -380,9 +346,11 @@ impl Table {
             {
                 continue;
             }
-            if !filter.ports.is_empty()
+            // Family and port filters: a socket of the process, or one of its destinations,
+            // passes them (destinations have no local port: `-L` needs a socket).
+            if filter.selects_sockets()
                 && !acc.port_match
-                && !p.dests.keys().any(|d| filter.ports.contains(&d.1.port()))
+                && !p.dests.keys().any(|d| filter.socket_hit(None, &d.1))
             {
                 continue;
             }

@@ -760,6 +760,84 @@ fn filters_select_processes() {
         }),
         vec![11]
     );
+    // -L: the server's local port; its peers' port is not local to it.
+    assert_eq!(
+        pids(Filter {
+            local_ports: vec![8080],
+            ..Default::default()
+        }),
+        vec![10]
+    );
+    assert_eq!(
+        pids(Filter {
+            local_ports: vec![40000],
+            ..Default::default()
+        }),
+        Vec::<u32>::new()
+    );
+    // -D: the client's destination (a failed connect counts), the server's peer port.
+    assert_eq!(
+        pids(Filter {
+            remote_ports: vec![9],
+            ..Default::default()
+        }),
+        vec![11]
+    );
+    assert_eq!(
+        pids(Filter {
+            remote_ports: vec![40000],
+            ..Default::default()
+        }),
+        vec![10]
+    );
+    // -4 / -6: every socket here is IPv4.
+    assert_eq!(
+        pids(Filter {
+            family: Some(4),
+            ..Default::default()
+        }),
+        vec![11, 10]
+    );
+    assert_eq!(
+        pids(Filter {
+            family: Some(6),
+            ..Default::default()
+        }),
+        Vec::<u32>::new()
+    );
+}
+
+#[test]
+fn socket_filters_combine_family_and_ports() {
+    let f = Filter {
+        family: Some(6),
+        local_ports: vec![443],
+        ..Default::default()
+    };
+    let l6: SocketAddr = "[::1]:443".parse().unwrap();
+    let r6: SocketAddr = "[::1]:50000".parse().unwrap();
+    let mapped: SocketAddr = "[::ffff:10.0.0.1]:50000".parse().unwrap();
+    assert!(f.socket_hit(Some(&l6), &r6));
+    assert!(
+        !f.socket_hit(Some(&l6), &mapped),
+        "IPv4-mapped counts as IPv4"
+    );
+    assert!(
+        !f.socket_hit(None, &r6),
+        "no local port known: -L cannot pass"
+    );
+    let r4: SocketAddr = "10.0.0.1:5432".parse().unwrap();
+    let g = Filter {
+        family: Some(4),
+        remote_ports: vec![5432],
+        ..Default::default()
+    };
+    assert!(g.socket_hit(None, &r4));
+    assert!(g.socket_hit(
+        None,
+        &mapped.to_string().replace("50000", "5432").parse().unwrap()
+    ));
+    assert!(!g.socket_hit(None, &"10.0.0.1:5433".parse().unwrap()));
 }
 
 #[test]

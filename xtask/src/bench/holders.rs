@@ -11,7 +11,7 @@ use super::{
     Bench, DAEMON_SOCKET, NETNS_PREFIX,
     host::{clk_tck, cpu_ticks, nofile_hard},
     netns::Netns,
-    parse::{daemon_report, process_entry},
+    parse::{daemon_report, daemon_status, process_entry},
     procs::{Proc, check_interrupted, wait_until},
 };
 
@@ -109,8 +109,34 @@ impl Bench {
             if exact_count(h, *n) {
                 exact += 1;
             } else {
+                // What the kernel says the holder holds (ss, in the namespace), and what the
+                // daemon knows of the process's sockets: absent, unaccepted, or another's.
+                let ss = ns
+                    .exec(std::path::Path::new("ss"))
+                    .args(["-tanpH", "state", "close-wait"])
+                    .output()
+                    .map(|o| {
+                        let needle = format!("pid={},", h.pid());
+                        String::from_utf8_lossy(&o.stdout)
+                            .lines()
+                            .filter(|l| l.contains(&needle))
+                            .count()
+                    })
+                    .ok();
+                let entry = daemon_report(&self.bin, h.pid())
+                    .and_then(|r| process_entry(&r, h.pid()).cloned());
+                let unaccepted = entry
+                    .as_ref()
+                    .and_then(|p| p["close_wait"]["unaccepted"].as_u64());
+                let status = daemon_status(&self.bin).map(|s| {
+                    format!(
+                        "dropped {} missed {} reconciled {}",
+                        s["events_dropped"], s["events_missed"], s["reconciled"]
+                    )
+                });
                 println!(
-                    "bench: holders: pid {} holds {n} CLOSE_WAIT sockets, the daemon says {count:?}",
+                    "bench: holders: pid {} holds {n} CLOSE_WAIT sockets (ss: {ss:?}), the daemon \
+                     says {count:?} (unaccepted {unaccepted:?}); daemon: {status:?}",
                     h.pid()
                 );
             }

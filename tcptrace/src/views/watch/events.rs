@@ -93,7 +93,7 @@ pub(super) fn event_sink(
             remote,
             ..
         } = *ev
-            && filter.matches_event(ctx.pid, &ctx.comm, [local.port(), remote.port()])
+            && filter.matches_event(ctx.pid, &ctx.comm, Some(&local), &remote)
             && (states.is_empty() || states.contains(&old) || states.contains(&new))
         {
             lines.push(EventLine {
@@ -112,7 +112,7 @@ pub(super) fn event_sink(
         // Failures as the table counted them (a refused non-blocking connect is decided by its
         // error report, not by connect()'s return value).
         for f in &ctx.failures {
-            if filter.matches_event(f.pid, &f.comm, [0, f.remote.port()]) {
+            if filter.matches_event(f.pid, &f.comm, None, &f.remote) {
                 lines.push(EventLine {
                     ts,
                     kind: "connect_failed",

@@ -68,6 +68,8 @@ pub enum Action {
 
 /// The longest filter text kept.
 const MAX_FILTER: usize = 64;
+/// Lines PgDn / PgUp scroll the detail pane by.
+const DETAIL_PAGE: u16 = 10;
 
 #[derive(Debug, Default)]
 pub struct App {
@@ -83,6 +85,8 @@ pub struct App {
     pub paused: bool,
     pub help: bool,
     pub detail: bool,
+    /// Lines the detail pane is scrolled down by (PgDn / PgUp while it is open).
+    pub detail_scroll: u16,
     pub history: History,
 }
 
@@ -122,11 +126,20 @@ impl App {
             KeyCode::Char('?') => self.help = !self.help,
             KeyCode::Up | KeyCode::Char('k') => self.move_by(-1),
             KeyCode::Down | KeyCode::Char('j') => self.move_by(1),
+            KeyCode::PageUp if self.detail => {
+                self.detail_scroll = self.detail_scroll.saturating_sub(DETAIL_PAGE)
+            }
+            KeyCode::PageDown if self.detail => {
+                self.detail_scroll = self.detail_scroll.saturating_add(DETAIL_PAGE)
+            }
             KeyCode::PageUp => self.move_by(-10),
             KeyCode::PageDown => self.move_by(10),
             KeyCode::Home | KeyCode::Char('g') => self.move_by(isize::MIN / 2),
             KeyCode::End | KeyCode::Char('G') => self.move_by(isize::MAX / 2),
-            KeyCode::Enter => self.detail = !self.detail,
+            KeyCode::Enter => {
+                self.detail = !self.detail;
+                self.detail_scroll = 0;
+            }
             KeyCode::Char('s') => self.sort = self.sort.next(),
             KeyCode::Char('p') => self.paused = !self.paused,
             KeyCode::Char('/') => self.editing = true,
@@ -137,6 +150,7 @@ impl App {
 
     fn move_by(&mut self, d: isize) {
         self.selected = self.selected.saturating_add_signed(d);
+        self.detail_scroll = 0;
         // Re-pick the pid at the new row on the next `rows`.
         self.selected_pid = None;
     }
@@ -186,6 +200,9 @@ pub fn matches(p: &ProcessView, filter: &str, port_pids: &[u32]) -> bool {
 
 /// Samples kept per series: ten minutes at the default interval.
 pub const HISTORY: usize = 600;
+/// Samples kept per process (closes/s, for the detail pane): two minutes at the default
+/// interval, so that thousands of processes stay cheap.
+pub const PROCESS_HISTORY: usize = 120;
 
 /// The last minutes of the host, one sample per refresh, for the sparklines.
 #[derive(Debug, Default)]
@@ -196,6 +213,9 @@ pub struct History {
     pub failures: VecDeque<u64>,
     /// Closes per second during the interval.
     pub closes: VecDeque<u64>,
+    /// Closes per second of each process shown, by pid (processes no longer shown are
+    /// forgotten).
+    pub closes_by_pid: std::collections::HashMap<u32, VecDeque<u64>>,
     last: Option<(u64, u64)>,
 }
 
@@ -234,6 +254,15 @@ impl History {
                 q.pop_front();
             }
             q.push_back(v);
+        }
+        let shown: std::collections::HashSet<u32> = snap.processes.iter().map(|p| p.pid).collect();
+        self.closes_by_pid.retain(|pid, _| shown.contains(pid));
+        for p in &snap.processes {
+            let q = self.closes_by_pid.entry(p.pid).or_default();
+            if q.len() == PROCESS_HISTORY {
+                q.pop_front();
+            }
+            q.push_back(p.churn.closed_per_sec.round() as u64);
         }
     }
 }
@@ -359,5 +388,43 @@ mod tests {
         }
         assert_eq!(h.leaked.len(), HISTORY);
         assert_eq!(h.failures.back(), Some(&0));
+    }
+
+    #[test]
+    fn each_process_keeps_its_churn_and_gone_ones_are_forgotten() {
+        let mut h = History::default();
+        let mut s = snap();
+        let pid0 = s.processes[0].pid;
+        let pid1 = s.processes[1].pid;
+        s.processes[0].churn.closed_per_sec = 7.4;
+        h.push(&s, 1.0);
+        s.processes[0].churn.closed_per_sec = 12.6;
+        h.push(&s, 1.0);
+        assert_eq!(h.closes_by_pid[&pid0], [7, 13]);
+        assert_eq!(h.closes_by_pid[&pid1], [0, 0]);
+        s.processes.remove(1);
+        for _ in 0..PROCESS_HISTORY {
+            h.push(&s, 1.0);
+        }
+        assert!(!h.closes_by_pid.contains_key(&pid1));
+        assert_eq!(h.closes_by_pid[&pid0].len(), PROCESS_HISTORY);
+    }
+
+    #[test]
+    fn page_keys_scroll_the_open_detail_pane() {
+        let mut app = App::default();
+        app.key(key(KeyCode::PageDown));
+        assert_eq!(
+            (app.detail_scroll, app.selected),
+            (0, 10),
+            "moves the selection"
+        );
+        app.key(key(KeyCode::Enter));
+        app.key(key(KeyCode::PageDown));
+        app.key(key(KeyCode::PageDown));
+        app.key(key(KeyCode::PageUp));
+        assert_eq!((app.detail_scroll, app.selected), (10, 10));
+        app.key(key(KeyCode::Down));
+        assert_eq!(app.detail_scroll, 0, "another process starts at the top");
     }
 }

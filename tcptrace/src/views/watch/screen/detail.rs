@@ -4,12 +4,15 @@
 
 use ratatui::{
     Frame,
-    layout::Rect,
+    layout::{Constraint, Layout, Rect},
     text::{Line, Span},
-    widgets::{Block, Borders, Paragraph, Wrap},
+    widgets::{Block, Borders, Paragraph, Sparkline, Wrap},
 };
 
-use super::draw::{Palette, View, container};
+use super::{
+    app::App,
+    draw::{Palette, View, container},
+};
 use crate::{
     state::snapshot::ProcessView,
     views::{
@@ -25,9 +28,12 @@ const BAR: usize = 20;
 /// Leak stacks listed before "... and N more".
 const MAX_STACKS: usize = 3;
 
-pub fn draw(f: &mut Frame, area: Rect, v: &View) {
+pub fn draw(f: &mut Frame, area: Rect, app: &App, v: &View) {
     let (title, body) = match v.detail {
-        Some(p) => (format!("pid {} {}", p.pid, escape(&p.comm)), lines(p, v)),
+        Some(p) => (
+            format!("pid {} {}  (PgUp/PgDn scroll)", p.pid, escape(&p.comm)),
+            lines(p, v),
+        ),
         None => (
             "detail".into(),
             vec![Line::from(
@@ -35,13 +41,41 @@ pub fn draw(f: &mut Frame, area: Rect, v: &View) {
             )],
         ),
     };
+    let block = Block::new()
+        .borders(Borders::TOP)
+        .title(Span::styled(title, v.palette.title()));
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    // Churn over time: the process's closes per second over the last refreshes.
+    let [graph, text] = Layout::vertical([Constraint::Length(2), Constraint::Min(1)]).areas(inner);
+    let churn: Vec<u64> = v
+        .detail
+        .and_then(|p| app.history.closes_by_pid.get(&p.pid))
+        .map(|q| {
+            q.iter()
+                .skip(q.len().saturating_sub(graph.width as usize))
+                .copied()
+                .collect()
+        })
+        .unwrap_or_default();
+    let now = churn.last().copied().unwrap_or(0);
+    let max = churn.iter().max().copied().unwrap_or(0);
     f.render_widget(
-        Paragraph::new(body).wrap(Wrap { trim: false }).block(
-            Block::new()
-                .borders(Borders::TOP)
-                .title(Span::styled(title, v.palette.title())),
-        ),
-        area,
+        Sparkline::default()
+            .block(Block::new().title(format!("closes/s {now} (max {max})")))
+            .style(v.palette.churn())
+            .data(&churn),
+        graph,
+    );
+    // Never scrolled past the last line.
+    let scroll = app
+        .detail_scroll
+        .min(u16::try_from(body.len().saturating_sub(1)).unwrap_or(u16::MAX));
+    f.render_widget(
+        Paragraph::new(body)
+            .wrap(Wrap { trim: false })
+            .scroll((scroll, 0)),
+        text,
     );
 }
 

@@ -79,7 +79,7 @@ pub fn draw(f: &mut Frame, app: &App, v: &View) {
         let [top, bottom] =
             Layout::vertical([Constraint::Percentage(40), Constraint::Percentage(60)]).areas(body);
         table(f, top, app, v);
-        detail::draw(f, bottom, v);
+        detail::draw(f, bottom, app, v);
     } else {
         table(f, body, app, v);
     }
@@ -409,6 +409,7 @@ const HELP: &str = "\
 q, Esc        quit (Esc first closes help or the detail pane)
 Up/Down, j/k  move the selection (PgUp/PgDn, g/G)
 Enter         open or close the detail pane of the selected process
+PgUp/PgDn     with the detail pane open: scroll it
 s             sort by the next column: worst, LEAKED, FAILED, CLOSE/s, TW, PID
 /             filter by command name, pid, port or container id / pod name
               (Enter keeps it, Esc clears it)
@@ -420,7 +421,7 @@ Magenta: closes per second at or above the churn threshold.";
 
 fn help(f: &mut Frame, area: Rect, p: Palette) {
     let w = area.width.min(80);
-    let h = area.height.min(16);
+    let h = area.height.min(17);
     let r = Rect::new(
         area.x + (area.width - w) / 2,
         area.y + (area.height - h) / 2,
