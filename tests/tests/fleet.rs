@@ -457,4 +457,217 @@ fn daemonset_probes_token_and_metrics_address() {
         "NODE_IP from the downward API:\n{yaml}"
     );
     assert!(!yaml.contains("0.0.0.0"), "{yaml}");
+    // The seccomp profile tested below.
+    assert!(
+        lines.windows(3).any(|w| w[0] == "seccompProfile:"
+            && w[1] == "type: Localhost"
+            && w[2] == "localhostProfile: profiles/tcptrace.json"),
+        "the DaemonSet uses deploy/kubernetes/seccomp/tcptrace.json:\n{yaml}"
+    );
+}
+
+/// deploy/kubernetes/prometheusrule.yaml carries exactly the groups of the rules file that
+/// `promtool test rules` checks (indented under `spec:`), and promtool accepts them as they
+/// stand there.
+#[test]
+fn prometheus_rule_is_the_rules_file() {
+    let rules = std::fs::read_to_string(repo_file("deploy/prometheus/tcptrace-rules.yml"))
+        .expect("read the rules file");
+    let groups = &rules[rules.find("groups:").expect("groups: in the rules file")..];
+    let cr_path = repo_file("deploy/kubernetes/prometheusrule.yaml");
+    let cr = std::fs::read_to_string(&cr_path).expect("read the PrometheusRule");
+    for line in [
+        "apiVersion: monitoring.coreos.com/v1",
+        "kind: PrometheusRule",
+        "  name: tcptrace",
+    ] {
+        assert!(
+            cr.lines().any(|l| l == line),
+            "{line:?} missing from {cr_path:?}"
+        );
+    }
+    let spec = &cr[cr.find("\nspec:\n").expect("spec: in the PrometheusRule") + 7..];
+    let unindented: String = spec
+        .lines()
+        .map(|l| {
+            assert!(l.is_empty() || l.starts_with("  "), "not under spec: {l:?}");
+            l.strip_prefix("  ").unwrap_or(l)
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(
+        unindented.trim_end(),
+        groups.trim_end(),
+        "{cr_path:?} differs from the rules file: regenerate it"
+    );
+    let dir = tcptrace_tests::TempDir::new("prometheusrule");
+    let extracted = dir.0.join("rules.yml");
+    std::fs::write(&extracted, &unindented).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&extracted)
+        .output()
+        .expect("promtool (cargo xtask setup installs prometheus)");
+    assert!(
+        out.status.success(),
+        "promtool check rules on the PrometheusRule's spec: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The PodMonitor selects the DaemonSet's pods (same namespace, the template's label) and
+/// scrapes the container port it names, at /metrics.
+#[test]
+fn pod_monitor_scrapes_the_daemonset() {
+    let ds = std::fs::read_to_string(repo_file("deploy/kubernetes/daemonset.yaml")).unwrap();
+    let pm = std::fs::read_to_string(repo_file("deploy/kubernetes/podmonitor.yaml")).unwrap();
+    let trimmed = |s: &str| -> Vec<String> {
+        s.lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let (ds, pm) = (trimmed(&ds), trimmed(&pm));
+    assert!(pm.contains(&"kind: PodMonitor".to_string()), "{pm:?}");
+    assert!(
+        pm.contains(&"namespace: kube-system".to_string())
+            && ds.contains(&"namespace: kube-system".to_string()),
+        "same namespace"
+    );
+    let label = pm
+        .windows(2)
+        .find(|w| w[0] == "matchLabels:")
+        .map(|w| w[1].clone())
+        .expect("PodMonitor selector");
+    let template_labels = ds
+        .windows(2)
+        .filter(|w| w[0] == "labels:")
+        .map(|w| w[1].clone())
+        .collect::<Vec<_>>();
+    assert!(
+        template_labels.contains(&label),
+        "the DaemonSet's pods carry {label:?}: {template_labels:?}"
+    );
+    let port = pm
+        .iter()
+        .find_map(|l| l.strip_prefix("- port: "))
+        .expect("podMetricsEndpoints port");
+    assert!(
+        ds.windows(2)
+            .any(|w| w[0] == format!("- name: {port}") && w[1].starts_with("containerPort: ")),
+        "the DaemonSet names a container port {port:?}"
+    );
+    assert!(pm.contains(&"path: /metrics".to_string()), "{pm:?}");
+}
+
+/// System call names in an `strace -f -o` trace.
+fn syscalls_in(trace: &str) -> std::collections::BTreeSet<String> {
+    trace
+        .lines()
+        .filter_map(|l| {
+            // "PID name(args" or "PID <... name resumed>"; signals and exits start otherwise.
+            let rest = l.trim_start().split_once(' ')?.1.trim_start();
+            let rest = rest.strip_prefix("<... ").unwrap_or(rest);
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            (!name.is_empty() && rest[name.len()..].starts_with(['(', ' '])).then_some(name)
+        })
+        .filter(|n| n.chars().next().is_some_and(|c| c.is_ascii_lowercase()))
+        .collect()
+}
+
+/// The seccomp profile the DaemonSet gives the daemon (deploy/kubernetes/seccomp/tcptrace.json)
+/// allows every system call the daemon makes: run under strace through start-up, a leak with
+/// stacks on, reports and status, scrapes, /healthz, a SIGHUP reload and SIGTERM.
+#[test]
+fn seccomp_profile_allows_every_syscall_the_daemon_makes() {
+    require_root!("seccomp_profile_allows_every_syscall_the_daemon_makes");
+    let profile: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_file("deploy/kubernetes/seccomp/tcptrace.json"))
+            .expect("read the seccomp profile"),
+    )
+    .expect("the seccomp profile is JSON");
+    assert_eq!(
+        profile["defaultAction"], "SCMP_ACT_ERRNO",
+        "deny by default"
+    );
+    let allowed: std::collections::BTreeSet<String> = profile["syscalls"]
+        .as_array()
+        .expect("syscalls")
+        .iter()
+        .filter(|r| r["action"] == "SCMP_ACT_ALLOW")
+        .flat_map(|r| r["names"].as_array().cloned().unwrap_or_default())
+        .filter_map(|n| n.as_str().map(String::from))
+        .collect();
+
+    let dir = TempDir::new("seccomp");
+    let trace = dir.0.join("strace.out");
+    let config = dir.0.join("tcptrace.toml");
+    std::fs::write(&config, "stacks = true\n").unwrap();
+    let socket = dir.0.join("d.sock");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .arg(tcptrace_bin())
+        .arg("daemon")
+        .arg("--config")
+        .arg(&config)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--metrics-addr", &metrics, "--leak-after", "1"]);
+    let mut d = Scenario::from_command(cmd, "strace tcptrace daemon".into());
+    poll(60, || get_ok(&metrics, "/readyz", ""))
+        .unwrap_or_else(|e| panic!("daemon not ready: {e}\n{}", d.proc.stderr.tail(4000)));
+    let status = tcptrace_tests::daemon_json("status", &socket).expect("status");
+    let pid = status["pid"].as_u64().expect("daemon pid") as libc::pid_t;
+    let s = Scenarios::start(&dir, "sc", 3, 2);
+    let server = s.server.pid();
+    poll(30, || {
+        let r = tcptrace_tests::daemon_json("report", &socket)?;
+        match tcptrace_tests::process(&r, server)
+            .and_then(|p| tcptrace_tests::u64_at(p, "close_wait.leaked"))
+        {
+            Some(3) => Ok(()),
+            n => Err(format!("leaked {n:?}")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.proc.stderr.tail(4000)));
+    get_ok(&metrics, "/metrics", "").expect("scrape");
+    get_ok(&metrics, "/healthz", "").expect("healthz");
+    // SAFETY: plain syscalls on the daemon we started.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    poll(10, || {
+        let e = d.proc.stderr.text();
+        if e.contains("config reloaded") {
+            Ok(())
+        } else {
+            Err("no reload logged".to_string())
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.proc.stderr.tail(4000)));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let exited = poll(20, || {
+        d.proc
+            .exited()
+            .ok_or_else(|| "strace still running".to_string())
+    });
+    assert!(exited.is_ok(), "the daemon did not stop under strace");
+    drop(s);
+
+    let seen = syscalls_in(&std::fs::read_to_string(&trace).expect("read the trace"));
+    assert!(
+        seen.contains("bpf") && seen.contains("perf_event_open") && seen.contains("execve"),
+        "the trace shows the daemon's start: {seen:?}"
+    );
+    let missing: Vec<&String> = seen.iter().filter(|n| !allowed.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "system calls the daemon made that the seccomp profile denies: {missing:?} (seen: {seen:?})"
+    );
 }

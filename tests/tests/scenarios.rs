@@ -635,65 +635,62 @@ fn events_filtered_by_state_and_local_time() {
 }
 
 /// `-4` / `-6` keep the processes with sockets of that family; `-L` / `-D` those with a socket
-/// on a local / remote port: a leak on [::1] and one on 127.0.0.1, each server and its clients
-/// seen only by the watches whose filters they pass.
+/// on a local / remote port: under each watch (one at a time), a server on [::1] and one on
+/// 127.0.0.1 leaking their clients' connections, each process seen only where its filters pass.
 #[test]
 fn family_and_local_remote_port_filters() {
     require_root!("family_and_local_remote_port_filters");
     const N: &str = "2";
-    let mut v6 = Scenario::spawn(
-        SCENARIO,
-        &[],
-        &["leak-server", "--addr", "[::1]:0", "--count", N],
-    );
-    let p6 = v6.ready_port();
-    let mut v4 = Scenario::spawn(
-        SCENARIO,
-        &[],
-        &["leak-server", "--addr", "127.0.0.1:0", "--count", N],
-    );
-    let p4 = v4.ready_port();
-    let (l6, d6) = (format!("-L{p6}"), format!("-D{p6}"));
-    let mut watches: Vec<(&str, Tcptrace)> = [
-        ("-6", vec!["-6"]),
-        ("-4", vec!["-4"]),
-        ("-L", vec![l6.as_str()]),
-        ("-D", vec![d6.as_str()]),
-    ]
-    .into_iter()
-    .map(|(name, args)| (name, Tcptrace::watch(&args).0))
-    .collect();
-    let mut c6 = Scenario::spawn(
-        SCENARIO,
-        &[],
-        &["clients", "--to", &format!("[::1]:{p6}"), "--count", N],
-    );
-    let mut c4 = Scenario::spawn(
-        SCENARIO,
-        &[],
-        &["clients", "--to", &format!("127.0.0.1:{p4}"), "--count", N],
-    );
-    c6.expect("DONE");
-    c4.expect("DONE");
-    v6.expect("ACCEPTED");
-    v4.expect("ACCEPTED");
-    let (s6, s4, k6, k4) = (
-        v6.pid() as u64,
-        v4.pid() as u64,
-        c6.pid() as u64,
-        c4.pid() as u64,
-    );
-    for (name, w) in &mut watches {
-        let (want, not): (Vec<u64>, Vec<u64>) = match *name {
+    for name in ["-6", "-4", "-L", "-D"] {
+        let mut v6 = Scenario::spawn(
+            SCENARIO,
+            &[],
+            &["leak-server", "--addr", "[::1]:0", "--count", N],
+        );
+        let p6 = v6.ready_port();
+        let mut v4 = Scenario::spawn(
+            SCENARIO,
+            &[],
+            &["leak-server", "--addr", "127.0.0.1:0", "--count", N],
+        );
+        let p4 = v4.ready_port();
+        let arg = match name {
+            "-L" => format!("-L{p6}"),
+            "-D" => format!("-D{p6}"),
+            other => other.to_string(),
+        };
+        let (mut w, _) = Tcptrace::watch(&[&arg]);
+        let from = w.count();
+        // The clients close: the servers keep CLOSE_WAIT sockets, the clients have connected.
+        let mut c6 = Scenario::spawn(
+            SCENARIO,
+            &[],
+            &["clients", "--to", &format!("[::1]:{p6}"), "--count", N],
+        );
+        let mut c4 = Scenario::spawn(
+            SCENARIO,
+            &[],
+            &["clients", "--to", &format!("127.0.0.1:{p4}"), "--count", N],
+        );
+        c6.expect("DONE");
+        c4.expect("DONE");
+        v6.expect("ACCEPTED");
+        v4.expect("ACCEPTED");
+        let (s6, s4, k6, k4) = (
+            v6.pid() as u64,
+            v4.pid() as u64,
+            c6.pid() as u64,
+            c4.pid() as u64,
+        );
+        let (want, not) = match name {
             "-6" => (vec![s6, k6], vec![s4, k4]),
             "-4" => (vec![s4, k4], vec![s6, k6]),
             "-L" => (vec![s6], vec![k6, s4, k4]),
             _ => (vec![k6], vec![s6, s4, k4]),
         };
-        let from = w.count();
         let snap = w.wait_line_from(
             from,
-            &format!("watch {name}: pids {want:?}"),
+            &format!("watch {arg}: pids {want:?}"),
             |v| {
                 let shown = pids(v);
                 want.iter().all(|p| shown.contains(p))
@@ -703,7 +700,7 @@ fn family_and_local_remote_port_filters() {
         let shown = pids(&snap);
         assert!(
             not.iter().all(|p| !shown.contains(p)),
-            "watch {name} shows {shown:?}, none of {not:?} expected"
+            "watch {arg} shows {shown:?}, none of {not:?} expected"
         );
     }
 }

@@ -136,12 +136,14 @@ impl Table {
                 None => {
                     if let Some(s) = self.remove_socket(k) {
                         self.forget_listener(&s);
+                        self.closed_unseen(&s, false, now_ns);
                     }
                     r.removed += 1;
                 }
                 Some(ks) if ks.timewait || ks.state == TcpState::TimeWait => {
                     if let Some(s) = self.remove_socket(k) {
                         self.forget_listener(&s);
+                        self.closed_unseen(&s, ks.state != TcpState::FinWait2, now_ns);
                         self.add_mini(ks, netns, now_ns, s.owner, s.inbound);
                     }
                     r.fixed += 1;
@@ -226,6 +228,21 @@ impl Table {
             self.push_fin_wait2(now_ns, mini(netns, ks.local, ks.remote, owner, inbound));
         } else {
             self.push_time_wait(now_ns, netns, ks.local, ks.remote, owner, inbound);
+        }
+    }
+
+    /// A connection the kernel no longer lists as open closed while its records were lost: it
+    /// counts as closed for its owner (and as a TIME_WAIT entered when it is one now), as the
+    /// records would have counted it.
+    fn closed_unseen(&mut self, s: &Sock, time_wait: bool, now_ns: u64) {
+        if !(s.connected || is_connected_state(s.state)) {
+            return;
+        }
+        if let Some(p) = s.owner.and_then(|id| self.procs.get_mut(&id)) {
+            p.count_close(now_ns);
+            if time_wait {
+                p.time_wait_total += 1;
+            }
         }
     }
 

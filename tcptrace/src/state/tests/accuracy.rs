@@ -276,6 +276,7 @@ fn reconcile_removes_adds_and_fixes_what_the_kernel_says() {
         // Connection requests are not compared.
         ks(SRV, "127.0.0.1:53002", SynRecv, false),
     ];
+    let closed_before = proc_view(&snap(&t, 5 * S), 10).churn.closed_total;
     let r = t.reconcile(&kernel, NETNS, 4 * S, 6 * S);
     assert_eq!(
         r,
@@ -284,6 +285,11 @@ fn reconcile_removes_adds_and_fixes_what_the_kernel_says() {
             added: 1,
             fixed: 2
         }
+    );
+    // The two that closed unseen count as closed for their owner, as their records would have.
+    assert_eq!(
+        proc_view(&snap(&t, 6 * S), 10).churn.closed_total,
+        closed_before + 2
     );
     assert_eq!(t.stats().reconciled, r);
     let s = snap(&t, 6 * S);
@@ -296,6 +302,10 @@ fn reconcile_removes_adds_and_fixes_what_the_kernel_says() {
     // The same list again changes nothing more.
     let r = t.reconcile(&kernel, NETNS, 4 * S, 6 * S);
     assert_eq!(r.total(), 0);
+    assert_eq!(
+        proc_view(&snap(&t, 6 * S), 10).churn.closed_total,
+        closed_before + 2
+    );
 
     // The added socket is adopted by its first event, not counted twice.
     t.apply(&st(
