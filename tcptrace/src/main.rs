@@ -1,11 +1,15 @@
 //! The `tcptrace` command line.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use tcptrace::{
     daemon::client,
-    daemon::config::{Config, DEFAULT_SOCKET, bounds},
+    daemon::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET, bounds},
     daemon::server as daemon,
     kernel::{event::TcpState, probes::ProbeOptions},
     state::Filter,
@@ -59,7 +63,8 @@ struct DaemonArgs {
     /// Prometheus endpoint, ADDR:PORT, or "off" [default: 127.0.0.1:9464]
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_addr: Option<String>,
-    /// TOML config file (thresholds, addresses, caps); flags override it.
+    /// TOML config file (thresholds, addresses, caps); flags override it [default:
+    /// /etc/tcptrace/tcptrace.toml when it exists].
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// A socket in CLOSE_WAIT for longer than this many seconds counts as leaked [default: 5]
@@ -305,7 +310,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Watch(a) => Ok(watch::run(watch_options(a)).await?),
-            Command::Daemon(a) => match daemon_config(&a) {
+            Command::Daemon(mut a) => match daemon_config(&mut a) {
                 Ok(cfg) => Ok(daemon::run(cfg, a.config).await?),
                 Err(e) => Err(e),
             },
@@ -333,7 +338,10 @@ fn main() -> ExitCode {
 }
 
 /// The config file (if any) with the flags applied on top, validated.
-fn daemon_config(a: &DaemonArgs) -> anyhow::Result<Config> {
+fn daemon_config(a: &mut DaemonArgs) -> anyhow::Result<Config> {
+    if a.config.is_none() && Path::new(DEFAULT_CONFIG).is_file() {
+        a.config = Some(PathBuf::from(DEFAULT_CONFIG));
+    }
     let mut cfg = match &a.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),

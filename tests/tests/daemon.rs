@@ -1022,6 +1022,19 @@ fn deployment_files_are_valid() {
         exec.len() == 1 && exec[0].split_whitespace().nth(1) == Some("daemon"),
         "want ExecStart=<tcptrace> daemon ..., got {exec:?}"
     );
+    // The daemon pings the watchdog (tests/tests/systemd.rs); the calls it needs are allowed.
+    assert_eq!(unit_values(&unit, "Type"), ["notify"]);
+    assert_eq!(unit_values(&unit, "WatchdogSec"), ["30s"]);
+    assert_eq!(unit_values(&unit, "ProtectKernelTunables"), ["yes"]);
+    assert_eq!(unit_values(&unit, "ConfigurationDirectory"), ["tcptrace"]);
+    let filter = unit_values(&unit, "SystemCallFilter");
+    assert!(
+        filter.len() == 1
+            && ["@system-service", "bpf", "perf_event_open", "setns"]
+                .iter()
+                .all(|c| filter[0].split_whitespace().any(|w| w == *c)),
+        "SystemCallFilter= {filter:?}"
+    );
 }
 
 #[test]

@@ -33,6 +33,9 @@ use serde::{Deserialize, Serialize};
 use crate::views::findings::Thresholds;
 
 pub const DEFAULT_SOCKET: &str = "/run/tcptrace/tcptrace.sock";
+/// Read by the daemon when no `--config` is given and it exists (systemd's
+/// `ConfigurationDirectory=tcptrace`).
+pub const DEFAULT_CONFIG: &str = "/etc/tcptrace/tcptrace.toml";
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
 
 /// Bounds of the settings, one place for the command-line flags (`watch`, `daemon`) and this

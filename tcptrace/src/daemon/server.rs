@@ -19,7 +19,7 @@ use super::{
     logfmt::{error_chain, log},
     metrics,
     protocol::{Evictions, Request, Status, reply_line},
-    systemd::notify_ready,
+    systemd::{Notifier, notify_reloaded, notify_reloading, notify_stopping},
 };
 use crate::{
     host::clock::unix_now,
@@ -272,10 +272,16 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
     for d in state.tracer.degraded() {
         log("warn", "degraded", &[("reason", d.clone())]);
     }
-    notify_ready();
+    let mut notifier = Notifier::from_env();
+    notifier.ready(status_line(
+        &state.tracer.snapshot(&SnapshotOptions::default()),
+    ));
 
     let mut alerter = Alerter::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut watchdog = notifier
+        .ping_every()
+        .map(|every| tokio::time::interval(every.max(Duration::from_millis(100))));
     let control_slots = Arc::new(Semaphore::new(MAX_CONTROL_CLIENTS));
     let metrics_slots = Arc::new(Semaphore::new(MAX_METRICS_CLIENTS));
     let result = loop {
@@ -319,13 +325,25 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
                 for a in alerter.evaluate(&snap, unix_now(), &alerts_cfg) {
                     log(a.level, a.msg, &a.fields);
                 }
+                notifier.status(status_line(&snap));
             }
+            _ = async {
+                match watchdog.as_mut() {
+                    Some(w) => w.tick().await,
+                    None => std::future::pending().await,
+                }
+            } => notifier.ping(state.tracer.drains()),
             sig = signals.recv() => match sig {
                 Received::Terminate => break Ok(()),
-                Received::Reload => reload(&state, config_file.as_deref()),
+                Received::Reload => {
+                    notify_reloading();
+                    reload(&state, config_file.as_deref());
+                    notify_reloaded();
+                }
             }
         }
     };
+    notify_stopping();
     log("info", "tcptrace daemon stopping", &[]);
     drop(control);
     drop(socket_file);
@@ -338,6 +356,21 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
         }
     }
     result
+}
+
+/// The STATUS line systemd shows: what is tracked and what leaks.
+fn status_line(snap: &crate::state::Snapshot) -> String {
+    let leaking = snap
+        .processes
+        .iter()
+        .filter(|p| p.close_wait.leaked > 0)
+        .count();
+    let leaked: u64 = snap.processes.iter().map(|p| p.close_wait.leaked).sum();
+    format!(
+        "{} sockets ({} CLOSE_WAIT, {} TIME_WAIT); {leaked} leaked CLOSE_WAIT in {leaking} \
+         processes; {} records dropped",
+        snap.host.total, snap.host.close_wait, snap.host.time_wait, snap.dropped_events
+    )
 }
 
 /// SIGHUP: re-reads the config file; thresholds and caps apply at once, addresses need a restart.

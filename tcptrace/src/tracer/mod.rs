@@ -207,6 +207,11 @@ impl Tracer {
         f(&mut self.shared.table.lock().unwrap())
     }
 
+    /// Drain rounds the reader has completed (it keeps counting while it is healthy).
+    pub fn drains(&self) -> u64 {
+        self.shared.drains.load(Ordering::Acquire)
+    }
+
     pub fn kernel_counters(&self) -> KernelCounters {
         *self.shared.kernel.lock().unwrap()
     }
