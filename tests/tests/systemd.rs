@@ -125,3 +125,64 @@ fn daemon_speaks_sd_notify_ready_watchdog_reload_and_stop() {
         t.elapsed()
     );
 }
+
+/// Under systemd, stderr is the journal (JOURNAL_STREAM names its device and inode): every
+/// line starts with its syslog priority (`<6>` info, `<4>` warn), so that `journalctl -p
+/// warning` shows the warnings; the logfmt text follows unchanged.
+#[test]
+fn journal_lines_carry_syslog_priorities() {
+    use std::os::unix::fs::MetadataExt as _;
+    require_root!("journal_lines_carry_syslog_priorities");
+    let dir = TempDir::new("journal");
+    let log = dir.0.join("stderr.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let config = dir.0.join("tcptrace.toml");
+    let socket = dir.0.join("d.sock");
+    let write_cfg = |sock: &std::path::Path| {
+        std::fs::write(
+            &config,
+            format!("socket = \"{}\"\nmetrics_addr = \"off\"\n", sock.display()),
+        )
+        .unwrap()
+    };
+    write_cfg(&socket);
+    let mut child = std::process::Command::new(tcptrace_tests::tcptrace_bin())
+        .args(["daemon", "--config", config.to_str().unwrap()])
+        .env("JOURNAL_STREAM", &stream)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("start the daemon");
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let started = poll(20, || {
+        text()
+            .lines()
+            .find(|l| l.contains("msg=\"tcptrace daemon started\""))
+            .map(String::from)
+            .ok_or_else(|| format!("not started: {}", text()))
+    });
+    // A changed socket path takes effect only after a restart: a warning at reload.
+    write_cfg(&dir.0.join("other.sock"));
+    signal(child.id(), libc::SIGHUP);
+    let warned = poll(10, || {
+        text()
+            .lines()
+            .find(|l| l.contains("after a restart"))
+            .map(String::from)
+            .ok_or_else(|| format!("no warning: {}", text()))
+    });
+    signal(child.id(), libc::SIGTERM);
+    let _ = child.wait();
+    let started = started.unwrap();
+    let warned = warned.unwrap();
+    assert!(started.starts_with("<6>level=info msg="), "{started:?}");
+    assert!(warned.starts_with("<4>level=warn msg="), "{warned:?}");
+    assert!(
+        text().lines().all(|l| l.starts_with('<')),
+        "every line has its priority:\n{}",
+        text()
+    );
+}

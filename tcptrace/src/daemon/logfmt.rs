@@ -54,14 +54,62 @@ pub fn line(level: &str, msg: &str, fields: &[(&str, String)]) -> String {
     out
 }
 
-/// Writes one line to stderr.
+/// The syslog priority journald gives a line starting with `<N>` (sd-daemon(3)): so that
+/// `journalctl -p warning` shows the alerts.
+fn priority(level: &str) -> u8 {
+    match level {
+        "error" => 3,
+        "warn" => 4,
+        "info" => 6,
+        _ => 7,
+    }
+}
+
+/// Whether stderr is connected to the journal: JOURNAL_STREAM names its device and inode
+/// (systemd sets it for the service; a redirected stderr no longer matches).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd as _;
+    static JOURNAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *JOURNAL.get_or_init(|| {
+        let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+            return false;
+        };
+        let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else {
+            return false;
+        };
+        let Ok(meta) = std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(std::fs::File::from)
+            .and_then(|f| f.metadata())
+        else {
+            return false;
+        };
+        use std::os::unix::fs::MetadataExt as _;
+        dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
+    })
+}
+
+/// Writes one line to stderr (with its priority prefix when stderr is the journal).
 pub fn log(level: &str, msg: &str, fields: &[(&str, String)]) {
-    eprintln!("{}", line(level, msg, fields));
+    if stderr_is_journal() {
+        eprintln!("<{}>{}", priority(level), line(level, msg, fields));
+    } else {
+        eprintln!("{}", line(level, msg, fields));
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn journal_priorities() {
+        assert_eq!(
+            ["error", "warn", "info", "debug"].map(priority),
+            [3, 4, 6, 7]
+        );
+    }
 
     #[test]
     fn quoting() {
