@@ -242,8 +242,9 @@ pub const STACK_CONNECT: u32 = 1;
 /// [`SockStack::kind`]: the descriptor was returned by `accept()` / `accept4()`.
 pub const STACK_ACCEPT: u32 = 2;
 
-/// The user call stack a descriptor was opened with: the value of `SOCK_STACKS`, keyed by
-/// `tgid << 32 | fd`.
+/// The user call stack a descriptor was opened with: the value of `SOCK_STACKS`, keyed by the
+/// socket's kernel address where the kernel's BTF shows the way from a descriptor to its socket
+/// (found again after a hand-off to another process), else by `tgid << 32 | fd`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockStack {
@@ -252,8 +253,8 @@ pub struct SockStack {
     pub stack_id: i64,
     /// [`STACK_CONNECT`] or [`STACK_ACCEPT`].
     pub kind: u32,
-    /// Thread that opened it.
-    pub tid: u32,
+    /// Process that opened it (its address space is what the stack's addresses are in).
+    pub pid: u32,
     pub ts_ns: u64,
     /// User stack pointer at the syscall (0: unknown).
     pub sp: u64,
@@ -261,12 +262,28 @@ pub struct SockStack {
     pub top: [u64; STACK_TOP_WORDS],
 }
 
-/// Where `struct pt_regs` keeps the user stack pointer (from BTF; 0: unknown).
+/// Where the kernel keeps what the stack programs read (from BTF; 0: unknown): the user stack
+/// pointer in `struct pt_regs`, and the way from the current task to the socket of a
+/// descriptor (`task_struct.files`, `files_struct.fdt`, `fdtable.max_fds`, `fdtable.fd`,
+/// `file.private_data`, `socket.sk`), so that a stack is found by socket after a hand-off.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RegsOffsets {
     pub sp: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private: u32,
+    pub socket_sk: u32,
     pub _pad: u32,
+}
+
+impl RegsOffsets {
+    /// Whether the way from a descriptor to its socket is known.
+    pub fn fd_to_sock(&self) -> bool {
+        self.task_files != 0 && self.files_fdt != 0 && self.fdt_fd != 0 && self.socket_sk != 0
+    }
 }
 
 #[cfg(feature = "user")]

@@ -5,8 +5,9 @@
 //! unless userspace set `STACKS_ON`.
 //!
 //! Equal stacks are stored once in `STACKS` (a stack-trace map, `STACK_DEPTH` frames);
-//! `SOCK_STACKS` maps `tgid << 32 | fd` to the stack id, bounded (LRU): a descriptor closed
-//! and reused overwrites its entry.
+//! `SOCK_STACKS` maps the socket's kernel address (followed from the descriptor, where BTF
+//! gives the way) or else `tgid << 32 | fd` to the stack id, bounded (LRU): a socket address or
+//! descriptor reused overwrites its entry.
 
 use core::cell::UnsafeCell;
 
@@ -15,7 +16,9 @@ use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, bpf_map_def, bpf_map_type::BPF_MAP_TYPE_STACK_TRACE},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-        generated::{bpf_get_current_task_btf, bpf_get_stackid, bpf_task_pt_regs},
+        generated::{
+            bpf_get_current_task, bpf_get_current_task_btf, bpf_get_stackid, bpf_task_pt_regs,
+        },
     },
     macros::{map, tracepoint},
     maps::{Array, LruHashMap},
@@ -55,7 +58,71 @@ static STACKS: StackMap = StackMap(UnsafeCell::new(bpf_map_def {
 
 /// Where `struct pt_regs` keeps the user stack pointer (from BTF, set by userspace).
 #[unsafe(no_mangle)]
-static REGS: RegsOffsets = RegsOffsets { sp: 0, _pad: 0 };
+static REGS: RegsOffsets = RegsOffsets {
+    sp: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdt_max_fds: 0,
+    fdt_fd: 0,
+    file_private: 0,
+    socket_sk: 0,
+    _pad: 0,
+};
+
+macro_rules! regs {
+    ($field:ident) => {
+        // SAFETY: aligned read of a field of a static; volatile so the load-time value is used.
+        unsafe { core::ptr::read_volatile(&raw const REGS.$field) as u64 }
+    };
+}
+
+/// The kernel address of the socket behind descriptor `fd` of the current task (0: unknown):
+/// task -> files -> fdt -> fd[fd] -> file -> private_data (struct socket) -> sk.
+#[inline(always)]
+fn sock_of_fd(fd: u32) -> u64 {
+    let (files_at, fdt_at, max_at, fd_at, private_at, sk_at) = (
+        regs!(task_files),
+        regs!(files_fdt),
+        regs!(fdt_max_fds),
+        regs!(fdt_fd),
+        regs!(file_private),
+        regs!(socket_sk),
+    );
+    if files_at == 0 || fdt_at == 0 || fd_at == 0 || sk_at == 0 {
+        return 0;
+    }
+    // SAFETY: kernel memory read through bpf_probe_read_kernel; a bad address reads as an
+    // error and gives 0.
+    let read = |at: u64| unsafe { bpf_probe_read_kernel(at as *const u64) }.unwrap_or(0);
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let files = read(task + files_at);
+    if files == 0 {
+        return 0;
+    }
+    let fdt = read(files + fdt_at);
+    if fdt == 0 {
+        return 0;
+    }
+    // SAFETY: as above.
+    let max = unsafe { bpf_probe_read_kernel((fdt + max_at) as *const u32) }.unwrap_or(0);
+    if fd >= max {
+        return 0;
+    }
+    let table = read(fdt + fd_at);
+    if table == 0 {
+        return 0;
+    }
+    let file = read(table + fd as u64 * 8);
+    if file == 0 {
+        return 0;
+    }
+    let socket = read(file + private_at);
+    if socket == 0 {
+        return 0;
+    }
+    read(socket + sk_at)
+}
 
 #[inline(always)]
 pub(crate) fn stacks_on() -> bool {
@@ -73,14 +140,13 @@ pub(crate) fn record<C: EbpfContext>(ctx: &C, fd: u32, kind: u32) {
     let mut v = SockStack {
         stack_id,
         kind,
-        tid: id as u32,
+        pid: (id >> 32) as u32,
         // SAFETY: helper without arguments.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         sp: 0,
         top: [0; STACK_TOP_WORDS],
     };
-    // SAFETY: aligned read of a static; volatile so the load-time value is used.
-    let sp_off = unsafe { core::ptr::read_volatile(&raw const REGS.sp) };
+    let sp_off = regs!(sp);
     if sp_off != 0 {
         // SAFETY: the current task's saved user registers, read through
         // bpf_probe_read_kernel; then user memory through bpf_probe_read_user.
@@ -95,7 +161,15 @@ pub(crate) fn record<C: EbpfContext>(ctx: &C, fd: u32, kind: u32) {
             }
         }
     }
-    let _ = SOCK_STACKS.insert(&((id & 0xffff_ffff_0000_0000) | fd as u64), &v, 0);
+    // By socket where the way there is known (found again after a hand-off), else by
+    // (process, descriptor). Kernel addresses and `tgid << 32 | fd` never meet.
+    let sk = sock_of_fd(fd);
+    let key = if sk != 0 {
+        sk
+    } else {
+        (id & 0xffff_ffff_0000_0000) | fd as u64
+    };
+    let _ = SOCK_STACKS.insert(&key, &v, 0);
 }
 
 #[tracepoint]

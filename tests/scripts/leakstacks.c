@@ -6,6 +6,10 @@
  *                        tcptrace_test_leaky_connect
  *   leakstacks accept    a child connects 5 times and closes; the parent accepted them in
  *                        tcptrace_test_leaky_accept and keeps them in CLOSE_WAIT
+ *   leakstacks handoff   as accept, but each accepted socket is handed by SCM_RIGHTS to a
+ *                        holder process (this program exec'd as `leakstacks hold`) and the
+ *                        acceptor closes its copy: the holder keeps the 5 in CLOSE_WAIT.
+ *                        Prints "READY <port> <holder pid>".
  *
  * Prints "READY <port>" once every socket is in CLOSE_WAIT, then waits until killed.
  * Built with -O0 -g -fno-omit-frame-pointer: every call keeps its frame. */
@@ -51,10 +55,65 @@ __attribute__((noinline)) void path_beta(int (*open_one)(void)) {
     for (int i = 0; i < 2; i++) open_one();
 }
 
+/* The holder: receives descriptors on fd 3 and keeps them. */
+static int hold(void) {
+    for (;;) {
+        char byte;
+        char ctl[CMSG_SPACE(sizeof(int))];
+        struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl,
+                             .msg_controllen = sizeof ctl};
+        if (recvmsg(3, &msg, 0) <= 0) break;
+    }
+    for (;;) pause();
+    return 0;
+}
+
+static int holder_sock = -1;
+
+static void hand_off(int fd) {
+    char byte = 'x';
+    char ctl[CMSG_SPACE(sizeof(int))];
+    memset(ctl, 0, sizeof ctl);
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl,
+                         .msg_controllen = sizeof ctl};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    if (sendmsg(holder_sock, &msg, 0) != 1) die("sendmsg");
+    close(fd);
+}
+
+__attribute__((noinline)) int tcptrace_test_handed_off_accept(void) {
+    int fd = accept(listener, NULL, NULL);
+    if (fd < 0) die("accept");
+    hand_off(fd);
+    return fd;
+}
+
 int main(int argc, char **argv) {
-    if (argc != 2 || (strcmp(argv[1], "connect") && strcmp(argv[1], "accept"))) {
-        fprintf(stderr, "usage: leakstacks connect|accept\n");
+    if (argc == 2 && !strcmp(argv[1], "hold")) return hold();
+    if (argc != 2 || (strcmp(argv[1], "connect") && strcmp(argv[1], "accept") &&
+                      strcmp(argv[1], "handoff"))) {
+        fprintf(stderr, "usage: leakstacks connect|accept|handoff\n");
         return 2;
+    }
+    pid_t holder = 0;
+    if (!strcmp(argv[1], "handoff")) {
+        int sv[2];
+        if (socketpair(AF_UNIX, SOCK_DGRAM, 0, sv) < 0) die("socketpair");
+        holder = fork();
+        if (holder < 0) die("fork");
+        if (holder == 0) {
+            if (dup2(sv[1], 3) < 0) die("dup2");
+            execl("/proc/self/exe", argv[0], "hold", (char *)NULL);
+            die("exec");
+        }
+        close(sv[1]);
+        holder_sock = sv[0];
     }
     listener = socket(AF_INET, SOCK_STREAM, 0);
     if (listener < 0) die("socket");
@@ -68,6 +127,7 @@ int main(int argc, char **argv) {
         path_alpha(tcptrace_test_leaky_connect);
         path_beta(tcptrace_test_leaky_connect);
     } else {
+        int handoff = holder_sock >= 0;
         pid_t child = fork();
         if (child < 0) die("fork");
         if (child == 0) {
@@ -81,13 +141,21 @@ int main(int argc, char **argv) {
             for (int i = 0; i < 5; i++) close(fds[i]);
             _exit(0);
         }
-        path_alpha(tcptrace_test_leaky_accept);
-        path_beta(tcptrace_test_leaky_accept);
+        if (handoff) {
+            path_alpha(tcptrace_test_handed_off_accept);
+            path_beta(tcptrace_test_handed_off_accept);
+        } else {
+            path_alpha(tcptrace_test_leaky_accept);
+            path_beta(tcptrace_test_leaky_accept);
+        }
         waitpid(child, NULL, 0);
     }
     /* Let the peers' FINs arrive. */
     usleep(200 * 1000);
-    printf("READY %d\n", ntohs(addr.sin_port));
+    if (holder)
+        printf("READY %d %d\n", ntohs(addr.sin_port), (int)holder);
+    else
+        printf("READY %d\n", ntohs(addr.sin_port));
     fflush(stdout);
     for (;;) pause();
 }

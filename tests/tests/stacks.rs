@@ -205,3 +205,37 @@ fn daemon_switches_stacks_on_at_reload_and_reports_them() {
         );
     }
 }
+
+/// A socket accepted by one process and handed to another by SCM_RIGHTS (the acceptor closes
+/// its copy): the stack is found by socket, shown on the holder, named in the acceptor's
+/// address space (the holder is another program image, exec'd).
+#[test]
+fn stacks_follow_a_socket_handed_to_another_process() {
+    require_root!("stacks_follow_a_socket_handed_to_another_process");
+    let dir = TempDir::new("stacks-handoff");
+    let bin = build_leakstacks(&dir);
+    let (mut w, _) = Tcptrace::watch(&["--stacks", "--leak-after", "1"]);
+    let from = w.count();
+    let mut cmd = Command::new(&bin);
+    cmd.arg("handoff");
+    let mut acceptor = Scenario::from_command(cmd, "leakstacks handoff".into());
+    let ready = acceptor.expect("READY");
+    let holder: u32 = ready
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("READY {ready:?}: no holder pid"));
+    let p = w.wait_proc(from, holder, "two leak stacks with 5 sockets", |p| {
+        groups(p).iter().map(|g| g.1).sum::<u64>() == 5
+    });
+    assert_two_paths(&p, "tcptrace_test_handed_off_accept", "accept");
+    assert_eq!(u64_at(&p, "close_wait.count"), Some(5));
+    assert_eq!(ss_count("close-wait", holder).0, 5, "ss agrees");
+    let acceptor_entry = process(&w.values().pop().unwrap(), acceptor.pid()).cloned();
+    assert!(
+        acceptor_entry
+            .as_ref()
+            .is_none_or(|a| u64_at(a, "close_wait.count") == Some(0)),
+        "the acceptor holds none: {acceptor_entry:?}"
+    );
+}

@@ -180,6 +180,34 @@ pub fn ring_size(bytes: u32) -> u32 {
 }
 
 /// Where the programs find a socket's network namespace number, from the kernel's BTF.
+/// The offsets the stack programs use; each 0 where BTF does not give it (that part is then
+/// skipped: no stack pointer, or stacks keyed by descriptor instead of socket).
+fn regs_offsets(btf: &Btf) -> RegsOffsets {
+    let at = |name: &str, path: &str| btf.offset_of(name, path).unwrap_or(0);
+    let mut r = RegsOffsets {
+        sp: at("pt_regs", "sp"),
+        task_files: at("task_struct", "files"),
+        files_fdt: at("files_struct", "fdt"),
+        fdt_max_fds: at("fdtable", "max_fds"),
+        fdt_fd: at("fdtable", "fd"),
+        file_private: at("file", "private_data"),
+        socket_sk: at("socket", "sk"),
+        _pad: 0,
+    };
+    // max_fds is the first member of fdtable (offset 0 is valid there): only the others
+    // must be non-zero.
+    if !r.fd_to_sock() {
+        (
+            r.task_files,
+            r.files_fdt,
+            r.fdt_fd,
+            r.file_private,
+            r.socket_sk,
+        ) = (0, 0, 0, 0, 0);
+    }
+    r
+}
+
 fn netns_offsets(btf: &Btf) -> Result<NetnsOffsets, BtfError> {
     Ok(NetnsOffsets {
         skc_net: btf.offset_of("sock_common", "skc_net.net")?,
@@ -252,14 +280,7 @@ impl Probes {
         let (offsets, degraded) = tracefs::offsets_from(&root)?;
         let btf = Btf::from_sys();
         let sock = btf.as_ref().ok().and_then(sock_offsets);
-        let regs = RegsOffsets {
-            sp: btf
-                .as_ref()
-                .ok()
-                .and_then(|b| b.offset_of("pt_regs", "sp").ok())
-                .unwrap_or(0),
-            _pad: 0,
-        };
+        let regs = btf.as_ref().map(regs_offsets).unwrap_or_default();
         let (netns, netns_degraded) = match btf.and_then(|b| netns_offsets(&b)) {
             Ok(n) => (n, None),
             Err(e) => (

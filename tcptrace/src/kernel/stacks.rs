@@ -88,6 +88,8 @@ pub enum Opened {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenedStack {
     pub opened: Opened,
+    /// The process that opened it.
+    pub pid: u32,
     /// Return addresses, innermost first (empty: the walk failed, see `error`).
     pub ips: Vec<u64>,
     /// The errno the walk failed with (EFAULT: nothing readable; EEXIST: the stack map's bucket
@@ -119,10 +121,21 @@ impl StackTables {
         }
     }
 
-    /// The stack descriptor `fd` of process `pid` was opened with, if it was recorded (and not
-    /// evicted since).
+    /// The stack descriptor `fd` of process `pid` was opened with, if it was recorded by
+    /// descriptor (and not evicted since).
     pub fn lookup(&self, pid: u32, fd: u32) -> Option<OpenedStack> {
-        let v = self.socks.get(&((pid as u64) << 32 | fd as u64), 0).ok()?;
+        self.lookup_key((pid as u64) << 32 | fd as u64)
+    }
+
+    /// The stack the socket at kernel address `sk` was opened with, if it was recorded by
+    /// socket (whichever process holds it now).
+    pub fn lookup_sock(&self, sk: u64) -> Option<OpenedStack> {
+        // Kernel addresses only: `tgid << 32 | fd` keys are far below.
+        (sk >= 0xffff_0000_0000_0000).then(|| self.lookup_key(sk))?
+    }
+
+    fn lookup_key(&self, key: u64) -> Option<OpenedStack> {
+        let v = self.socks.get(&key, 0).ok()?;
         let opened = if v.kind == STACK_ACCEPT {
             Opened::Accept
         } else {
@@ -137,6 +150,7 @@ impl StackTables {
         };
         Some(OpenedStack {
             opened,
+            pid: v.pid,
             ips,
             error,
             sp: v.sp,

@@ -61,12 +61,25 @@ impl StackResolver {
     }
 
     fn stack_of(&mut self, q: &StackQuery) -> Option<Arc<LeakStack>> {
-        // A holder's own descriptor first; then the process the kernel side named, under a
+        // By socket first (recorded in the opener's context, found whoever holds it now: a
+        // hand-off by fork, exec or SCM_RIGHTS); its addresses are in the opener's address
+        // space while the opener lives, else in a holder's (a fork shares them).
+        let by_sock = self.tables.lookup_sock(q.key).map(|opened| {
+            let alive = std::path::Path::new(&format!("/proc/{}", opened.pid)).exists();
+            let pid = match q.holders.first() {
+                Some(&(holder, _)) if !alive => holder,
+                _ => opened.pid,
+            };
+            (pid, opened)
+        });
+        // Else a holder's own descriptor; then the process the kernel side named, under a
         // holder's descriptor number (a child that inherited it by fork keeps the number).
-        let (pid, opened) = q
-            .holders
-            .iter()
-            .find_map(|&(pid, fd)| Some((pid, self.tables.lookup(pid, fd)?)))
+        let (pid, opened) = by_sock
+            .or_else(|| {
+                q.holders
+                    .iter()
+                    .find_map(|&(pid, fd)| Some((pid, self.tables.lookup(pid, fd)?)))
+            })
             .or_else(|| {
                 let hint = q.hint?;
                 q.holders
