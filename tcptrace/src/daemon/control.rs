@@ -88,7 +88,7 @@ pub enum ControlError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("key `socket_group`: no group named `{0}` in /etc/group")]
+    #[error("key `socket_group`: no group named `{0}` (getent group lists them)")]
     NoSuchGroup(String),
     #[error("cannot give {} to group {group}", path.display())]
     Chown {
@@ -284,20 +284,35 @@ pub fn bind_control(
     Ok((listener, file))
 }
 
+/// The gid of group `name` (a number is taken as it is), through the C library's group
+/// database (NSS: /etc/group, and LDAP or sssd where the host uses them).
 fn group_id(name: &str) -> Result<u32, ControlError> {
     if let Ok(n) = name.parse::<u32>() {
         return Ok(n);
     }
-    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    groups
-        .lines()
-        .find_map(|l| {
-            let mut it = l.split(':');
-            (it.next() == Some(name))
-                .then(|| it.nth(1).and_then(|g| g.parse().ok()))
-                .flatten()
-        })
-        .ok_or_else(|| ControlError::NoSuchGroup(name.to_string()))
+    let missing = || ControlError::NoSuchGroup(name.to_string());
+    let cname = std::ffi::CString::new(name).map_err(|_| missing())?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: zeroed plain-data struct, filled by getgrnam_r.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: valid NUL-terminated name, buffer and out pointers that live across the call.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            0 if !found.is_null() => return Ok(grp.gr_gid),
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            _ => return Err(missing()),
+        }
+    }
 }
 
 fn error_reply(msg: &str) -> Bytes {
@@ -344,6 +359,17 @@ pub async fn serve_control(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn groups_by_name_or_number() {
+        assert_eq!(group_id("root").ok(), Some(0));
+        assert_eq!(group_id("42").ok(), Some(42));
+        assert!(matches!(
+            group_id("no-such-group-tcptrace"),
+            Err(ControlError::NoSuchGroup(g)) if g == "no-such-group-tcptrace"
+        ));
+        assert!(group_id("bad\0name").is_err());
+    }
 
     async fn ask(request: Vec<u8>) -> serde_json::Value {
         let (a, mut b) = UnixStream::pair().unwrap();

@@ -1,39 +1,39 @@
 //! Linux errno names for the errors `connect()` and TCP sockets report.
 
-/// (errno, name) for every error a TCP connect can plausibly return.
+/// (errno, name) for every error a TCP connect can plausibly return (values from libc).
 const NAMES: &[(i32, &str)] = &[
-    (1, "EPERM"),
-    (4, "EINTR"),
-    (9, "EBADF"),
-    (11, "EAGAIN"),
-    (12, "ENOMEM"),
-    (13, "EACCES"),
-    (14, "EFAULT"),
-    (22, "EINVAL"),
-    (24, "EMFILE"),
-    (32, "EPIPE"),
-    (88, "ENOTSOCK"),
-    (91, "EPROTOTYPE"),
-    (97, "EAFNOSUPPORT"),
-    (98, "EADDRINUSE"),
-    (99, "EADDRNOTAVAIL"),
-    (100, "ENETDOWN"),
-    (101, "ENETUNREACH"),
-    (103, "ECONNABORTED"),
-    (104, "ECONNRESET"),
-    (105, "ENOBUFS"),
-    (106, "EISCONN"),
-    (110, "ETIMEDOUT"),
-    (111, "ECONNREFUSED"),
-    (112, "EHOSTDOWN"),
-    (113, "EHOSTUNREACH"),
-    (114, "EALREADY"),
-    (115, "EINPROGRESS"),
-    (125, "ECANCELED"),
+    (libc::EPERM, "EPERM"),
+    (libc::EINTR, "EINTR"),
+    (libc::EBADF, "EBADF"),
+    (libc::EAGAIN, "EAGAIN"),
+    (libc::ENOMEM, "ENOMEM"),
+    (libc::EACCES, "EACCES"),
+    (libc::EFAULT, "EFAULT"),
+    (libc::EINVAL, "EINVAL"),
+    (libc::EMFILE, "EMFILE"),
+    (libc::EPIPE, "EPIPE"),
+    (libc::ENOTSOCK, "ENOTSOCK"),
+    (libc::EPROTOTYPE, "EPROTOTYPE"),
+    (libc::EAFNOSUPPORT, "EAFNOSUPPORT"),
+    (libc::EADDRINUSE, "EADDRINUSE"),
+    (libc::EADDRNOTAVAIL, "EADDRNOTAVAIL"),
+    (libc::ENETDOWN, "ENETDOWN"),
+    (libc::ENETUNREACH, "ENETUNREACH"),
+    (libc::ECONNABORTED, "ECONNABORTED"),
+    (libc::ECONNRESET, "ECONNRESET"),
+    (libc::ENOBUFS, "ENOBUFS"),
+    (libc::EISCONN, "EISCONN"),
+    (libc::ETIMEDOUT, "ETIMEDOUT"),
+    (libc::ECONNREFUSED, "ECONNREFUSED"),
+    (libc::EHOSTDOWN, "EHOSTDOWN"),
+    (libc::EHOSTUNREACH, "EHOSTUNREACH"),
+    (libc::EALREADY, "EALREADY"),
+    (libc::EINPROGRESS, "EINPROGRESS"),
+    (libc::ECANCELED, "ECANCELED"),
 ];
 
-pub const EINPROGRESS: i32 = 115;
-pub const EADDRNOTAVAIL: i32 = 99;
+pub const EINPROGRESS: i32 = libc::EINPROGRESS;
+pub const EADDRNOTAVAIL: i32 = libc::EADDRNOTAVAIL;
 
 /// The symbolic name of a positive errno, or `E<number>` for one not in the table.
 pub fn name(errno: i32) -> std::borrow::Cow<'static, str> {
@@ -46,7 +46,16 @@ pub fn name(errno: i32) -> std::borrow::Cow<'static, str> {
 /// Errors that a connect() on a socket that never changed state can only report when an earlier
 /// non-blocking attempt failed (already counted from its error report), or that are not failures.
 pub fn is_repeat_or_not_failure(errno: i32) -> bool {
-    matches!(errno, 103 | 104 | 106 | 110 | 111 | 114 | 115)
+    matches!(
+        errno,
+        libc::ECONNABORTED
+            | libc::ECONNRESET
+            | libc::EISCONN
+            | libc::ETIMEDOUT
+            | libc::ECONNREFUSED
+            | libc::EALREADY
+            | libc::EINPROGRESS
+    )
 }
 
 #[cfg(test)]

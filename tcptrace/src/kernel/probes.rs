@@ -95,14 +95,17 @@ pub fn check_privileges() -> Result<(), MissingPrivilege> {
     )))
 }
 
-/// The BPF ring buffer needs Linux 5.8.
+/// The BPF ring buffer needs Linux 5.8 (the version as aya reads it: distributions' own version
+/// strings included).
 fn check_kernel() -> Result<(), Error> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let release = release.trim();
-    match tracefs::kernel_version(release) {
-        Some(v) if v < (5, 8) => Err(Error::KernelTooOld {
-            release: release.to_string(),
-        }),
+    use aya::util::KernelVersion;
+    match KernelVersion::current() {
+        Ok(v) if v < KernelVersion::new(5, 8, 0) => {
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+            Err(Error::KernelTooOld {
+                release: release.trim().to_string(),
+            })
+        }
         _ => Ok(()),
     }
 }

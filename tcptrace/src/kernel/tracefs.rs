@@ -134,12 +134,6 @@ const ERROR_REPORT_FALLBACK: &[(&str, u16, u16)] = &[
     ("daddr_v6", 44, 16),
 ];
 
-/// (major, minor) of a kernel release string such as "6.1.0-56-amd64".
-pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
-    let mut it = release.split(|c: char| !c.is_ascii_digit());
-    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
-}
-
 /// Pure part of [`offsets_from`]: maps parsed fields to [`Offsets`].
 pub fn offsets_from_fields(
     ss: &HashMap<String, Field>,
@@ -233,13 +227,6 @@ print fmt: \"family=%s\"
             }
         );
         assert_eq!(f["common_pid"], Field { offset: 4, size: 4 });
-    }
-
-    #[test]
-    fn kernel_versions() {
-        assert_eq!(kernel_version("6.18.44-fc-v669"), Some((6, 18)));
-        assert_eq!(kernel_version("5.4.0-150-generic"), Some((5, 4)));
-        assert_eq!(kernel_version("garbage"), None);
     }
 
     #[test]
