@@ -47,7 +47,9 @@ pub enum BtfError {
 /// One member of a struct or union.
 #[derive(Clone, Debug, Default)]
 struct Member {
-    name: String,
+    /// Offset of the name in the string section (names are not copied: vmlinux has hundreds of
+    /// thousands of members, and a String each made the start-up's peak memory).
+    name: u32,
     /// Offset in bits from the start of the composite.
     bit_off: u32,
     ty: u32,
@@ -63,6 +65,8 @@ struct Composite {
 
 /// The structs and unions of a BTF blob, by name (the first of a name wins) and by type id.
 pub struct Btf {
+    /// The string section.
+    strings: Vec<u8>,
     by_name: HashMap<String, u32>,
     by_id: HashMap<u32, Composite>,
     /// typedefs and qualifiers: id -> the type they name.
@@ -151,7 +155,7 @@ impl Btf {
                         (m_off, 0)
                     };
                     c.members.push(Member {
-                        name: str_at(strings, m_name).unwrap_or("").to_string(),
+                        name: m_name,
                         bit_off,
                         ty: m_type,
                         bitfield,
@@ -178,6 +182,7 @@ impl Btf {
             id += 1;
         }
         Ok(Btf {
+            strings: strings.to_vec(),
             by_name,
             by_id,
             aliases,
@@ -230,10 +235,11 @@ impl Btf {
     /// offset in bits and the member.
     fn find_member(&self, id: u32, member: &str) -> Option<(u32, Member)> {
         let c = self.by_id.get(&id)?;
-        if let Some(m) = c.members.iter().find(|m| m.name == member) {
+        let name = |m: &Member| str_at(&self.strings, m.name).unwrap_or("");
+        if let Some(m) = c.members.iter().find(|m| name(m) == member) {
             return Some((m.bit_off, m.clone()));
         }
-        for m in c.members.iter().filter(|m| m.name.is_empty()) {
+        for m in c.members.iter().filter(|m| name(m).is_empty()) {
             if let Some((o, found)) = self.find_member(self.resolve(m.ty), member) {
                 return Some((m.bit_off + o, found));
             }
