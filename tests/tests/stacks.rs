@@ -13,10 +13,16 @@ use tcptrace_tests::{
 
 /// Compiles tests/scripts/leakstacks.c (frame pointers, symbols and line numbers kept).
 fn build_leakstacks(dir: &TempDir) -> PathBuf {
+    build_leakstacks_as(dir, "leakstacks", &["-O0", "-g", "-fno-omit-frame-pointer"])
+}
+
+/// Compiles tests/scripts/leakstacks.c as `name` with these compiler flags.
+fn build_leakstacks_as(dir: &TempDir, name: &str, flags: &[&str]) -> PathBuf {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/leakstacks.c");
-    let out = dir.0.join("leakstacks");
+    let out = dir.0.join(name);
     let status = Command::new("gcc")
-        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
+        .args(flags)
+        .arg("-o")
         .arg(&out)
         .arg(&src)
         .status()
@@ -35,7 +41,7 @@ fn leak(bin: &PathBuf, mode: &str) -> Scenario {
 
 /// The (function names, count) of each leak stack of a process entry, most sockets first.
 fn groups(p: &Value) -> Vec<(Vec<String>, u64, String)> {
-    p["close_wait"]["leak_stacks"]
+    p["leak_stacks"]
         .as_array()
         .into_iter()
         .flatten()
@@ -60,7 +66,7 @@ fn groups(p: &Value) -> Vec<(Vec<String>, u64, String)> {
 /// called from that path (the frame right above the libc wrapper), opened by `opened`.
 fn assert_two_paths(p: &Value, func: &str, opened: &str) {
     let g = groups(p);
-    let shown = serde_json::to_string_pretty(&p["close_wait"]["leak_stacks"]).unwrap();
+    let shown = serde_json::to_string_pretty(&p["leak_stacks"]).unwrap();
     assert_eq!(g.len(), 2, "two stacks expected:\n{shown}");
     for ((names, count, how), (path, want)) in g.iter().zip([("path_alpha", 3), ("path_beta", 2)]) {
         assert_eq!(*count, want, "{path}:\n{shown}");
@@ -77,7 +83,7 @@ fn assert_two_paths(p: &Value, func: &str, opened: &str) {
         assert!(names.iter().any(|n| n == "main"), "{shown}");
     }
     assert!(
-        p["close_wait"]["leak_stacks"]
+        p["leak_stacks"]
             .as_array()
             .unwrap()
             .iter()
@@ -130,7 +136,7 @@ fn without_stacks_nothing_is_recorded() {
     let p = w.wait_proc(from, conn.pid(), "5 leaked", |p| {
         u64_at(p, "close_wait.leaked") == Some(5)
     });
-    assert!(p["close_wait"].get("leak_stacks").is_none(), "{p}");
+    assert!(p.get("leak_stacks").is_none(), "{p}");
     for s in p["close_wait"]["sockets"].as_array().unwrap() {
         assert!(s.get("stack").is_none(), "{s}");
     }

@@ -187,6 +187,9 @@ pub async fn status(socket: &Path, json: bool) -> Result<(), ClientError> {
             (None, false) => "off (`stacks = true` in the config file, then SIGHUP)".to_string(),
         }
     );
+    for p in &s.stack_problems {
+        println!("  {}", printable(p));
+    }
     println!(
         "events seen {}, dropped {}, missed {}, for unknown sockets {}",
         s.events_seen, s.events_dropped, s.events_missed, s.events_unknown_socket

@@ -33,6 +33,9 @@ pub struct Status {
     /// Why stacks could not be switched on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stacks_error: Option<String>,
+    /// Why recorded stacks are incomplete: each names the binary and how to fix it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stack_problems: Vec<String>,
     /// What works less well on this kernel.
     pub degraded: Vec<String>,
     /// Records applied to the table.

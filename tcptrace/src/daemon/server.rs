@@ -117,9 +117,11 @@ impl State {
         let stats = self.tracer.with_table(|t| t.stats());
         let k = self.tracer.kernel_counters();
         let (stacks, stacks_error) = self.tracer.stacks();
+        let stack_problems = self.tracer.with_table(|t| t.stack_problems(10));
         Status {
             stacks,
             stacks_error,
+            stack_problems,
             pid: std::process::id(),
             uptime_secs: (self.tracer.uptime().as_secs_f64() * 10.0).round() / 10.0,
             programs_attached: self

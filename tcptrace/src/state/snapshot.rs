@@ -69,10 +69,6 @@ pub struct CloseWaitView {
     /// live views.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sockets: Option<Vec<SocketView>>,
-    /// The CLOSE_WAIT sockets grouped by the call stack that opened them, most sockets first
-    /// (`--stacks`; absent when no stack is known).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub leak_stacks: Vec<super::stacks::LeakStackView>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -147,6 +143,10 @@ pub struct ProcessView {
     pub connects: ConnectsView,
     pub churn: ChurnView,
     pub destinations: Vec<ProcDestView>,
+    /// Its CLOSE_WAIT sockets grouped by the call stack that opened them, most sockets first
+    /// (`--stacks`; absent when no stack is known).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub leak_stacks: Vec<super::stacks::LeakStackView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub findings: Option<Vec<String>>,
 }
@@ -401,7 +401,7 @@ impl Table {
                 });
             }
             cw.oldest_secs = round3(cw.oldest_secs);
-            cw.leak_stacks =
+            let leak_stacks =
                 super::stacks::group(acc.cw.iter().filter_map(|s| s.held.stack.as_ref()));
             // The most frequent remotes: chosen before any is formatted (a leaking server can
             // have one remote per socket, thousands of them).
@@ -478,6 +478,7 @@ impl Table {
                     fin_wait2: acc.fw2_now,
                 },
                 destinations,
+                leak_stacks,
                 findings: None,
             });
         }

@@ -73,6 +73,26 @@ impl Table {
     }
 }
 
+impl Table {
+    /// The distinct reasons why stacks of the CLOSE_WAIT sockets are incomplete (a binary
+    /// without frame pointers, named), at most `max`, for `tcptrace status`.
+    pub fn stack_problems(&self, max: usize) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for st in self.sockets.values().filter_map(|s| s.held.stack.as_ref()) {
+            if let Some(p) = &st.problem
+                && !out.contains(p)
+            {
+                out.push(p.clone());
+                if out.len() == max {
+                    break;
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
 /// Groups sockets by stack, the most sockets first.
 pub(super) fn group<'a>(stacks: impl Iterator<Item = &'a Arc<LeakStack>>) -> Vec<LeakStackView> {
     let mut groups: Vec<(&Arc<LeakStack>, u64)> = Vec::new();

@@ -241,7 +241,7 @@ pub fn render_text(r: &Report) -> String {
                 .collect();
             let _ = writeln!(o, "    to: {}", rs.join(", "));
         }
-        for g in cw["leak_stacks"].as_array().into_iter().flatten() {
+        for g in p["leak_stacks"].as_array().into_iter().flatten() {
             let frames: Vec<&str> = g["stack"]
                 .as_array()
                 .into_iter()

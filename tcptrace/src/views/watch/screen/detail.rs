@@ -148,7 +148,7 @@ pub fn lines(p: &ProcessView, v: &View) -> Vec<Line<'static>> {
         )));
     }
     // The code paths that opened them (--stacks): one line per stack, most sockets first.
-    for g in cw.leak_stacks.iter().take(MAX_STACKS) {
+    for g in p.leak_stacks.iter().take(MAX_STACKS) {
         let frames: Vec<&str> = g.stack.iter().map(String::as_str).collect();
         out.push(Line::from(Span::styled(
             format!(
@@ -163,10 +163,10 @@ pub fn lines(p: &ProcessView, v: &View) -> Vec<Line<'static>> {
             out.push(Line::from(format!("    note: {}", escape(problem))));
         }
     }
-    if cw.leak_stacks.len() > MAX_STACKS {
+    if p.leak_stacks.len() > MAX_STACKS {
         out.push(Line::from(format!(
             "  ... and {} more stacks (tcptrace report)",
-            cw.leak_stacks.len() - MAX_STACKS
+            p.leak_stacks.len() - MAX_STACKS
         )));
     }
     let failed = if p.connects.failed.is_empty() {
