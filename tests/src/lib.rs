@@ -607,7 +607,19 @@ impl Scenario {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        // A freshly copied executable can be "busy" for a moment: a process another test thread
+        // forked while the copy was open for writing holds that descriptor until it execs.
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Ok(c) => break c,
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                    tries += 1;
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("spawn {name}: {e}"),
+            }
+        };
         let stderr = Captured::default();
         stderr.collect(child.stderr.take().unwrap());
         let stdin = child.stdin.take();
@@ -661,6 +673,10 @@ impl TempDir {
         let to = self.0.join(name);
         std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy to {to:?}: {e}"));
         std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A child another test thread forked while the copy was open for writing holds that
+        // descriptor until it execs: running the copy before then fails with ETXTBSY (callers
+        // that exec it through another program, such as setpriv, cannot retry).
+        thread::sleep(Duration::from_millis(100));
         to
     }
 }
