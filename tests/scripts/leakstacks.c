@@ -18,6 +18,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -55,7 +57,8 @@ __attribute__((noinline)) void path_beta(int (*open_one)(void)) {
     for (int i = 0; i < 2; i++) open_one();
 }
 
-/* The holder: receives descriptors on fd 3 and keeps them. */
+/* The holder: receives descriptors on fd 3 and keeps them until the acceptor goes away (the
+ * socketpair closes): a test that stops the acceptor leaves nothing behind. */
 static int hold(void) {
     for (;;) {
         char byte;
@@ -65,7 +68,6 @@ static int hold(void) {
                              .msg_controllen = sizeof ctl};
         if (recvmsg(3, &msg, 0) <= 0) break;
     }
-    for (;;) pause();
     return 0;
 }
 
@@ -108,6 +110,9 @@ int main(int argc, char **argv) {
         holder = fork();
         if (holder < 0) die("fork");
         if (holder == 0) {
+            /* Killed with the acceptor too, whatever happens to the socketpair. */
+            prctl(PR_SET_PDEATHSIG, SIGKILL);
+            close(sv[0]);
             if (dup2(sv[1], 3) < 0) die("dup2");
             execl("/proc/self/exe", argv[0], "hold", (char *)NULL);
             die("exec");

@@ -62,6 +62,8 @@ const APT_PACKAGES: &[&str] = &[
     "tmux",
     // The leak-stack test compiles a C program with frame pointers.
     "gcc",
+    // The seccomp test traces every system call the daemon makes.
+    "strace",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
