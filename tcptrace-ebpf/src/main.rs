@@ -226,9 +226,12 @@ const SLOT_ERROR: u32 = 1;
 /// [`SCRATCH`] slot of `inet_state_rescue` (it runs while the state program holds its slot).
 const SLOT_RESCUE: u32 = 2;
 
-/// Per CPU: 1 while `inet_sock_set_state_raw` runs there (see `inet_state_rescue`).
+/// Per CPU: whether the transition being traced there has been reported. `inet_state_enter`
+/// (attached first) sets 0, `inet_sock_set_state_raw` sets 1 when it runs, and
+/// `inet_state_rescue` (attached last) reports the transition when it is still 0 (see the
+/// state module).
 #[map]
-static STATE_BUSY: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+static STATE_HANDLED: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);

@@ -15,7 +15,7 @@ use tcptrace_common::{
 
 use crate::{
     CONNECTS, COUNTER_DROPPED, COUNTER_RESCUED, LISTENERS, Listener, OWNERS, Record, SLOT_RESCUE,
-    SLOT_STATE, STATE_BUSY, count, current_owner, listener_key, ring, set_owner, sock_netns,
+    SLOT_STATE, STATE_HANDLED, count, current_owner, listener_key, ring, set_owner, sock_netns,
     submit_flags,
 };
 
@@ -64,19 +64,30 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 /// where a classic tracepoint program is skipped whenever any BPF program is running on the CPU
 /// (another tool's included): transitions would be lost, unseen but for the kernel's
 /// `recursion_misses`.
+///
+/// Nested in itself it is still skipped: a softirq that interrupts it (or interrupts the
+/// kernel's own code around it, between the moment the kernel marks it running on the CPU and
+/// the moment it unmarks it) makes transitions of its own. Three programs, attached in this
+/// order to the tracepoint, make up for those:
+///
+/// 1. [`inet_state_enter`] marks the transition unreported on its CPU (`STATE_HANDLED` = 0);
+/// 2. this program marks it reported (1) and reports it;
+/// 3. [`inet_state_rescue`] reports it when it is still unreported: this program was skipped.
+///
+/// Transitions nest at most once on a CPU (process context, then a softirq; softirqs do not
+/// nest, and hard interrupts make no TCP transitions), and whichever program's run the nested
+/// transition lands in, the flag is right for both: inside the enter program's run (itself
+/// skipped), this program runs for the nested transition and sets 1; inside this program's
+/// run, the nested enter sets 0, this program is skipped and the rescue reports it; inside the
+/// rescue's run (itself skipped), this program ran for both. The marks are single stores, which
+/// an interrupt cannot split.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
-    let busy = STATE_BUSY.get_ptr_mut(0);
-    if let Some(b) = busy {
-        // SAFETY: this CPU's slot; only this program writes it, and it does not nest in itself.
-        unsafe { *b = 1 };
+    if let Some(h) = STATE_HANDLED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; a single store.
+        unsafe { core::ptr::write_volatile(h, 1) };
     }
-    let r = try_set_state_raw(&ctx, SLOT_STATE);
-    if let Some(b) = busy {
-        // SAFETY: as above.
-        unsafe { *b = 0 };
-    }
-    if let Err(err) = r {
+    if let Err(err) = try_set_state_raw(&ctx, SLOT_STATE) {
         rare!(
             error,
             &ctx,
@@ -87,17 +98,31 @@ pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// Attached to the same tracepoint after [`inet_sock_set_state_raw`]: a softirq that interrupts
-/// that program on its CPU makes transitions of its own, and the kernel skips the program for
-/// them (it never runs nested in itself). This one then finds the main program busy on its CPU
-/// and reports the transition in its place, counted in `COUNTERS[COUNTER_RESCUED]`. Otherwise it
-/// returns at once.
+/// Attached to the tracepoint before [`inet_sock_set_state_raw`]: marks the transition
+/// unreported on this CPU.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_state_enter(_ctx: RawTracePointContext) -> i32 {
+    if let Some(h) = STATE_HANDLED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; a single store.
+        unsafe { core::ptr::write_volatile(h, 0) };
+    }
+    0
+}
+
+/// Attached to the tracepoint after [`inet_sock_set_state_raw`]: reports the transition that
+/// program was skipped for (still unreported on this CPU), counted in
+/// `COUNTERS[COUNTER_RESCUED]`. Otherwise it returns at once.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_state_rescue(ctx: RawTracePointContext) -> i32 {
-    // SAFETY: this CPU's slot, read once.
-    let busy = STATE_BUSY.get_ptr(0).is_some_and(|b| unsafe { *b } != 0);
-    if !busy {
+    let Some(h) = STATE_HANDLED.get_ptr_mut(0) else {
         return 0;
+    };
+    // SAFETY: this CPU's slot; single load and store.
+    unsafe {
+        if core::ptr::read_volatile(h) != 0 {
+            return 0;
+        }
+        core::ptr::write_volatile(h, 1);
     }
     count(COUNTER_RESCUED);
     if let Err(err) = try_set_state_raw(&ctx, SLOT_RESCUE) {

@@ -340,36 +340,43 @@ fn bursts_lose_no_transition() {
         .into_iter()
         .map(|t| t.join().expect("leak thread"))
         .collect();
-    let from = w.count();
-    for (server, _, _) in &leaks {
-        w.wait_proc(
-            from,
-            server.pid(),
-            &format!("close_wait.count == {N}"),
-            |p| u64_at(p, "close_wait.count") == Some(N as u64),
-        );
-    }
-    let snap = w.values().pop().unwrap();
     // Every program's runs the kernel skipped (all tcptrace instances on the host), for the
     // record and for a failure's message.
-    let progs = std::process::Command::new("bpftool")
-        .args(["prog", "show"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let misses: Vec<&str> = progs
-        .lines()
-        .filter(|l| l.contains("recursion_misses"))
-        .collect();
-    println!(
-        "programs the kernel skipped runs of:\n{}",
-        misses.join("\n")
-    );
+    let skipped_runs = || {
+        let progs = std::process::Command::new("bpftool")
+            .args(["prog", "show"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        progs
+            .lines()
+            .filter(|l| l.contains("recursion_misses"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let from = w.count();
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for (server, _, _) in &leaks {
+            w.wait_proc(
+                from,
+                server.pid(),
+                &format!("close_wait.count == {N}"),
+                |p| u64_at(p, "close_wait.count") == Some(N as u64),
+            );
+        }
+    }));
+    let misses = skipped_runs();
+    println!("programs the kernel skipped runs of:\n{misses}");
+    if let Err(e) = waited {
+        let last = w.values().pop().unwrap_or_default();
+        println!("last host line: {}", last["host"]);
+        std::panic::resume_unwind(e);
+    }
+    let snap = w.values().pop().unwrap();
     assert_eq!(u64_at(&snap, "dropped_events"), Some(0), "{}", snap["host"]);
     assert_eq!(
         u64_at(&snap, "missed_events"),
         Some(0),
-        "transitions the kernel skipped the state program for were lost; skipped runs:\n{}",
-        misses.join("\n")
+        "transitions the kernel skipped the state program for were lost; skipped runs:\n{misses}"
     );
 }

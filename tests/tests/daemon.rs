@@ -34,8 +34,9 @@ use tcptrace_tests::{Netns, is_root, run, tcptrace_bin, url_encode};
 const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
 
 /// The tracepoint programs tcptrace attaches (BPF names may be cut to 15 characters).
-const PROGRAM_NAMES: [&str; 5] = [
+const PROGRAM_NAMES: [&str; 6] = [
     "inet_sock_set_state_raw",
+    "inet_state_enter",
     "inet_state_rescue",
     "sys_enter_connect",
     "sys_exit_connect",

@@ -36,6 +36,10 @@ pub const PROGRAMS: &[(&str, &str, &str)] = &[
 /// BPF program runs on the CPU (see the eBPF crate).
 pub const RAW_STATE: &str = "inet_sock_set_state_raw";
 
+/// Attached before [`RAW_STATE`] to the same tracepoint: marks each transition unreported on its
+/// CPU, for [`RESCUE`].
+pub const ENTER: &str = "inet_state_enter";
+
 /// Attached after [`RAW_STATE`] to the same tracepoint: reports the transitions the kernel skips
 /// [`RAW_STATE`] for (made by a softirq that interrupted it on its CPU).
 pub const RESCUE: &str = "inet_state_rescue";
@@ -273,6 +277,16 @@ fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Unloads raw tracepoint program `prog` (its links go with it) if it is loaded. Returns what
+/// to add to a message when that fails (the program then stays attached, harmless but useless).
+fn detach_raw(ebpf: &mut Ebpf, prog: &str) -> String {
+    let p: Option<&mut RawTracePoint> = ebpf.program_mut(prog).and_then(|p| p.try_into().ok());
+    match p.map(|p| p.unload()) {
+        None | Some(Ok(())) => String::new(),
+        Some(Err(e)) => format!(" ({prog} stays attached: {e})"),
+    }
+}
+
 impl Probes {
     /// Checks privileges, reads tracepoint offsets, loads and attaches every program.
     pub fn attach(opts: ProbeOptions) -> Result<Self, Error> {
@@ -343,14 +357,19 @@ impl Probes {
                 continue;
             }
             if *prog == "inet_sock_set_state" && sock.is_some() {
+                // In this order: the enter program must run before the state program for every
+                // transition, the rescue program after it (programs on a tracepoint run in the
+                // order they were attached).
+                let rescue = attach_raw(&mut ebpf, ENTER, name);
                 match attach_raw(&mut ebpf, RAW_STATE, name) {
                     Ok(()) => {
                         attached.push(RAW_STATE);
-                        match attach_raw(&mut ebpf, RESCUE, name) {
-                            Ok(()) => attached.push(RESCUE),
+                        match rescue.and_then(|()| attach_raw(&mut ebpf, RESCUE, name)) {
+                            Ok(()) => attached.extend([ENTER, RESCUE]),
                             Err(e) => degraded.push(format!(
                                 "transitions made while the state program is interrupted are \
-                                 lost (counted as missed): {e}"
+                                 lost (counted as missed): {e}{}",
+                                detach_raw(&mut ebpf, ENTER)
                             )),
                         }
                         continue;
@@ -358,7 +377,8 @@ impl Probes {
                     // A link left by a failed attach is dropped with the program's unload.
                     Err(e) => degraded.push(format!(
                         "state transitions use the classic tracepoint ({e}): the kernel skips it \
-                         while another BPF program runs on the same CPU (counted as missed)"
+                         while another BPF program runs on the same CPU (counted as missed){}",
+                        detach_raw(&mut ebpf, ENTER)
                     )),
                 }
             } else if *prog == "inet_sock_set_state" {
@@ -524,12 +544,12 @@ impl Probes {
                 .unwrap_or(0)
         };
         let dropped = sum(COUNTER_DROPPED);
-        // The rescue program's own skips lose nothing (the state program ran); the state
-        // program's skips that the rescue program reported are not lost either.
+        // The enter and rescue programs' own skips lose nothing (the state program ran); the
+        // state program's skips that the rescue program reported are not lost either.
         let skipped: u64 = self
             .attached
             .iter()
-            .filter(|&&name| name != RESCUE)
+            .filter(|&&name| name != RESCUE && name != ENTER)
             .filter_map(|name| self._ebpf.program(name)?.fd().ok())
             .filter_map(|fd| recursion_misses(fd.as_fd()))
             .sum();
