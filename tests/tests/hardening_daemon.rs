@@ -551,6 +551,8 @@ fn http_raw(addr: &str, request: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).expect("connect metrics");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(request).unwrap();
+    // The daemon keeps HTTP/1.1 connections alive: a closed write side ends the exchange.
+    s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
     String::from_utf8_lossy(&resp).to_string()
@@ -576,8 +578,8 @@ fn remote_of(labels: &str) -> &str {
 }
 
 #[test]
-fn metrics_answers_head_and_bare_lf() {
-    require_root!("metrics_answers_head_and_bare_lf");
+fn metrics_http_head_bare_lf_keep_alive_timeout_and_cap() {
+    require_root!("metrics_http_head_bare_lf_keep_alive_timeout_and_cap");
     let sock = TmpPath::new("http.sock");
     let d = Daemon::start(&sock.0, &[]);
 
@@ -586,12 +588,52 @@ fn metrics_answers_head_and_bare_lf() {
     let head = http_raw(&d.metrics, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     assert!(head.ends_with("\r\n\r\n"), "HEAD got a body: {head}");
-    assert!(head.contains("Content-Length: "), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: "),
+        "{head}"
+    );
     assert!(get.contains("tcptrace_events_total"), "{get}");
     // A request head ended by bare LFs.
     let lf = http_raw(&d.metrics, b"GET /metrics HTTP/1.0\nHost: x\n\n");
-    assert!(lf.starts_with("HTTP/1.1 200 OK"), "bare LF: {lf:?}");
+    // HTTP/1.0 asked, HTTP/1.0 answered.
+    assert!(lf.starts_with("HTTP/1.0 200 OK"), "bare LF: {lf:?}");
     assert!(lf.contains("tcptrace_events_total"), "{lf}");
+
+    // Keep-alive: two requests on one connection, two answers.
+    let two = http_raw(
+        &d.metrics,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(two.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{two}");
+    assert!(two.ends_with("ready\n"), "{two}");
+    let nope = http_raw(&d.metrics, b"GET /nope HTTP/1.0\r\n\r\n");
+    assert!(nope.starts_with("HTTP/1.0 404 "), "{nope}");
+
+    // Connections that send nothing hold every slot: the next one is told to retry, and the
+    // silent ones are closed once the header timeout (5 s) has passed.
+    let silent: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(&d.metrics).expect("connect metrics"))
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    let busy = http_raw(&d.metrics, b"GET /metrics HTTP/1.0\r\n\r\n");
+    assert!(busy.starts_with("HTTP/1.1 503 "), "9th connection: {busy}");
+    let t = Instant::now();
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        let r = s.read_to_end(&mut rest);
+        assert!(r.is_ok(), "a silent connection not closed: {r:?}");
+    }
+    let waited = t.elapsed();
+    assert!(
+        waited < Duration::from_secs(8),
+        "silent connections closed after {waited:?}"
+    );
+    let again = http_raw(&d.metrics, b"GET /healthz HTTP/1.0\r\n\r\n");
+    assert!(
+        again.starts_with("HTTP/1.0 200 OK"),
+        "after the timeout: {again}"
+    );
 }
 
 #[test]

@@ -308,9 +308,13 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
                 if let Ok((s, _)) = r {
                     match metrics_slots.clone().try_acquire_owned() {
                         Ok(permit) => {
-                            let state = state.clone();
-                            let ready = !state.tracer.attached().is_empty();
-                            tokio::spawn(serve_metrics(s, permit, ready, move || state.metrics()));
+                            let (st, state) = (state.clone(), state.clone());
+                            tokio::spawn(serve_metrics(
+                                s,
+                                permit,
+                                move || !st.tracer.attached().is_empty(),
+                                move || state.metrics(),
+                            ));
                         }
                         Err(_) => refuse_metrics_busy(&s),
                     }

@@ -2,6 +2,7 @@
 //! offsets, struct offsets from BTF, draining the ring buffer, decoding records into typed
 //! events, forwarding what the programs log.
 pub mod btf;
+mod counters;
 pub mod errno;
 mod error;
 pub mod event;

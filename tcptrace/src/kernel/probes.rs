@@ -32,6 +32,9 @@ pub const PROGRAMS: &[(&str, &str, &str)] = &[
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
 ];
 
+pub use super::counters::KernelCounters;
+use super::counters::recursion_misses;
+
 /// The raw tracepoint program for `inet_sock_set_state`: cheaper, and not skipped while another
 /// BPF program runs on the CPU (see the eBPF crate).
 pub const RAW_STATE: &str = "inet_sock_set_state_raw";
@@ -557,55 +560,6 @@ impl Probes {
             dropped,
             missed: skipped.saturating_sub(sum(COUNTER_RESCUED)),
         }
-    }
-}
-
-/// How many times the kernel skipped program `prog` because a BPF program was already running
-/// on the CPU (`bpf_prog_info.recursion_misses`, Linux 5.12+); None when it cannot say.
-fn recursion_misses(prog: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
-    use std::os::fd::AsRawFd as _;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    // SAFETY: plain-old-data kernel struct; all zeros is a valid value.
-    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
-    // union bpf_attr { struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; } info; }
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let attr = InfoAttr {
-        bpf_fd: prog.as_raw_fd() as u32,
-        info_len: size_of_val(&info) as u32,
-        info: &raw mut info as u64,
-    };
-    // SAFETY: the attribute points at `info`, of the size it says; the kernel writes at most
-    // that much.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &raw const attr,
-            size_of_val(&attr) as libc::c_uint,
-        )
-    };
-    (r == 0).then_some(info.recursion_misses)
-}
-
-/// Per-CPU kernel counters, summed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KernelCounters {
-    /// Records lost because the ring buffer was full.
-    pub dropped: u64,
-    /// Program runs the kernel skipped because another BPF program was running on the CPU
-    /// (what they would have sent is lost too).
-    pub missed: u64,
-}
-
-impl KernelCounters {
-    /// Everything lost, however.
-    pub fn lost(&self) -> u64 {
-        self.dropped + self.missed
     }
 }
 
