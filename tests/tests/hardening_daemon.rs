@@ -599,13 +599,31 @@ fn metrics_http_head_bare_lf_keep_alive_timeout_and_cap() {
     assert!(lf.starts_with("HTTP/1.0 200 OK"), "bare LF: {lf:?}");
     assert!(lf.contains("tcptrace_events_total"), "{lf}");
 
-    // Keep-alive: two requests on one connection, two answers.
-    let two = http_raw(
-        &d.metrics,
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n\r\n",
-    );
-    assert_eq!(two.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{two}");
-    assert!(two.ends_with("ready\n"), "{two}");
+    // Keep-alive: a second request on the connection of the first, answered.
+    {
+        let mut s = TcpStream::connect(&d.metrics).expect("connect metrics");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"\r\n\r\nok\n") {
+            let n = s.read(&mut buf).expect("first answer");
+            assert!(
+                n > 0,
+                "closed after one request: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let _ = s.read_to_end(&mut got);
+        let two = String::from_utf8_lossy(&got);
+        assert_eq!(two.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{two}");
+        assert!(two.ends_with("ready\n"), "{two}");
+    }
     let nope = http_raw(&d.metrics, b"GET /nope HTTP/1.0\r\n\r\n");
     assert!(nope.starts_with("HTTP/1.0 404 "), "{nope}");
 

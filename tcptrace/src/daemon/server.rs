@@ -16,7 +16,7 @@ use super::{
     config::{Config, ConfigError},
     control::{ControlError, MAX_CONTROL_CLIENTS, bind_control, refuse_busy, serve_control},
     http::{MAX_METRICS_CLIENTS, refuse_busy as refuse_metrics_busy, serve_metrics},
-    logfmt::{error_chain, log},
+    logfmt::{self, error_chain, log_at},
     metrics,
     protocol::{Evictions, Request, Status, reply_line},
     systemd::{Notifier, notify_reloaded, notify_reloading, notify_stopping},
@@ -219,6 +219,7 @@ fn answer(state: &State, line: &[u8]) -> Bytes {
 }
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), DaemonError> {
+    logfmt::init();
     cfg.validate()?;
     check_privileges()?;
     let mut signals = Signals::new()?;
@@ -261,18 +262,15 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
         config_file: config_file.clone(),
         metrics_configured: cfg.metrics_addr.clone(),
     });
-    log(
-        "info",
-        "tcptrace daemon started",
-        &[
-            ("socket", cfg.socket.display().to_string()),
-            ("metrics", metrics_local),
-            ("programs", state.tracer.attached().len().to_string()),
-            ("leak_after_secs", cfg.leak_after_secs.to_string()),
-        ],
+    tracing::info!(
+        socket = %cfg.socket.display(),
+        metrics = %metrics_local,
+        programs = state.tracer.attached().len(),
+        leak_after_secs = %cfg.leak_after_secs,
+        "tcptrace daemon started"
     );
-    for d in state.tracer.degraded() {
-        log("warn", "degraded", &[("reason", d.clone())]);
+    for reason in state.tracer.degraded() {
+        tracing::warn!(reason, "degraded");
     }
     let mut notifier = Notifier::from_env();
     notifier.ready(status_line(
@@ -322,14 +320,14 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
             }
             _ = tick.tick() => {
                 for line in state.tracer.kernel_log().take() {
-                    log(line.level, &line.msg, &[]);
+                    log_at!(line.level, "{}", line.msg);
                 }
                 state.report_reply.expire();
                 state.metrics_reply.expire();
                 let alerts_cfg = state.cfg.lock().unwrap().alerts.clone();
                 let snap = state.tracer.snapshot(&SnapshotOptions::default());
                 for a in alerter.evaluate(&snap, unix_now(), &alerts_cfg) {
-                    log(a.level, a.msg, &a.fields);
+                    logfmt::alert(&a);
                 }
                 notifier.status(status_line(&snap));
             }
@@ -350,7 +348,7 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
         }
     };
     notify_stopping();
-    log("info", "tcptrace daemon stopping", &[]);
+    tracing::info!("tcptrace daemon stopping");
     drop(control);
     drop(socket_file);
     match Arc::try_unwrap(state) {
@@ -382,27 +380,18 @@ fn status_line(snap: &crate::state::Snapshot) -> String {
 /// SIGHUP: re-reads the config file; thresholds and caps apply at once, addresses need a restart.
 fn reload(state: &State, file: Option<&Path>) {
     let Some(file) = file else {
-        log(
-            "info",
-            "SIGHUP: no config file to reload (started without --config)",
-            &[],
-        );
+        tracing::info!("SIGHUP: no config file to reload (started without --config)");
         return;
     };
     match Config::load(file) {
-        Err(e) => log(
-            "error",
-            "config reload failed; keeping the running config",
-            &[("error", error_chain(&e))],
+        Err(e) => tracing::error!(
+            error = error_chain(&e),
+            "config reload failed; keeping the running config"
         ),
         Ok(new) => {
             let mut cur = state.cfg.lock().unwrap();
             if new.socket != cur.socket || new.metrics_addr != state.metrics_configured {
-                log(
-                    "warn",
-                    "socket and metrics address changes take effect after a restart",
-                    &[],
-                );
+                tracing::warn!("socket and metrics address changes take effect after a restart");
             }
             let table = table_config(&new);
             state.tracer.with_table(|t| t.set_config(table));
@@ -411,26 +400,14 @@ fn reload(state: &State, file: Option<&Path>) {
                 match state.tracer.set_stacks(new.stacks) {
                     Ok(()) => {
                         cur.stacks = new.stacks;
-                        log(
-                            "info",
-                            if new.stacks {
-                                "stacks on"
-                            } else {
-                                "stacks off"
-                            },
-                            &[],
-                        );
+                        tracing::info!("stacks {}", if new.stacks { "on" } else { "off" });
                     }
-                    Err(e) => log("error", "stacks could not be switched", &[("error", e)]),
+                    Err(error) => tracing::error!(error, "stacks could not be switched"),
                 }
             }
             cur.limits = new.limits;
             cur.alerts = new.alerts;
-            log(
-                "info",
-                "config reloaded",
-                &[("file", file.display().to_string())],
-            );
+            tracing::info!(file = %file.display(), "config reloaded");
         }
     }
 }

@@ -7,11 +7,9 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use super::logfmt::log;
-
 fn send(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
-        log("warn", "sd_notify failed", &[("error", e.to_string())]);
+        tracing::warn!(error = %e, "sd_notify failed");
     }
 }
 
