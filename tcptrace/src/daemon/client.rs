@@ -129,8 +129,7 @@ pub async fn report(socket: &Path, json: bool, filter: &Filter) -> Result<(), Cl
                 "tcptrace: no daemon on {}: showing the sockets that exist now; churn, connect failures and leak ages need `tcptrace daemon`",
                 socket.display()
             );
-            // SAFETY: geteuid has no preconditions.
-            if unsafe { libc::geteuid() } != 0 {
+            if !rustix::process::geteuid().is_root() {
                 eprintln!(
                     "tcptrace: not root: sockets of other users' processes are shown without owner"
                 );

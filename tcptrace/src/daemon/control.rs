@@ -99,8 +99,7 @@ pub enum ControlError {
 }
 
 fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 /// Root and the daemon's own user are the only owners we accept for the socket and its
@@ -258,11 +257,9 @@ pub fn bind_control(
     clear_stale(path)?;
     // Created with no permission for anyone but the owner, then widened to the group if asked:
     // there is no moment when another user can connect.
-    // SAFETY: umask has no preconditions.
-    let old = unsafe { libc::umask(0o177) };
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let bound = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
+    rustix::process::umask(old);
     let listener = bound.map_err(|source| ControlError::Bind {
         path: path.to_path_buf(),
         source,

@@ -113,8 +113,7 @@ pub async fn request(socket: &Path, cmd: &str) -> Result<serde_json::Value, Requ
         .await
         .map_err(RequestError::Connect)?;
     let peer = s.peer_cred().map_err(RequestError::Io)?;
-    // SAFETY: geteuid has no preconditions.
-    if !trusted_peer(peer.uid(), unsafe { libc::geteuid() }) {
+    if !trusted_peer(peer.uid(), rustix::process::geteuid().as_raw()) {
         return Err(RequestError::Untrusted { uid: peer.uid() });
     }
     let req = reply_line(&serde_json::json!({"cmd": cmd}));

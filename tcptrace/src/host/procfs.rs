@@ -192,47 +192,34 @@ pub fn list_pids() -> Vec<u32> {
 }
 
 /// Calls `f` with the fd number and inode of every socket fd in the directory `dir_path`
-/// (NUL-terminated) until it returns false. Uses readlinkat on the open directory so that each
-/// link costs one short lookup and no allocation.
+/// (NUL-terminated) until it returns false. Reads the directory with getdents64 and each link
+/// with readlinkat on the open directory, so that each link costs one short lookup and no
+/// allocation.
 pub fn for_each_fd_socket(dir_path: &[u8], mut f: impl FnMut(u32, u64) -> bool) {
-    struct Dir(*mut libc::DIR);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            // SAFETY: self.0 came from a successful opendir and is closed only here.
-            unsafe { libc::closedir(self.0) };
-        }
-    }
-    debug_assert_eq!(dir_path.last(), Some(&0));
-    // SAFETY: dir_path is NUL-terminated.
-    let dir = unsafe { libc::opendir(dir_path.as_ptr().cast()) };
-    if dir.is_null() {
+    use rustix::fs::{CWD, Dir, Mode, OFlags, openat, readlinkat_raw};
+    let Ok(path) = std::ffi::CStr::from_bytes_with_nul(dir_path) else {
+        debug_assert!(false, "not NUL-terminated: {dir_path:?}");
+        return;
+    };
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    // openat, not open: the system call the seccomp profile allows (as the standard library
+    // uses).
+    let Ok(mut dir) = openat(CWD, path, flags, Mode::empty()).and_then(Dir::new) else {
         return; // gone or EACCES
-    }
-    let dir = Dir(dir);
-    // SAFETY: dir.0 is a valid open DIR.
-    let dfd = unsafe { libc::dirfd(dir.0) };
+    };
     let mut link = [0u8; 64];
-    loop {
-        // SAFETY: dir.0 is valid; the entry is used before the next readdir call.
-        let ent = unsafe { libc::readdir(dir.0) };
-        if ent.is_null() {
-            return;
-        }
-        // SAFETY: ent is non-null and points to a dirent with a NUL-terminated d_name.
-        let name = unsafe { (*ent).d_name.as_ptr() };
-        // SAFETY: d_name has at least one byte (the terminator).
-        if unsafe { *name } == b'.' as libc::c_char {
+    while let Some(Ok(ent)) = dir.read() {
+        let name = ent.file_name();
+        if name.to_bytes().first() == Some(&b'.') {
             continue; // "." and ".."
         }
-        // SAFETY: name is NUL-terminated; link is a writable buffer of the given length.
-        let n = unsafe { libc::readlinkat(dfd, name, link.as_mut_ptr().cast(), link.len()) };
-        if n <= 0 {
-            continue; // fd closed meanwhile
-        }
-        // SAFETY: d_name is NUL-terminated.
-        let fd_name = unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes();
-        let fd = parse_dec(fd_name).and_then(|n| u32::try_from(n).ok());
-        if let (Some(inode), Some(fd)) = (socket_inode(&link[..n as usize]), fd)
+        let Ok(dfd) = dir.fd() else { return };
+        let n = match readlinkat_raw(dfd, name, &mut link[..]) {
+            Ok(n) => n,
+            Err(_) => continue, // fd closed meanwhile
+        };
+        let fd = parse_dec(name.to_bytes()).and_then(|n| u32::try_from(n).ok());
+        if let (Some(inode), Some(fd)) = (socket_inode(&link[..n]), fd)
             && !f(fd, inode)
         {
             return;
@@ -394,15 +381,14 @@ pub fn ephemeral_port_range() -> Option<(u16, u16)> {
 /// shows the reading thread's namespace, so a short-lived thread enters `pid`'s first (that
 /// needs CAP_SYS_ADMIN; without it, None).
 pub fn ephemeral_port_range_of(pid: u32) -> Option<(u16, u16)> {
-    use std::os::fd::AsRawFd as _;
+    use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+    use std::os::fd::AsFd as _;
     let ns = File::open(format!("/proc/{pid}/ns/net")).ok()?;
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                // SAFETY: changes this short-lived thread's network namespace only.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return None;
-                }
+                // This short-lived thread's network namespace only.
+                move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network)).ok()?;
                 ephemeral_port_range()
             })
             .join()
@@ -419,11 +405,13 @@ pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
     (it.next().is_none() && lo <= hi).then_some((lo, hi))
 }
 
-/// sysconf(_SC_CLK_TCK); 100 if that fails (the value on every common Linux build).
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`, from the kernel's auxiliary vector); 100 if
+/// it says 0 (the value on every common Linux build).
 pub fn clock_ticks_per_sec() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as u64 } else { 100 }
+    match rustix::param::clock_ticks_per_second() {
+        0 => 100,
+        t => t,
+    }
 }
 
 /// Boot time in unix seconds, from the "btime" line of /proc/stat.
@@ -621,7 +609,7 @@ mod tests {
 
         let socks = read_tcp_sockets().unwrap();
         let by_inode = |ino| socks.iter().find(|r| r.inode == ino).cloned();
-        let uid = unsafe { libc::geteuid() };
+        let uid = rustix::process::geteuid().as_raw();
         assert_eq!(
             by_inode(l_ino),
             Some(rec(&laddr.to_string(), "0.0.0.0:0", 10, l_ino, uid))

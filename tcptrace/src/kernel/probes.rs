@@ -120,12 +120,12 @@ fn check_kernel() -> Result<(), Error> {
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it (best effort, a no-op
 /// where memory cgroups account BPF memory).
 fn raise_memlock() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
+    use rustix::process::{Resource, Rlimit, setrlimit};
+    let unlimited = Rlimit {
+        current: None,
+        maximum: None,
     };
-    // SAFETY: valid pointer to an rlimit.
-    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    let _ = setrlimit(Resource::Memlock, unlimited);
 }
 
 /// Loaded and attached programs plus the maps userspace reads.
@@ -473,25 +473,18 @@ impl Probes {
     /// Waits until the kernel wakes the reader (a ring is a quarter full) or `timeout` passes,
     /// whichever is first.
     pub fn wait(&self, timeout: std::time::Duration) {
-        use std::os::fd::AsRawFd as _;
-        let mut pfds: Vec<libc::pollfd> = self
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        let mut pfds: Vec<PollFd<'_>> = self
             .rings
             .iter()
-            .map(|r| libc::pollfd {
-                fd: r.as_fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
+            .map(|r| PollFd::from_borrowed_fd(r.as_fd(), PollFlags::IN))
             .collect();
-        // SAFETY: valid pollfds, as many as we pass; the result only decides whether to drain
-        // now or later.
-        unsafe {
-            libc::poll(
-                pfds.as_mut_ptr(),
-                pfds.len() as libc::nfds_t,
-                timeout.as_millis().min(i32::MAX as u128) as i32,
-            )
+        let timeout = Timespec {
+            tv_sec: timeout.as_secs().min(i64::MAX as u64) as i64,
+            tv_nsec: timeout.subsec_nanos().into(),
         };
+        // The result only decides whether to drain now or later.
+        let _ = poll(&mut pfds, Some(&timeout));
     }
 
     /// Calls `f` with every record waiting in the rings and its ring's index, ring by ring

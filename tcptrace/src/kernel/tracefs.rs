@@ -56,23 +56,21 @@ pub fn tracefs_root() -> Result<PathBuf, Error> {
             return Ok(p);
         }
     }
-    let target = c"/sys/kernel/tracing";
-    // SAFETY: plain mount(2) call with valid NUL-terminated strings.
-    let rc = unsafe {
-        libc::mount(
-            c"nodev".as_ptr(),
-            target.as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
+    use rustix::mount::{MountFlags, mount};
+    let cause = match mount(
+        "nodev",
+        "/sys/kernel/tracing",
+        "tracefs",
+        MountFlags::empty(),
+        None,
+    ) {
+        Ok(()) if PathBuf::from("/sys/kernel/tracing/events").is_dir() => {
+            return Ok(PathBuf::from("/sys/kernel/tracing"));
+        }
+        Ok(()) => std::io::Error::from(std::io::ErrorKind::NotFound),
+        Err(e) => e.into(),
     };
-    if rc == 0 && PathBuf::from("/sys/kernel/tracing/events").is_dir() {
-        return Ok(PathBuf::from("/sys/kernel/tracing"));
-    }
-    Err(Error::TracefsUnavailable {
-        cause: std::io::Error::last_os_error(),
-    })
+    Err(Error::TracefsUnavailable { cause })
 }
 
 fn read_event(
