@@ -12,6 +12,9 @@ pub fn use_local_time(on: bool) {
 
 /// Seconds east of UTC of local time at unix time `ts` (0 when it cannot be known).
 fn utc_offset(ts: f64) -> i64 {
+    // time_t is 64 bits on every target we build (glibc x86_64, and musl since 1.2, whose
+    // libc crate alias is marked deprecated for that change).
+    #[allow(deprecated)]
     let t = ts as libc::time_t;
     // SAFETY: all-zero is a valid tm; localtime_r writes it and reads only `t`.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
