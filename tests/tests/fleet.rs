@@ -586,6 +586,43 @@ fn syscalls_in(trace: &str) -> std::collections::BTreeSet<String> {
 #[test]
 fn seccomp_profile_allows_every_syscall_the_daemon_makes() {
     require_root!("seccomp_profile_allows_every_syscall_the_daemon_makes");
+    seccomp_allows_every_syscall_of(&tcptrace_bin(), "seccomp");
+}
+
+/// The same for the image's static binary (musl makes other system calls than glibc: `open`
+/// and `stat` where glibc uses `openat` and `statx`).
+#[test]
+fn seccomp_profile_allows_every_syscall_the_image_binary_makes() {
+    require_root!("seccomp_profile_allows_every_syscall_the_image_binary_makes");
+    let Some((_, bin)) = image_under_test() else {
+        return;
+    };
+    seccomp_allows_every_syscall_of(&bin, "seccomp-musl");
+}
+
+/// The image `cargo xtask image` built and its static binary, from the environment `cargo
+/// xtask test` sets; None (with the reason printed) when run otherwise.
+fn image_under_test() -> Option<(String, PathBuf)> {
+    match (
+        std::env::var("TCPTRACE_IMAGE"),
+        std::env::var_os("TCPTRACE_IMAGE_BIN"),
+    ) {
+        (Ok(image), Some(bin)) => Some((image, PathBuf::from(bin))),
+        _ => {
+            assert!(
+                std::env::var_os("TCPTRACE_BIN").is_none(),
+                "cargo xtask test sets TCPTRACE_BIN but no TCPTRACE_IMAGE / TCPTRACE_IMAGE_BIN"
+            );
+            println!(
+                "SKIP: no container image to test: run through `cargo xtask test`, which builds it"
+            );
+            None
+        }
+    }
+}
+
+/// `tag` names the test's own temporary directory.
+fn seccomp_allows_every_syscall_of(bin: &Path, tag: &str) {
     let profile: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(repo_file("deploy/kubernetes/seccomp/tcptrace.json"))
             .expect("read the seccomp profile"),
@@ -604,7 +641,7 @@ fn seccomp_profile_allows_every_syscall_the_daemon_makes() {
         .filter_map(|n| n.as_str().map(String::from))
         .collect();
 
-    let dir = TempDir::new("seccomp");
+    let dir = TempDir::new(tag);
     let trace = dir.0.join("strace.out");
     let config = dir.0.join("tcptrace.toml");
     std::fs::write(&config, "stacks = true\n").unwrap();
@@ -613,7 +650,7 @@ fn seccomp_profile_allows_every_syscall_the_daemon_makes() {
     let mut cmd = Command::new("strace");
     cmd.args(["-f", "-qq", "-o"])
         .arg(&trace)
-        .arg(tcptrace_bin())
+        .arg(bin)
         .arg("daemon")
         .arg("--config")
         .arg(&config)
@@ -670,4 +707,141 @@ fn seccomp_profile_allows_every_syscall_the_daemon_makes() {
         missing.is_empty(),
         "system calls the daemon made that the seccomp profile denies: {missing:?} (seen: {seen:?})"
     );
+}
+
+/// Removes a container however the test ends.
+struct Container(String);
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("podman")
+            .args(["rm", "--force", "--time", "2", &self.0])
+            .output();
+    }
+}
+
+/// The container image (`cargo xtask image`), run by podman with the privileges the DaemonSet
+/// gives it (host PID and network namespaces, its capabilities and nothing else, the seccomp
+/// profile, no new privileges, a read-only root, tracefs and /run/tcptrace mounted), reports a
+/// CLOSE_WAIT leak made on the host; it is the image the DaemonSet names, and it stops cleanly
+/// on SIGTERM, leaving nothing behind.
+#[test]
+fn image_reports_a_host_leak_with_the_daemonset_privileges() {
+    require_root!("image_reports_a_host_leak_with_the_daemonset_privileges");
+    let Some((image, _)) = image_under_test() else {
+        return;
+    };
+    let manifest =
+        std::fs::read_to_string(repo_file("deploy/kubernetes/daemonset.yaml")).expect("manifest");
+    let named = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("image: "))
+        .expect("the DaemonSet names an image");
+    assert_eq!(named, image, "the DaemonSet runs the image xtask builds");
+    for needed in [
+        "hostPID: true",
+        "hostNetwork: true",
+        "readOnlyRootFilesystem: true",
+    ] {
+        assert!(manifest.contains(needed), "the DaemonSet has {needed}");
+    }
+    let caps: Vec<String> = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("add: ["))
+        .expect("the DaemonSet adds capabilities")
+        .trim_end_matches(']')
+        .split(',')
+        .map(|c| c.trim().trim_matches('"').to_string())
+        .collect();
+    assert!(caps.contains(&"BPF".to_string()), "{caps:?}");
+
+    let dir = TempDir::new("image");
+    let run = dir.0.join("run");
+    std::fs::create_dir(&run).unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let name = format!("tcptrace-image-test-{}", std::process::id());
+    let mut cmd = Command::new("podman");
+    cmd.arg("run");
+    // crun needs cgroup v2 alone; runc (installed by cargo xtask setup) also takes v1 and
+    // hybrid hierarchies.
+    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        cmd.args(["--runtime", "runc"]);
+    }
+    cmd.args(["--rm", "--name", &name])
+        // podman would raise these limits to its defaults, which a root without
+        // CAP_SYS_RESOURCE in its bounding set cannot do.
+        .args([
+            "--ulimit",
+            "nofile=4096:4096",
+            "--ulimit",
+            "nproc=4096:4096",
+        ])
+        .args(["--pid=host", "--network=host", "--user", "0", "--read-only"])
+        .args(["--cap-drop", "ALL", "--cap-add", &caps.join(",")])
+        .arg("--security-opt")
+        .arg(format!(
+            "seccomp={}",
+            repo_file("deploy/kubernetes/seccomp/tcptrace.json").display()
+        ))
+        .args(["--security-opt", "no-new-privileges"])
+        .args(["-v", "/sys/kernel/tracing:/sys/kernel/tracing:ro"])
+        .arg("-v")
+        .arg(format!("{}:/run/tcptrace", run.display()))
+        .arg(&image)
+        .args(["daemon", "--socket", "/run/tcptrace/tcptrace.sock"])
+        .args(["--metrics-addr", &metrics, "--leak-after", "1"]);
+    let container = Container(name.clone());
+    let mut d = Scenario::from_command(cmd, format!("podman run {image}"));
+    poll(60, || get_ok(&metrics, "/readyz", "")).unwrap_or_else(|e| {
+        panic!(
+            "the image's daemon not ready: {e}\n{}",
+            d.proc.stderr.tail(4000)
+        )
+    });
+    let socket = run.join("tcptrace.sock");
+    let s = Scenarios::start(&dir, "img", 3, 1);
+    let server = s.server.pid();
+    let report = poll(30, || {
+        let r = tcptrace_tests::daemon_json("report", &socket)?;
+        let p = tcptrace_tests::process(&r, server).cloned();
+        match p.as_ref().map(|p| {
+            (
+                tcptrace_tests::u64_at(p, "close_wait.count"),
+                tcptrace_tests::u64_at(p, "close_wait.leaked"),
+            )
+        }) {
+            Some((Some(3), Some(3))) => Ok(p),
+            n => Err(format!("server {server}: (count, leaked) {n:?}")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.proc.stderr.tail(4000)));
+    let report = report.unwrap();
+    assert_eq!(report["comm"], s.comm.as_str(), "{report}");
+    let page = get_ok(&metrics, "/metrics", "").expect("scrape");
+    assert!(page.contains("tcptrace_degradations 0"), "{page}");
+
+    let stop = Command::new("podman")
+        .args(["stop", "--time", "10", &name])
+        .output()
+        .expect("podman stop");
+    assert!(stop.status.success(), "podman stop: {stop:?}");
+    let exited = poll(20, || {
+        d.proc
+            .exited()
+            .ok_or_else(|| "podman run still running".to_string())
+    })
+    .expect("the container stops");
+    assert!(
+        exited.success(),
+        "the image's daemon exit after SIGTERM: {exited}\n{}",
+        d.proc.stderr.tail(4000)
+    );
+    assert!(
+        d.proc.stderr.text().contains("tcptrace daemon stopping"),
+        "{}",
+        d.proc.stderr.tail(4000)
+    );
+    assert!(!socket.exists(), "the control socket is left behind");
+    drop(container);
+    drop(s);
 }

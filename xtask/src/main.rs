@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod image;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Set-up, build, run and test tcptrace")]
@@ -40,6 +41,9 @@ enum Cmd {
     },
     /// Measure tracing overhead on a connection-churn workload; writes BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Set up and build the container image (static binary, FROM scratch) with podman,
+    /// offline; prints its name.
+    Image,
 }
 
 /// Debian packages: the first four build bpf-linker; the rest are used by the tests and the
@@ -64,6 +68,10 @@ const APT_PACKAGES: &[&str] = &[
     "gcc",
     // The seccomp test traces every system call the daemon makes.
     "strace",
+    // `cargo xtask image` builds the container image, and its test runs it; runc beside crun
+    // for hosts whose cgroups are v1 or hybrid (crun needs cgroup v2 alone).
+    "podman",
+    "runc",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -77,6 +85,7 @@ fn main() -> ExitCode {
             .and_then(|_| build())
             .and_then(|bin| run(&bin, &args)),
         Cmd::Test { args } => setup().and_then(|_| test(&args)),
+        Cmd::Image => setup().and_then(|_| image::build()).map(|_| ()),
         Cmd::Bench(a) => setup()
             .and_then(|_| build())
             .and_then(|bin| bench::run(&bin, a)),
@@ -218,6 +227,25 @@ fn setup() -> Result<()> {
             ]))?;
     }
 
+    // The container image's static binary.
+    let targets = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .current_dir(workspace_root())
+        .output()
+        .context("running rustup")?;
+    if !String::from_utf8_lossy(&targets.stdout)
+        .lines()
+        .any(|l| l.trim() == image::MUSL)
+    {
+        println!(
+            "xtask setup: adding the Rust target {} (the image's static build)",
+            image::MUSL
+        );
+        sh(Command::new("rustup")
+            .args(["target", "add", image::MUSL])
+            .current_dir(workspace_root()))?;
+    }
+
     // The Kubernetes manifest is checked against the API schemas in the tests.
     if !quiet_ok(Command::new("kubernetes-validate").arg("--version")) {
         println!("xtask setup: installing kubernetes-validate (PyPI) to check deploy/kubernetes");
@@ -280,6 +308,8 @@ fn run(bin: &Path, args: &[String]) -> Result<()> {
 
 fn test(args: &[String]) -> Result<()> {
     let bin = build()?;
+    // The image is tested like the rest (run with the DaemonSet's privileges).
+    let (image, image_bin) = image::build()?;
     if !is_root() {
         println!(
             "xtask test: not root: the privileged scenario tests will print SKIP; run as root (e.g. `sudo -E cargo xtask test`) to run them"
@@ -287,6 +317,8 @@ fn test(args: &[String]) -> Result<()> {
     }
     sh(cargo()
         .env("TCPTRACE_BIN", &bin)
+        .env("TCPTRACE_IMAGE", &image)
+        .env("TCPTRACE_IMAGE_BIN", &image_bin)
         .args([
             "test",
             "--release",
