@@ -646,6 +646,54 @@ impl Scenario {
     }
 }
 
+/// CLOSE_WAIT sockets with local port `port` as `ss -tanp` shows them: the count per holding
+/// pid, the number held by no process (accept backlog), and ss's lines.
+pub fn ss_close_wait(port: u16) -> (std::collections::BTreeMap<u32, u64>, u64, String) {
+    let text = run(
+        "ss",
+        &[
+            "-tanpH",
+            "state",
+            "close-wait",
+            &format!("( sport = :{port} )"),
+        ],
+    );
+    let mut by_pid = std::collections::BTreeMap::new();
+    let mut unheld = 0;
+    for line in text.lines() {
+        let mut pids: Vec<u32> = line
+            .split("pid=")
+            .skip(1)
+            .filter_map(|s| s.split(',').next()?.parse().ok())
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        if pids.is_empty() {
+            unheld += 1;
+        }
+        for p in pids {
+            *by_pid.entry(p).or_default() += 1;
+        }
+    }
+    (by_pid, unheld, text)
+}
+
+/// `scenario leak-server` on an ephemeral loopback port: accepts `count` connections and
+/// never closes them.
+pub fn leak_server(scenario_bin: &str, count: usize) -> Scenario {
+    Scenario::spawn(
+        scenario_bin,
+        &[],
+        &[
+            "leak-server",
+            "--addr",
+            "127.0.0.1:0",
+            "--count",
+            &count.to_string(),
+        ],
+    )
+}
+
 /// Number of sockets `ss -tanH state <state> <filter>` shows (e.g. filter `dport = :8080`),
 /// and the lines.
 pub fn ss_filter_count(state: &str, filter: &str) -> (usize, String) {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tcptrace_tests::{
     Captured, DEADLINE, Guarded, Scenario, Tcptrace, at, describe_pid, process, require_root, run,
-    u64_at,
+    ss_close_wait, u64_at,
 };
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
@@ -51,38 +51,6 @@ impl Clients {
         self.0.send_line();
         self.0.expect("DONE");
     }
-}
-
-/// CLOSE_WAIT sockets on local port `port` as ss shows them: per holding pid (a socket several
-/// pids hold counts for each), and how many no process holds.
-fn ss_close_wait(port: u16) -> (BTreeMap<u32, u64>, u64, String) {
-    let text = run(
-        "ss",
-        &[
-            "-tanpH",
-            "state",
-            "close-wait",
-            &format!("( sport = :{port} )"),
-        ],
-    );
-    let mut by_pid = BTreeMap::new();
-    let mut unheld = 0;
-    for line in text.lines() {
-        let mut pids: Vec<u32> = line
-            .split("pid=")
-            .skip(1)
-            .filter_map(|s| s.split(',').next()?.parse().ok())
-            .collect();
-        pids.sort_unstable();
-        pids.dedup();
-        if pids.is_empty() {
-            unheld += 1;
-        }
-        for p in pids {
-            *by_pid.entry(p).or_default() += 1;
-        }
-    }
-    (by_pid, unheld, text)
 }
 
 /// Waits until ss shows exactly `want` (per pid) and `unheld` unheld CLOSE_WAIT sockets.

@@ -72,6 +72,11 @@ const APT_PACKAGES: &[&str] = &[
     // for hosts whose cgroups are v1 or hybrid (crun needs cgroup v2 alone).
     "podman",
     "runc",
+    // Real software for the tests: a database server and its Python client library, a
+    // reverse proxy.
+    "redis-server",
+    "python3-redis",
+    "nginx-light",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
