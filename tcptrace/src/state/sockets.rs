@@ -75,6 +75,10 @@ pub(super) fn is_connected_state(s: TcpState) -> bool {
 impl Table {
     /// Loads the sockets that existed before tracing started.
     pub fn load_existing(&mut self, socks: &[ExistingSocket], now_ns: u64) {
+        // Room for all at once: growing by doubling would hold the old and the new table of
+        // each map together at every step (the start-up's peak memory with 100,000 sockets).
+        self.sockets.reserve(socks.len());
+        self.existing.reserve(socks.len());
         let listen_ports: std::collections::HashSet<(u64, u16)> = socks
             .iter()
             .filter(|s| s.state == TcpState::Listen)
