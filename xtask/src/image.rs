@@ -32,15 +32,29 @@ pub fn build_static() -> Result<PathBuf> {
         .join("target")
         .join(MUSL)
         .join("image/tcptrace");
-    let file = Command::new("file")
-        .arg(&bin)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    if !file.contains("statically linked") && !file.contains("static-pie linked") {
-        bail!("{} is not statically linked: {file}", bin.display());
+    let elf = std::fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
+    if !is_static(&elf) {
+        bail!(
+            "{} is not statically linked (it names a program interpreter)",
+            bin.display()
+        );
     }
     Ok(bin)
+}
+
+/// Whether a little-endian ELF64 executable has no program interpreter (no PT_INTERP program
+/// header): it runs without a loader or shared libraries, as `FROM scratch` needs.
+fn is_static(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let bytes = |o: usize, n: usize| elf.get(o..o + n);
+    let u16_at = |o| bytes(o, 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |o| bytes(o, 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    let u64_at = |o| bytes(o, 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize);
+    let (Some(phoff), Some(size), Some(count)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+        return false;
+    };
+    elf.starts_with(b"\x7fELF\x02\x01")
+        && (0..count).all(|i| u32_at(phoff + i * size).is_some_and(|t| t != PT_INTERP))
 }
 
 /// Builds the static binary and the image; returns (image name, binary).
@@ -76,4 +90,15 @@ pub fn build() -> Result<(String, PathBuf)> {
         size as f64 / (1024.0 * 1024.0)
     );
     Ok((name, bin))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_dynamic_executable_is_not_static() {
+        // This test's own executable is linked against glibc: it names ld-linux.
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert!(!super::is_static(&me));
+        assert!(!super::is_static(b"\x7fELF"));
+    }
 }

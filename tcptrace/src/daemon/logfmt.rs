@@ -144,23 +144,24 @@ struct Fields {
     fields: Vec<(&'static str, String)>,
 }
 
-impl Visit for Fields {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
-            self.msg = value.to_string();
-        } else {
-            self.fields.push((field.name(), value.to_string()));
-        }
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        // Messages and `%value` fields format through Display here.
-        let text = format!("{value:?}");
+impl Fields {
+    fn set(&mut self, field: &Field, text: String) {
         if field.name() == "message" {
             self.msg = text;
         } else {
             self.fields.push((field.name(), text));
         }
+    }
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.set(field, value.to_string());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        // Messages and `%value` fields format through Display here.
+        self.set(field, format!("{value:?}"));
     }
 }
 

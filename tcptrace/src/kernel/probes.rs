@@ -280,9 +280,13 @@ fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Unloads raw tracepoint program `prog` (its links go with it) if it is loaded. Returns what
-/// to add to a message when that fails (the program then stays attached, harmless but useless).
-fn detach_raw(ebpf: &mut Ebpf, prog: &str) -> String {
+/// Unloads raw tracepoint program `prog` (its links go with it) when it was `attached`.
+/// Returns what to add to a message when that fails (the program then stays attached,
+/// harmless but useless).
+fn detach_raw(ebpf: &mut Ebpf, prog: &str, attached: bool) -> String {
+    if !attached {
+        return String::new();
+    }
     let p: Option<&mut RawTracePoint> = ebpf.program_mut(prog).and_then(|p| p.try_into().ok());
     match p.map(|p| p.unload()) {
         None | Some(Ok(())) => String::new(),
@@ -363,16 +367,17 @@ impl Probes {
                 // In this order: the enter program must run before the state program for every
                 // transition, the rescue program after it (programs on a tracepoint run in the
                 // order they were attached).
-                let rescue = attach_raw(&mut ebpf, ENTER, name);
+                let enter = attach_raw(&mut ebpf, ENTER, name);
+                let entered = enter.is_ok();
                 match attach_raw(&mut ebpf, RAW_STATE, name) {
                     Ok(()) => {
                         attached.push(RAW_STATE);
-                        match rescue.and_then(|()| attach_raw(&mut ebpf, RESCUE, name)) {
+                        match enter.and_then(|()| attach_raw(&mut ebpf, RESCUE, name)) {
                             Ok(()) => attached.extend([ENTER, RESCUE]),
                             Err(e) => degraded.push(format!(
                                 "transitions made while the state program is interrupted are \
                                  lost (counted as missed): {e}{}",
-                                detach_raw(&mut ebpf, ENTER)
+                                detach_raw(&mut ebpf, ENTER, entered)
                             )),
                         }
                         continue;
@@ -381,7 +386,7 @@ impl Probes {
                     Err(e) => degraded.push(format!(
                         "state transitions use the classic tracepoint ({e}): the kernel skips it \
                          while another BPF program runs on the same CPU (counted as missed){}",
-                        detach_raw(&mut ebpf, ENTER)
+                        detach_raw(&mut ebpf, ENTER, entered)
                     )),
                 }
             } else if *prog == "inet_sock_set_state" {
