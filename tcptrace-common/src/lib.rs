@@ -201,7 +201,10 @@ pub const COUNTER_DROPPED: u32 = 0;
 /// Index into `COUNTERS`: transitions the kernel skipped the state program for (it was
 /// interrupted on its CPU) that `inet_state_rescue` reported instead.
 pub const COUNTER_RESCUED: u32 = 1;
-pub const COUNTERS_LEN: u32 = 2;
+/// Index into `COUNTERS`: transitions lost because the program could not read the tracepoint's
+/// record or the socket (each also logged, rarely).
+pub const COUNTER_UNREADABLE: u32 = 2;
+pub const COUNTERS_LEN: u32 = 3;
 
 /// Default ring buffer size in bytes (power of two, multiple of the page size): the total over
 /// every ring.

@@ -41,8 +41,8 @@ use aya_ebpf::{
 mod record;
 use record::Record;
 use tcptrace_common::{
-    COUNTER_DROPPED, COUNTER_RESCUED, COUNTERS_LEN, DEFAULT_RING_BYTES, Event, NetnsOffsets,
-    Offsets, RINGS, SOCK_CHUNK, SockOffsets,
+    COUNTER_DROPPED, COUNTER_RESCUED, COUNTER_UNREADABLE, COUNTERS_LEN, DEFAULT_RING_BYTES, Event,
+    NetnsOffsets, Offsets, RINGS, SOCK_CHUNK, SockOffsets,
 };
 
 /// Overridden at load time with the offsets tracefs gives (read-only data: the verifier knows

@@ -14,14 +14,15 @@ use tcptrace_common::{
 };
 
 use crate::{
-    CONNECTS, COUNTER_DROPPED, COUNTER_RESCUED, LISTENERS, Listener, OWNERS, Record, SLOT_RESCUE,
-    SLOT_STATE, STATE_HANDLED, count, current_owner, listener_key, ring, set_owner, sock_netns,
-    submit_flags,
+    CONNECTS, COUNTER_DROPPED, COUNTER_RESCUED, COUNTER_UNREADABLE, LISTENERS, Listener, OWNERS,
+    Record, SLOT_RESCUE, SLOT_STATE, STATE_HANDLED, count, current_owner, listener_key, ring,
+    set_owner, sock_netns, submit_flags,
 };
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if let Err(err) = try_set_state(&ctx) {
+        count(COUNTER_UNREADABLE);
         rare!(
             error,
             &ctx,
@@ -88,6 +89,7 @@ pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
         unsafe { core::ptr::write_volatile(h, 1) };
     }
     if let Err(err) = try_set_state_raw(&ctx, SLOT_STATE) {
+        count(COUNTER_UNREADABLE);
         rare!(
             error,
             &ctx,
@@ -126,6 +128,7 @@ pub fn inet_state_rescue(ctx: RawTracePointContext) -> i32 {
     }
     count(COUNTER_RESCUED);
     if let Err(err) = try_set_state_raw(&ctx, SLOT_RESCUE) {
+        count(COUNTER_UNREADABLE);
         rare!(
             error,
             &ctx,

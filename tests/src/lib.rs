@@ -399,10 +399,27 @@ impl Tcptrace {
 /// Shows `pid`'s entry of a snapshot, or which pids there are when it is missing.
 pub fn describe_pid(snap: &Value, pid: u32) -> String {
     match process(snap, pid) {
-        Some(p) => format!(
-            "(ts {}, dropped_events {}) pid {pid}: {p}",
-            snap["ts"], snap["dropped_events"]
-        ),
+        Some(p) => {
+            // Every entry with this pid (a reused pid has two), and what the kernel lost.
+            let all: Vec<&Value> = snap["processes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|q| q.get("pid").and_then(Value::as_u64) == Some(pid as u64))
+                .collect();
+            format!(
+                "(ts {}, dropped_events {}, missed_events {}, host {}) pid {pid}: {p}{}",
+                snap["ts"],
+                snap["dropped_events"],
+                snap["missed_events"],
+                snap["host"],
+                if all.len() > 1 {
+                    format!("\nall {} entries of pid {pid}: {all:?}", all.len())
+                } else {
+                    String::new()
+                }
+            )
+        }
         None => format!(
             "pid {pid} absent; pids present: {:?}; host: {}",
             pids(snap),

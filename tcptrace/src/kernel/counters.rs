@@ -39,7 +39,7 @@ pub struct KernelCounters {
     /// Records lost because the ring buffer was full.
     pub dropped: u64,
     /// Program runs the kernel skipped because another BPF program was running on the CPU
-    /// (what they would have sent is lost too).
+    /// (what they would have sent is lost too), and transitions a program could not read.
     pub missed: u64,
 }
 

@@ -2,8 +2,8 @@
 //!
 //! [`Probes::drain_kernel_log`](crate::kernel::probes::Probes::drain_kernel_log) moves the
 //! records from the kernel's log ring into a [`KernelLog`] once per tick. The daemon takes the
-//! lines and writes them to its log; `watch` leaves them there (its screen must stay intact),
-//! where they only count. At most [`KEEP`] lines wait: a flood cannot grow the queue, and the
+//! lines and writes them to its log; `watch` writes them to stderr, except on its screen (which
+//! must stay intact), where they only count. At most [`KEEP`] lines wait: a flood cannot grow the queue, and the
 //! lines dropped are counted. aya-log's kernel ring (AYA_LOGS, 128 KiB) holds about 500
 //! records; beyond that many in one tick the kernel drops them, uncounted.
 

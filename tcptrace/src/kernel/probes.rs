@@ -12,7 +12,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use tcptrace_common::{
-    COUNTER_DROPPED, COUNTER_RESCUED, Event, NetnsOffsets, Offsets, RINGS, RegsOffsets, SockOffsets,
+    COUNTER_DROPPED, COUNTER_RESCUED, COUNTER_UNREADABLE, Event, NetnsOffsets, Offsets, RINGS,
+    RegsOffsets, SockOffsets,
 };
 
 use crate::kernel::{
@@ -556,7 +557,8 @@ impl Probes {
             .sum();
         KernelCounters {
             dropped,
-            missed: skipped.saturating_sub(sum(COUNTER_RESCUED)),
+            // Plus the transitions a program saw but could not read.
+            missed: skipped.saturating_sub(sum(COUNTER_RESCUED)) + sum(COUNTER_UNREADABLE),
         }
     }
 }

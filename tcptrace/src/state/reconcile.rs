@@ -155,7 +155,7 @@ impl Table {
             }
         }
         for (key, ks) in fw2 {
-            let Some(f) = self.fin_wait2.by_pair.remove(&key) else {
+            let Some(f) = self.remove_fin_wait2(key) else {
                 continue;
             };
             match ks {

@@ -235,13 +235,13 @@ impl Table {
         match (old, new) {
             (TcpState::Close, TcpState::SynSent) => {
                 self.sockets.get_mut(&sk).unwrap().connect = ConnectPhase::Syscall;
-                self.tw_index.remove(&tuple_key(netns, &local, &remote));
+                self.forget_time_wait(netns, tuple_key(netns, &local, &remote));
             }
             (TcpState::SynSent, TcpState::Established) => {
                 let s = self.sockets.get_mut(&sk).unwrap();
                 s.connect = ConnectPhase::None;
                 s.connected = true;
-                self.tw_index.remove(&tuple_key(netns, &local, &remote));
+                self.forget_time_wait(netns, tuple_key(netns, &local, &remote));
                 self.count_connect_ok(owner, netns, remote);
             }
             (_, TcpState::Established) => {

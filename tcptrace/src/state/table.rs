@@ -35,7 +35,8 @@ pub struct TableConfig {
     pub max_processes: usize,
     /// How long an exited process stays in the live view.
     pub exited_linger_ns: u64,
-    /// Most TIME_WAIT sockets modelled: the kernel's net.ipv4.tcp_max_tw_buckets.
+    /// Most mini-sockets (TIME_WAIT and orphaned FIN_WAIT2) modelled per network namespace: the
+    /// kernel's net.ipv4.tcp_max_tw_buckets (beyond it the kernel makes none).
     pub max_time_wait: usize,
     /// Someone looks up who holds CLOSE_WAIT sockets ([`Table::set_holders`]): a socket counts
     /// as leaked only once that is done. Off where nobody does (tests of pure logic).
@@ -98,6 +99,9 @@ pub struct Table {
     pub(super) tw_index: HashMap<u64, u64>,
     /// Orphaned FIN_WAIT2 mini-sockets.
     pub(super) fin_wait2: FinWait2,
+    /// Live mini-sockets (TIME_WAIT and FIN_WAIT2 entries) per network namespace: the kernel's
+    /// net.ipv4.tcp_max_tw_buckets bounds each namespace's.
+    pub(super) minis_by_ns: HashMap<u64, usize>,
     /// How long those last: net.ipv4.tcp_fin_timeout.
     pub(super) fin_timeout_ns: u64,
     /// hash of (local, remote) -> how many sockets in CLOSE_WAIT have that pair: tells whether the
@@ -133,6 +137,7 @@ impl Table {
             time_wait: VecDeque::new(),
             tw_index: HashMap::default(),
             fin_wait2: FinWait2::default(),
+            minis_by_ns: HashMap::default(),
             fin_timeout_ns: TIME_WAIT_NS,
             close_wait_pairs: HashMap::default(),
             procs: HashMap::default(),

@@ -989,4 +989,5 @@ fn live_views_list_the_ten_oldest_close_wait_sockets() {
 }
 
 mod accuracy;
+mod minis;
 mod netns;

@@ -17,7 +17,9 @@
 //! TIME_WAIT, its CLOSE_WAIT -> CLOSE (an RST) ends it. With a peer on another host the table
 //! cannot see the FIN and counts TIME_WAIT (what a peer that closes promptly gives); a
 //! reconcile with the kernel's socket list ([`Table::reconcile`]) corrects it.
-//! Both are capped at net.ipv4.tcp_max_tw_buckets like the kernel's own.
+//! Both count against net.ipv4.tcp_max_tw_buckets in their network namespace, as the kernel's
+//! own: beyond it the kernel makes no mini-socket (the socket just closes), and the table makes
+//! no entry. Only live entries count (a TIME_WAIT entry whose pair was reused is dead).
 
 use std::{collections::VecDeque, net::SocketAddr};
 
@@ -78,14 +80,13 @@ impl Table {
         inbound: bool,
     ) {
         let expiry_ns = now_ns + TIME_WAIT_NS;
-        if self.time_wait.len() >= self.cfg.max_time_wait
-            && let Some(tw) = self.time_wait.pop_front()
-        {
-            // The kernel holds at most tcp_max_tw_buckets TIME_WAIT sockets.
-            self.drop_tw_index(&tw);
+        let key = tuple_key(netns, &local, &remote);
+        if !self.tw_index.contains_key(&key) && !self.mini_room(netns) {
+            return;
         }
-        self.tw_index
-            .insert(tuple_key(netns, &local, &remote), expiry_ns);
+        if self.tw_index.insert(key, expiry_ns).is_none() {
+            self.mini_in(netns);
+        }
         self.time_wait.push_back(TimeWait {
             expiry_ns,
             netns,
@@ -108,12 +109,13 @@ impl Table {
         let key = tuple_key(fw.netns, &fw.local, &fw.remote);
         fw.expiry_ns = now_ns + self.fin_timeout_ns;
         let expiry_ns = fw.expiry_ns;
-        if self.time_wait.len() + self.fin_wait2.by_pair.len() >= self.cfg.max_time_wait
-            && self.fin_wait2.by_pair.remove(&key).is_none()
-        {
-            self.pop_oldest_fin_wait2();
+        let netns = fw.netns;
+        if !self.fin_wait2.by_pair.contains_key(&key) && !self.mini_room(netns) {
+            return;
         }
-        self.fin_wait2.by_pair.insert(key, fw);
+        if self.fin_wait2.by_pair.insert(key, fw).is_none() {
+            self.mini_in(netns);
+        }
         self.fin_wait2.queue.push_back((key, expiry_ns));
         if self.sockets.len() + self.time_wait.len() + self.fin_wait2.by_pair.len()
             > self.cfg.max_sockets
@@ -127,7 +129,7 @@ impl Table {
     pub(super) fn pop_oldest_fin_wait2(&mut self) -> bool {
         while let Some((key, expiry)) = self.fin_wait2.queue.pop_front() {
             if self.fin_wait2.by_pair.get(&key).map(|f| f.expiry_ns) == Some(expiry) {
-                self.fin_wait2.by_pair.remove(&key);
+                self.remove_fin_wait2(key);
                 return true;
             }
         }
@@ -148,11 +150,7 @@ impl Table {
         if self.fin_wait2.by_pair.is_empty() {
             return;
         }
-        let Some(fw) = self
-            .fin_wait2
-            .by_pair
-            .remove(&tuple_key(netns, &remote, &local))
-        else {
+        let Some(fw) = self.remove_fin_wait2(tuple_key(netns, &remote, &local)) else {
             return;
         };
         if fin {
@@ -173,7 +171,39 @@ impl Table {
     pub(super) fn drop_tw_index(&mut self, tw: &TimeWait) {
         let key = tuple_key(tw.netns, &tw.local, &tw.remote);
         if self.tw_index.get(&key) == Some(&tw.expiry_ns) {
-            self.tw_index.remove(&key);
+            self.forget_time_wait(tw.netns, key);
+        }
+    }
+
+    /// The live TIME_WAIT entry of pair `key` in `netns` ends (expired, or the pair reused).
+    pub(super) fn forget_time_wait(&mut self, netns: u64, key: u64) {
+        if self.tw_index.remove(&key).is_some() {
+            self.mini_out(netns);
+        }
+    }
+
+    /// Removes the FIN_WAIT2 entry of pair `key`.
+    pub(super) fn remove_fin_wait2(&mut self, key: u64) -> Option<TimeWait> {
+        let fw = self.fin_wait2.by_pair.remove(&key)?;
+        self.mini_out(fw.netns);
+        Some(fw)
+    }
+
+    /// Whether the kernel would make another mini-socket in `netns`.
+    fn mini_room(&self, netns: u64) -> bool {
+        self.minis_by_ns.get(&netns).copied().unwrap_or(0) < self.cfg.max_time_wait
+    }
+
+    fn mini_in(&mut self, netns: u64) {
+        *self.minis_by_ns.entry(netns).or_default() += 1;
+    }
+
+    fn mini_out(&mut self, netns: u64) {
+        if let Some(n) = self.minis_by_ns.get_mut(&netns) {
+            *n -= 1;
+            if *n == 0 {
+                self.minis_by_ns.remove(&netns);
+            }
         }
     }
 
@@ -185,7 +215,7 @@ impl Table {
             }
             self.fin_wait2.queue.pop_front();
             if self.fin_wait2.by_pair.get(&key).map(|f| f.expiry_ns) == Some(expiry) {
-                self.fin_wait2.by_pair.remove(&key);
+                self.remove_fin_wait2(key);
             }
         }
         while let Some(tw) = self.time_wait.front() {

@@ -6,7 +6,7 @@ use super::*;
 const A: u64 = 4026531840;
 const B: u64 = 4026532000;
 
-fn in_ns(netns: u64, ev: TcpEvent) -> TcpEvent {
+pub(super) fn in_ns(netns: u64, ev: TcpEvent) -> TcpEvent {
     match ev {
         TcpEvent::State {
             ts_ns,

@@ -94,6 +94,10 @@ pub async fn run(opts: WatchOptions) -> Result<(), WatchError> {
     let mut dropped_seen = 0;
     let result: Result<(), WatchError> = async {
         loop {
+            // Off the screen, the kernel programs' rare failure lines go to stderr.
+            for line in tracer.kernel_log().take() {
+                eprintln!("tcptrace: {}: {}", line.level, line.msg);
+            }
             if mode == Mode::Events {
                 // No silent loss: say when the kernel could not hand over events.
                 let k = tracer.kernel_counters();
