@@ -1,9 +1,10 @@
 //! Kernel side of tcptrace: classic tracepoints, and one raw tracepoint where BTF allows.
 //!
-//! * `sock:inet_sock_set_state` (TCP only): every state transition, reported with the socket's
-//!   recorded owner. The owner is recorded where the kernel runs in the owner's context
-//!   (connect, listen, the application's close) and inherited by accepted sockets from their
-//!   listener; softirq transitions never take whatever task happened to be on the CPU. As a raw
+//! * `sock:inet_sock_set_state` (TCP only): every state transition. Those the kernel makes in
+//!   the application's context (connect, listen, its close or shutdown) carry the current task
+//!   as owner; softirq transitions carry none (never whatever task happened to be on the CPU):
+//!   userspace knows each socket's owner from its creation, an accepted socket's from its
+//!   listener. As a raw
 //!   tracepoint (`inet_sock_set_state_raw`) where the kernel's BTF gives the layout of
 //!   `struct sock`, else as the classic one.
 //! * `syscalls:sys_enter_connect` / `sys_exit_connect`: destination and return value of every
@@ -17,12 +18,13 @@
 //! per record, and puts the records of all rings back in time order. A record that cannot be reserved is
 //! counted in the per-CPU `COUNTERS[COUNTER_DROPPED]`.
 //!
-//! Cost matters: these programs run in the workload's own context on every connection. Maps
-//! whose entries are always removed use plain hashes; the LRU maps use per-CPU LRU lists
-//! (BPF_F_NO_COMMON_LRU) so that inserts on different CPUs do not contend.
+//! Cost matters: these programs run in the workload's own context on every connection, so the
+//! per-transition path touches no map but its CPU's ring and counters (a connect's thread
+//! entry aside). Maps whose entries are always removed use plain hashes; the LRU maps use
+//! per-CPU LRU lists (BPF_F_NO_COMMON_LRU) so that inserts on different CPUs do not contend.
 //!
-//! Failures that should not happen (a record or a user sockaddr that cannot be read, an owner
-//! map insert refused) are logged with aya-log ([`rare!`]), out of line: the per-transition path
+//! Failures that should not happen (a record or a user sockaddr that cannot be read, a map
+//! insert refused) are logged with aya-log ([`rare!`]), out of line: the per-transition path
 //! never logs and only gains the test of a helper's result.
 #![no_std]
 #![no_main]
@@ -34,7 +36,7 @@ use aya_ebpf::{
         bpf_get_smp_processor_id, bpf_probe_read_kernel,
     },
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 
@@ -78,13 +80,6 @@ fn sock_netns(sk: u64) -> u32 {
     }
     // SAFETY: as above.
     unsafe { bpf_probe_read_kernel((net + inum as u64) as *const u32) }.unwrap_or(0)
-}
-
-/// (netns, family, port) of a listening socket, the key of LISTENERS: namespaces have ports of
-/// their own.
-#[inline(always)]
-fn listener_key(netns: u32, family: u8, port: u16) -> u64 {
-    (netns as u64) << 32 | (family as u64) << 16 | port as u64
 }
 
 /// Unread bytes in a ring buffer beyond which a record wakes the reader at once (set by
@@ -164,13 +159,6 @@ struct Owner {
     comm: [u8; 16],
 }
 
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct Listener {
-    owner: Owner,
-    skaddr: u64,
-}
-
 /// A `connect()` in flight on one thread.
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -235,15 +223,6 @@ static STATE_HANDLED: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
-
-/// skaddr -> owner. LRU and bounded: a socket whose entry was evicted is reported without owner
-/// and userspace falls back to its own table.
-#[map]
-static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(131072, NO_COMMON_LRU);
-
-/// (netns, family, port) -> owner of the listening socket, inherited by accepted sockets.
-#[map]
-static LISTENERS: LruHashMap<u64, Listener> = LruHashMap::with_max_entries(8192, NO_COMMON_LRU);
 
 /// thread id -> connect() in flight. Every entry is removed when the syscall returns.
 #[map]

@@ -1,5 +1,5 @@
-//! `sock:inet_sock_set_state`: every transition of a TCP socket, with its owner, from the
-//! classic tracepoint or the raw one.
+//! `sock:inet_sock_set_state`: every transition of a TCP socket (with its owner where the
+//! application makes it), from the classic tracepoint or the raw one.
 
 use aya_ebpf::{
     EbpfContext,
@@ -7,16 +7,12 @@ use aya_ebpf::{
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
-use aya_log_ebpf::{error, warn};
-use tcptrace_common::{
-    Event, FLAG_OWNER_CURRENT, FLAG_OWNER_INHERITED, FLAG_OWNER_RECORDED, IPPROTO_TCP, KIND_STATE,
-    tcp_state,
-};
+use aya_log_ebpf::error;
+use tcptrace_common::{Event, FLAG_OWNER_CURRENT, IPPROTO_TCP, KIND_STATE, tcp_state};
 
 use crate::{
-    CONNECTS, COUNTER_DROPPED, COUNTER_RESCUED, COUNTER_UNREADABLE, LISTENERS, Listener, OWNERS,
-    Record, SLOT_RESCUE, SLOT_STATE, STATE_HANDLED, count, current_owner, listener_key, ring,
-    set_owner, sock_netns, submit_flags,
+    CONNECTS, COUNTER_DROPPED, COUNTER_RESCUED, COUNTER_UNREADABLE, Record, SLOT_RESCUE,
+    SLOT_STATE, STATE_HANDLED, count, current_owner, ring, set_owner, sock_netns, submit_flags,
 };
 
 #[tracepoint]
@@ -201,8 +197,8 @@ struct Transition {
     netns: u32,
 }
 
-/// Sends one transition (addresses from `rec` at `v4` / `v6`, local then remote) with its owner,
-/// and keeps the owner and listener maps up to date.
+/// Sends one transition (addresses from `rec` at `v4` / `v6`, local then remote), with its owner
+/// where the application itself makes it.
 #[inline(always)]
 fn emit_state<C: EbpfContext, const N: usize>(
     ctx: &C,
@@ -215,10 +211,6 @@ fn emit_state<C: EbpfContext, const N: usize>(
     let rb = ring();
     let Some(mut entry) = rb.reserve::<Event>(0) else {
         count(COUNTER_DROPPED);
-        // Keep the owner map consistent even when the record is lost.
-        if new == tcp_state::CLOSE {
-            let _ = OWNERS.remove(&skaddr);
-        }
         return;
     };
     let ev = entry.as_mut_ptr();
@@ -242,80 +234,23 @@ fn emit_state<C: EbpfContext, const N: usize>(
     ev.dport = t.dport;
     rec.addrs(ev, v4, v6);
 
-    let process_context = (old == tcp_state::CLOSE && new == tcp_state::SYN_SENT)
+    // The application's own context (connect, listen, close, shutdown): the owner is the
+    // current task. Other transitions run in softirq, on whatever task was on the CPU, and carry
+    // no owner: userspace has the socket's owner from its creation (an accepted socket's from
+    // its listener), which is cheaper than a map of owners kept here on every connection.
+    let connecting = old == tcp_state::CLOSE && new == tcp_state::SYN_SENT;
+    let process_context = connecting
         || new == tcp_state::LISTEN
         || (old == tcp_state::CLOSE_WAIT && new == tcp_state::LAST_ACK)
         || (old == tcp_state::LISTEN && new == tcp_state::CLOSE)
         || (old == tcp_state::ESTABLISHED && new == tcp_state::FIN_WAIT1);
-
-    if new == tcp_state::SYN_SENT && old == tcp_state::CLOSE || new == tcp_state::LISTEN {
-        // The owner is the current task: record it.
+    if process_context {
         let o = current_owner();
         set_owner(ev, &o, FLAG_OWNER_CURRENT);
-        if let Err(err) = OWNERS.insert(&skaddr, &o, 0) {
-            owner_insert_failed(ctx, err);
-        }
-        if new == tcp_state::LISTEN {
-            let key = listener_key(netns, family, t.sport);
-            if let Err(err) = LISTENERS.insert(&key, &Listener { owner: o, skaddr }, 0) {
-                rare!(
-                    warn,
-                    ctx,
-                    "inet_sock_set_state: LISTENERS insert failed (error {}); sockets accepted from this listener get no owner",
-                    err
-                );
-            }
-        } else if let Some(c) = CONNECTS.get_ptr_mut(o.tid) {
+        if connecting && let Some(c) = CONNECTS.get_ptr_mut(o.tid) {
             // SAFETY: entry of this thread, written only by this thread.
             unsafe { (*c).skaddr = skaddr };
         }
-    } else if new == tcp_state::SYN_RECV {
-        // A connection on its way to accept(): it belongs to the listener's owner.
-        let key = listener_key(netns, family, t.sport);
-        // SAFETY: value copied out before use.
-        if let Some(l) = unsafe { LISTENERS.get(&key) } {
-            let o = l.owner;
-            set_owner(ev, &o, FLAG_OWNER_INHERITED);
-            if let Err(err) = OWNERS.insert(&skaddr, &o, 0) {
-                owner_insert_failed(ctx, err);
-            }
-        }
-    } else if new == tcp_state::CLOSE_WAIT {
-        // Runs in softirq, on whatever task was on the CPU: the recorded owner is the truth.
-        // SAFETY: value copied out by set_owner.
-        if let Some(o) = unsafe { OWNERS.get(&skaddr) } {
-            set_owner(ev, o, FLAG_OWNER_RECORDED);
-        }
-    } else if process_context {
-        // The application itself (close, shutdown, listen socket closed).
-        let o = current_owner();
-        set_owner(ev, &o, FLAG_OWNER_CURRENT);
-    }
-    // Other transitions carry no owner: userspace has the socket's owner from its creation,
-    // and skipping the lookup keeps the common path cheap.
-
-    if new == tcp_state::CLOSE {
-        let _ = OWNERS.remove(&skaddr);
-        if old == tcp_state::LISTEN {
-            let key = listener_key(netns, family, t.sport);
-            // SAFETY: value read before removal.
-            if let Some(l) = unsafe { LISTENERS.get(&key) } {
-                if l.skaddr == skaddr {
-                    let _ = LISTENERS.remove(&key);
-                }
-            }
-        }
     }
     entry.submit(submit_flags(rb));
-}
-
-/// An OWNERS insert failed: the socket's later softirq transitions are reported without owner.
-#[inline(always)]
-fn owner_insert_failed<C: EbpfContext>(ctx: &C, err: i32) {
-    rare!(
-        warn,
-        ctx,
-        "inet_sock_set_state: OWNERS insert failed (error {}); the socket is reported without owner",
-        err
-    );
 }

@@ -386,7 +386,6 @@ fn watch_options(a: WatchArgs) -> WatchOptions {
             probes: ProbeOptions {
                 ring_bytes: a.ring_buffer_kib.saturating_mul(1024),
                 stacks: a.stacks.then_some(true),
-                ..Default::default()
             },
             table: watch::table_config(a.leak_after),
             ..Default::default()

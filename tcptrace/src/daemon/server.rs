@@ -244,7 +244,6 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
                 ring_bytes: cfg.ring_buffer_kib.saturating_mul(1024),
                 // Room for stacks always: a reload may switch them on.
                 stacks: Some(cfg.stacks),
-                ..Default::default()
             },
             table: table_config(&cfg),
             ..Default::default()

@@ -125,14 +125,14 @@ mod tests {
     fn records_become_prefixed_lines_with_logfmt_levels() {
         let log = KernelLog::default();
         let c = Collector(log.clone());
-        record(&c, log::Level::Warn, "OWNERS insert failed (error -12)");
+        record(&c, log::Level::Warn, "CONNECTS insert failed (error -12)");
         record(&c, log::Level::Error, "record lost");
         assert_eq!(
             log.take(),
             [
                 KernelLogLine {
                     level: "warn",
-                    msg: "kernel: OWNERS insert failed (error -12)".into()
+                    msg: "kernel: CONNECTS insert failed (error -12)".into()
                 },
                 KernelLogLine {
                     level: "error",

@@ -156,8 +156,6 @@ pub struct Probes {
 pub struct ProbeOptions {
     /// Ring buffer size in bytes (rounded up to a power of two of at least one page).
     pub ring_bytes: u32,
-    /// Entries of the kernel owner map (socket -> owner).
-    pub owner_entries: u32,
     /// Call stacks of opened descriptors: None, never (the stack maps get one entry); Some(on),
     /// maps sized for them and recording on or off (switched with [`Probes::set_stacks`]).
     pub stacks: Option<bool>,
@@ -167,7 +165,6 @@ impl Default for ProbeOptions {
     fn default() -> Self {
         Self {
             ring_bytes: tcptrace_common::DEFAULT_RING_BYTES,
-            owner_entries: 131072,
             stacks: None,
         }
     }
@@ -355,7 +352,6 @@ impl Probes {
             .override_global("SOCK", &sock.unwrap_or_default(), true)
             .override_global("WAKE_AT", &(per_ring as u64 / 4), true)
             .override_global("REGS", &regs, true)
-            .map_max_entries("OWNERS", opts.owner_entries.max(1024))
             .load(object)
             .map_err(Error::Load)?;
         let mut attached = Vec::new();

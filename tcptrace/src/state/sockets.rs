@@ -187,8 +187,9 @@ impl Table {
         };
         // The state the table had: the event's `old` may differ after lost records.
         let prev = s.state;
-        // The kernel's recorded owner wins; then what we already knew; then, for an accepted
-        // socket, the listener's owner.
+        // The owner the kernel sends (the application's own context) wins; then what we
+        // already knew; then, for an accepted socket, the listener's owner (the kernel sends
+        // none from softirq).
         if let Some(id) = owner_id {
             s.owner = Some(id);
         } else if s.owner.is_none() && matches!(new, TcpState::SynRecv) {

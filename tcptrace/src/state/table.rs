@@ -249,6 +249,12 @@ impl Table {
     }
 
     /// Command name of the live process with this pid.
+    /// Owner (pid, comm) of the socket listening on `port` in `netns`.
+    pub fn listener_owner(&self, netns: u64, port: u16) -> Option<(u32, String)> {
+        let p = self.procs.get(self.listeners.get(&(netns, port))?)?;
+        Some((p.pid, p.meta.comm.clone()))
+    }
+
     pub fn comm_of(&self, pid: u32) -> Option<String> {
         let id = self.by_pid.get(&pid)?;
         self.procs.get(id).map(|p| p.meta.comm.clone())

@@ -32,7 +32,7 @@ use crate::{
         holders::{self, HolderResolver},
         procfs, sockdiag,
     },
-    kernel::event::{TcpEvent, decode},
+    kernel::event::{TcpEvent, TcpState, decode},
     kernel::log::KernelLog,
     kernel::order::Reorder,
     kernel::probes::{KernelCounters, ProbeOptions, Probes},
@@ -434,7 +434,14 @@ fn reader_loop(
 fn event_context(table: &Table, ev: &TcpEvent) -> EventContext {
     let now = ev.ts_ns();
     match *ev {
-        TcpEvent::State { sk, owner, .. } => {
+        TcpEvent::State {
+            sk,
+            owner,
+            new,
+            local,
+            netns,
+            ..
+        } => {
             let known = table.socket_context(sk);
             let (pid, comm) = match (owner, &known) {
                 (Some(o), _) => (
@@ -442,6 +449,10 @@ fn event_context(table: &Table, ev: &TcpEvent) -> EventContext {
                     table.comm_of(o.pid).unwrap_or_else(|| o.comm_str().into()),
                 ),
                 (None, Some((Some((pid, comm)), _))) => (*pid, comm.clone()),
+                // A connection on its way to accept(): its listener's owner.
+                (None, _) if new == TcpState::SynRecv => table
+                    .listener_owner(netns, local.port())
+                    .unwrap_or_default(),
                 _ => (0, String::new()),
             };
             EventContext {
