@@ -44,7 +44,7 @@ mod record;
 use record::Record;
 use tcptrace_common::{
     COUNTER_DROPPED, COUNTER_RESCUED, COUNTER_UNREADABLE, COUNTERS_LEN, DEFAULT_RING_BYTES, Event,
-    NetnsOffsets, Offsets, RINGS, SOCK_CHUNK, SockOffsets,
+    NetnsOffsets, Offsets, RINGS, SOCK_CHUNK, SockOffsets, tcp_state,
 };
 
 /// Overridden at load time with the offsets tracefs gives (read-only data: the verifier knows
@@ -80,6 +80,21 @@ fn sock_netns(sk: u64) -> u32 {
     }
     // SAFETY: as above.
     unsafe { bpf_probe_read_kernel((net + inum as u64) as *const u32) }.unwrap_or(0)
+}
+
+/// Whether every transition is sent (set by userspace for the event stream). Otherwise the
+/// state programs send nothing for a transition that changes nothing userspace tracks: LISTEN ->
+/// SYN_RECV, the birth of an accepted socket, which moves on to ESTABLISHED (or CLOSE) in the
+/// same softirq and is known from that next transition and its listener.
+#[unsafe(no_mangle)]
+static ALL_TRANSITIONS: u8 = 1;
+
+/// Whether the transition `old` -> `new` is worth a record (see [`ALL_TRANSITIONS`]).
+#[inline(always)]
+fn wanted(old: u8, new: u8) -> bool {
+    // SAFETY: aligned read of a static; volatile so the load-time value is used.
+    let all = unsafe { core::ptr::read_volatile(&raw const ALL_TRANSITIONS) };
+    all != 0 || !(old == tcp_state::LISTEN && new == tcp_state::SYN_RECV)
 }
 
 /// Unread bytes in a ring buffer beyond which a record wakes the reader at once (set by

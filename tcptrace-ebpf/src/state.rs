@@ -2,7 +2,6 @@
 //! application makes it), from the classic tracepoint or the raw one.
 
 use aya_ebpf::{
-    EbpfContext,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
@@ -13,6 +12,7 @@ use tcptrace_common::{Event, FLAG_OWNER_CURRENT, IPPROTO_TCP, KIND_STATE, tcp_st
 use crate::{
     CONNECTS, COUNTER_DROPPED, COUNTER_RESCUED, COUNTER_UNREADABLE, Record, SLOT_RESCUE,
     SLOT_STATE, STATE_HANDLED, count, current_owner, ring, set_owner, sock_netns, submit_flags,
+    wanted,
 };
 
 #[tracepoint]
@@ -36,17 +36,23 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let skaddr = rec.u64(off!(ss_skaddr));
+    let (old, new) = (
+        rec.i32(off!(ss_oldstate)) as u8,
+        rec.i32(off!(ss_newstate)) as u8,
+    );
+    if !wanted(old, new) {
+        return Ok(());
+    }
     let t = Transition {
         skaddr,
-        old: rec.i32(off!(ss_oldstate)) as u8,
-        new: rec.i32(off!(ss_newstate)) as u8,
+        old,
+        new,
         family: rec.u16(off!(ss_family)) as u8,
         sport: rec.u16(off!(ss_sport)),
         dport: rec.u16(off!(ss_dport)),
         netns: sock_netns(skaddr),
     };
     emit_state(
-        ctx,
         &t,
         &rec,
         (off!(ss_saddr), off!(ss_daddr)),
@@ -139,6 +145,9 @@ fn try_set_state_raw(ctx: &RawTracePointContext, slot: u32) -> Result<(), i32> {
     let skaddr: u64 = ctx.arg(0);
     let old: u64 = ctx.arg(1);
     let new: u64 = ctx.arg(2);
+    if !wanted(old as u8, new as u8) {
+        return Ok(());
+    }
     let proto_at = skaddr + sock!(protocol) as u64;
     let proto_size = sock!(protocol_size);
     // SAFETY: kernel memory read through bpf_probe_read_kernel.
@@ -177,7 +186,6 @@ fn try_set_state_raw(ctx: &RawTracePointContext, slot: u32) -> Result<(), i32> {
         netns,
     };
     emit_state(
-        ctx,
         &t,
         &rec,
         (sock!(rcv_saddr), sock!(daddr)),
@@ -200,13 +208,7 @@ struct Transition {
 /// Sends one transition (addresses from `rec` at `v4` / `v6`, local then remote), with its owner
 /// where the application itself makes it.
 #[inline(always)]
-fn emit_state<C: EbpfContext, const N: usize>(
-    ctx: &C,
-    t: &Transition,
-    rec: &Record<N>,
-    v4: (u16, u16),
-    v6: (u16, u16),
-) {
+fn emit_state<const N: usize>(t: &Transition, rec: &Record<N>, v4: (u16, u16), v6: (u16, u16)) {
     let (skaddr, old, new, family, netns) = (t.skaddr, t.old, t.new, t.family, t.netns);
     let rb = ring();
     let Some(mut entry) = rb.reserve::<Event>(0) else {

@@ -385,6 +385,8 @@ fn watch_options(a: WatchArgs) -> WatchOptions {
         tracer: TracerOptions {
             probes: ProbeOptions {
                 ring_bytes: a.ring_buffer_kib.saturating_mul(1024),
+                // The event stream shows every transition.
+                all_transitions: a.events,
                 stacks: a.stacks.then_some(true),
             },
             table: watch::table_config(a.leak_after),

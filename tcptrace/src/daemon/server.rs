@@ -242,6 +242,7 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
         TracerOptions {
             probes: ProbeOptions {
                 ring_bytes: cfg.ring_buffer_kib.saturating_mul(1024),
+                all_transitions: false,
                 // Room for stacks always: a reload may switch them on.
                 stacks: Some(cfg.stacks),
             },

@@ -156,6 +156,9 @@ pub struct Probes {
 pub struct ProbeOptions {
     /// Ring buffer size in bytes (rounded up to a power of two of at least one page).
     pub ring_bytes: u32,
+    /// Send every transition (the event stream); otherwise none for those that change nothing
+    /// the table tracks (LISTEN -> SYN_RECV: the next transition and the listener tell it).
+    pub all_transitions: bool,
     /// Call stacks of opened descriptors: None, never (the stack maps get one entry); Some(on),
     /// maps sized for them and recording on or off (switched with [`Probes::set_stacks`]).
     pub stacks: Option<bool>,
@@ -165,6 +168,7 @@ impl Default for ProbeOptions {
     fn default() -> Self {
         Self {
             ring_bytes: tcptrace_common::DEFAULT_RING_BYTES,
+            all_transitions: false,
             stacks: None,
         }
     }
@@ -351,6 +355,7 @@ impl Probes {
             .override_global("NETNS", &netns, true)
             .override_global("SOCK", &sock.unwrap_or_default(), true)
             .override_global("WAKE_AT", &(per_ring as u64 / 4), true)
+            .override_global("ALL_TRANSITIONS", &u8::from(opts.all_transitions), true)
             .override_global("REGS", &regs, true)
             .load(object)
             .map_err(Error::Load)?;

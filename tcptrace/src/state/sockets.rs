@@ -190,9 +190,12 @@ impl Table {
         // The owner the kernel sends (the application's own context) wins; then what we
         // already knew; then, for an accepted socket, the listener's owner (the kernel sends
         // none from softirq).
+        // An accepted socket is first seen at LISTEN -> SYN_RECV, or (the kernel sends that one
+        // only to the event stream) at SYN_RECV -> ESTABLISHED.
+        let accepted = new == TcpState::SynRecv || old == TcpState::SynRecv;
         if let Some(id) = owner_id {
             s.owner = Some(id);
-        } else if s.owner.is_none() && matches!(new, TcpState::SynRecv) {
+        } else if s.owner.is_none() && accepted {
             s.owner = listeners.get(&(netns, local.port())).copied();
         }
         if netns != 0 {
@@ -207,7 +210,7 @@ impl Table {
         }
         s.state = new;
         s.since_ns = ts;
-        if new == TcpState::SynRecv {
+        if accepted {
             s.inbound = true;
         }
         if prev != new && (prev == TcpState::CloseWait || new == TcpState::CloseWait) {
@@ -341,7 +344,9 @@ impl Table {
             self.sockets.insert(sk, s);
             return;
         }
-        if !matches!(old, TcpState::Close | TcpState::Listen) {
+        // Births: a new socket (CLOSE), a connection request (LISTEN), an accepted socket
+        // whose LISTEN -> SYN_RECV was not sent (SYN_RECV).
+        if !matches!(old, TcpState::Close | TcpState::Listen | TcpState::SynRecv) {
             self.stats.unknown_socket_events += 1;
         }
         if self.sockets.len() + self.time_wait.len() + self.fin_wait2.by_pair.len()

@@ -988,6 +988,7 @@ fn live_views_list_the_ten_oldest_close_wait_sockets() {
     );
 }
 
+mod accepted;
 mod accuracy;
 mod minis;
 mod netns;

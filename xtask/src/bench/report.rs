@@ -85,7 +85,9 @@ pub(super) fn render(
          Transitions generated = connections x transitions per connection, measured with the \
          counting bpftrace (its hits / connections): {rst} with RST close, {fin} with FIN close. \
          Events seen: the daemon's `events_seen` (`tcptrace status`), the counting bpftrace's \
-         total; `watch` does not print it. Dropped: `dropped_events` (watch) or `events_dropped` \
+         total; `watch` does not print it. tcptrace sends no record for LISTEN -> SYN_RECV \
+         (one per connection) unless the event stream asks for every transition, so its events \
+         seen are one per connection short of the transitions. Dropped: `dropped_events` (watch) or `events_dropped` \
          (daemon). Closes seen: churngen's sockets that tcptrace counted closed, of 2 per \
          connection. Tracer CPU: utime+stime of the tracer process over the round, as a share \
          of one core, median over rounds, with the part of tcptrace's ring-buffer reader thread \
