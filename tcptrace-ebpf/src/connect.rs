@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{error, warn};
 use tcptrace_common::{
-    AF_INET, AF_INET6, COUNTER_DROPPED, Event, FLAG_OWNER_CURRENT, IPPROTO_TCP, KIND_CONNECT,
+    AF_INET, AF_INET6, COUNTER_DROPPED_OTHER, Event, FLAG_OWNER_CURRENT, IPPROTO_TCP, KIND_CONNECT,
     KIND_ERROR, STACK_CONNECT,
 };
 
@@ -150,7 +150,7 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
         .output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64)
         .is_err()
     {
-        count(COUNTER_DROPPED);
+        count(COUNTER_DROPPED_OTHER);
     }
     Ok(())
 }
@@ -198,7 +198,7 @@ fn try_error_report(ctx: &TracePointContext) -> Result<(), i32> {
         .output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64)
         .is_err()
     {
-        count(COUNTER_DROPPED);
+        count(COUNTER_DROPPED_OTHER);
     }
     Ok(())
 }

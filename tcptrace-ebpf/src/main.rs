@@ -43,7 +43,7 @@ use aya_ebpf::{
 mod record;
 use record::Record;
 use tcptrace_common::{
-    COUNTER_DROPPED, COUNTER_RESCUED, COUNTER_UNREADABLE, COUNTERS_LEN, DEFAULT_RING_BYTES, Event,
+    COUNTER_DROPPED, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, COUNTERS_LEN, DEFAULT_RING_BYTES, Event,
     NetnsOffsets, Offsets, RINGS, SOCK_CHUNK, SockOffsets, tcp_state,
 };
 

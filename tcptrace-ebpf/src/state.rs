@@ -10,7 +10,7 @@ use aya_log_ebpf::error;
 use tcptrace_common::{Event, FLAG_OWNER_CURRENT, IPPROTO_TCP, KIND_STATE, tcp_state};
 
 use crate::{
-    CONNECTS, COUNTER_DROPPED, COUNTER_RESCUED, COUNTER_UNREADABLE, Record, SLOT_RESCUE,
+    CONNECTS, COUNTER_DROPPED, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, Record, SLOT_RESCUE,
     SLOT_STATE, STATE_HANDLED, count, current_owner, ring, set_owner, sock_netns, submit_flags,
     wanted,
 };
@@ -33,6 +33,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let rec = Record::read(ctx, SLOT_STATE)?;
     if rec.proto(off!(ss_protocol), off!(ss_protocol_size)) != IPPROTO_TCP {
+        count(COUNTER_NOT_SENT);
         return Ok(());
     }
     let skaddr = rec.u64(off!(ss_skaddr));
@@ -41,6 +42,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         rec.i32(off!(ss_newstate)) as u8,
     );
     if !wanted(old, new) {
+        count(COUNTER_NOT_SENT);
         return Ok(());
     }
     let t = Transition {
@@ -146,6 +148,7 @@ fn try_set_state_raw(ctx: &RawTracePointContext, slot: u32) -> Result<(), i32> {
     let old: u64 = ctx.arg(1);
     let new: u64 = ctx.arg(2);
     if !wanted(old as u8, new as u8) {
+        count(COUNTER_NOT_SENT);
         return Ok(());
     }
     let proto_at = skaddr + sock!(protocol) as u64;
@@ -159,6 +162,7 @@ fn try_set_state_raw(ctx: &RawTracePointContext, slot: u32) -> Result<(), i32> {
         }
     };
     if proto != IPPROTO_TCP {
+        count(COUNTER_NOT_SENT);
         return Ok(());
     }
     let rec = Record::read_sock(skaddr, slot)?;

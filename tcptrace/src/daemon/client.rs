@@ -194,6 +194,10 @@ pub async fn status(socket: &Path, json: bool) -> Result<(), ClientError> {
         s.events_seen, s.events_dropped, s.events_missed, s.events_unknown_socket
     );
     println!(
+        "state transitions seen {}, dropped {}, missed {}, not sent (nothing tracked changes) {}",
+        s.transitions_seen, s.transitions_dropped, s.transitions_missed, s.transitions_not_sent
+    );
+    println!(
         "tracked: {} sockets (cap {}), {} processes (cap {})",
         s.sockets_tracked, s.max_sockets, s.processes_tracked, s.max_processes
     );

@@ -45,6 +45,20 @@ pub struct Status {
     /// Program runs the kernel skipped (another BPF program was running on the CPU).
     #[serde(default)]
     pub events_missed: u64,
+    /// The state transitions among `events_seen`.
+    #[serde(default)]
+    pub transitions_seen: u64,
+    /// The state transitions among `events_dropped`.
+    #[serde(default)]
+    pub transitions_dropped: u64,
+    /// The state transitions among `events_missed`.
+    #[serde(default)]
+    pub transitions_missed: u64,
+    /// Transitions the kernel programs sent no record for by design (nothing tracked changes:
+    /// LISTEN -> SYN_RECV; not TCP). Transitions seen + dropped + missed + not sent = the
+    /// tracepoint's hits (`cargo xtask bench` checks it).
+    #[serde(default)]
+    pub transitions_not_sent: u64,
     pub events_unknown_socket: u64,
     pub sockets_tracked: u64,
     pub processes_tracked: u64,

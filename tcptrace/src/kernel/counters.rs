@@ -38,9 +38,16 @@ pub(super) fn recursion_misses(prog: std::os::fd::BorrowedFd<'_>) -> Option<u64>
 pub struct KernelCounters {
     /// Records lost because the ring buffer was full.
     pub dropped: u64,
+    /// The part of `dropped` that are state transitions.
+    pub dropped_transitions: u64,
     /// Program runs the kernel skipped because another BPF program was running on the CPU
     /// (what they would have sent is lost too), and transitions a program could not read.
     pub missed: u64,
+    /// The part of `missed` that are state transitions.
+    pub missed_transitions: u64,
+    /// Transitions the state program ran for and sent nothing for, by design (LISTEN ->
+    /// SYN_RECV unless every transition is asked for; sockets that are not TCP). Lost nothing.
+    pub not_sent: u64,
 }
 
 impl KernelCounters {

@@ -12,7 +12,7 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use tcptrace_common::{
-    COUNTER_DROPPED, COUNTER_RESCUED, COUNTER_UNREADABLE, Event, NetnsOffsets, Offsets, RINGS,
+    COUNTER_DROPPED, COUNTER_DROPPED_OTHER, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, Event, NetnsOffsets, Offsets, RINGS,
     RegsOffsets, SockOffsets,
 };
 
@@ -546,20 +546,28 @@ impl Probes {
                 .map(|v| v.iter().sum::<u64>())
                 .unwrap_or(0)
         };
-        let dropped = sum(COUNTER_DROPPED);
+        let dropped_transitions = sum(COUNTER_DROPPED);
+        let dropped = dropped_transitions + sum(COUNTER_DROPPED_OTHER);
         // The enter and rescue programs' own skips lose nothing (the state program ran); the
         // state program's skips that the rescue program reported are not lost either.
-        let skipped: u64 = self
-            .attached
-            .iter()
-            .filter(|&&name| name != RESCUE && name != ENTER)
-            .filter_map(|name| self._ebpf.program(name)?.fd().ok())
-            .filter_map(|fd| recursion_misses(fd.as_fd()))
-            .sum();
+        let skipped = |state: bool| -> u64 {
+            self.attached
+                .iter()
+                .filter(|&&name| name != RESCUE && name != ENTER)
+                .filter(|&&name| (name == RAW_STATE || name == "inet_sock_set_state") == state)
+                .filter_map(|name| self._ebpf.program(name)?.fd().ok())
+                .filter_map(|fd| recursion_misses(fd.as_fd()))
+                .sum()
+        };
+        // Plus the transitions a program saw but could not read.
+        let missed_transitions =
+            skipped(true).saturating_sub(sum(COUNTER_RESCUED)) + sum(COUNTER_UNREADABLE);
         KernelCounters {
             dropped,
-            // Plus the transitions a program saw but could not read.
-            missed: skipped.saturating_sub(sum(COUNTER_RESCUED)) + sum(COUNTER_UNREADABLE),
+            dropped_transitions,
+            missed: missed_transitions + skipped(false),
+            missed_transitions,
+            not_sent: sum(COUNTER_NOT_SENT),
         }
     }
 }

@@ -60,6 +60,8 @@ impl Default for TableConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TableStats {
     pub events: u64,
+    /// The part of `events` that are state transitions.
+    pub transitions: u64,
     pub unknown_socket_events: u64,
     pub evicted_sockets: u64,
     pub evicted_processes: u64,
@@ -178,6 +180,7 @@ impl Table {
     /// Applies one event. The only way sockets change state.
     pub fn apply(&mut self, ev: &TcpEvent) {
         self.stats.events += 1;
+        self.stats.transitions += matches!(ev, TcpEvent::State { .. }) as u64;
         match *ev {
             TcpEvent::State {
                 ts_ns,

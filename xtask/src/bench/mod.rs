@@ -26,6 +26,7 @@
 //! namespaces are deleted; the run ends by checking that no process, attached program or
 //! namespace of ours is left.
 
+mod accounting;
 mod bpf_stats;
 mod configs;
 mod holders;
@@ -173,6 +174,7 @@ pub fn run(bin: &Path, args: BenchArgs) -> Result<()> {
         churngen,
         plan,
         quiet_budget: QUIET_BUDGET,
+        failures: Vec::new(),
     };
     let result = bench.all_phases();
     let _ = std::fs::remove_file(DAEMON_SOCKET);
@@ -185,6 +187,9 @@ pub fn run(bin: &Path, args: BenchArgs) -> Result<()> {
     let out = bench.plan.output.clone();
     std::fs::write(&out, &report).with_context(|| format!("writing {}", out.display()))?;
     println!("bench: report written to {}", out.display());
+    if !bench.failures.is_empty() {
+        bail!("{}", bench.failures.join("; "));
+    }
     Ok(())
 }
 
@@ -314,6 +319,8 @@ struct Bench {
     variants: Vec<TracerVariant>,
     /// What is left of the time the run may spend waiting for other processes to go quiet.
     quiet_budget: Duration,
+    /// Checks that failed: the report is still written, then the run fails.
+    failures: Vec<String>,
 }
 
 impl Bench {
@@ -329,6 +336,13 @@ impl Bench {
         let t = Instant::now();
         let costs = self.kernel_costs(&configs)?;
         took("kernel cost", t);
+        let t = Instant::now();
+        let accounting = self.ring_accounting()?;
+        took("ring accounting", t);
+        if !accounting.exact() {
+            self.failures
+                .push("ring accounting: the daemon did not account for every transition".into());
+        }
         let t = Instant::now();
         let mut leaks = vec![self.leak_latency(LeakReporter::Watch)?];
         if self.variants.iter().any(|v| v.ready == Ready::Status) {
@@ -363,6 +377,7 @@ impl Bench {
         let mut report = render(
             &host, &self.plan, waited, &configs, &samples, &per_conn, &costs, &leaks, &startup,
         );
+        report.push_str(&accounting.render());
         report.push_str(&holders::render(&holder));
         for (configs, s) in &scales {
             report.push_str(&scaling::render(

@@ -44,7 +44,7 @@ pub(super) struct Sample {
 pub(super) struct Churn {
     pid: u32,
     pub(super) connections: u64,
-    failed: u64,
+    pub(super) failed: u64,
     pub(super) cps: f64,
 }
 
