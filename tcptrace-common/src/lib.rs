@@ -25,7 +25,10 @@ pub const TP_RECORD_MAX: usize = 80;
 /// `sock_common` fields it needs end well before on every kernel with BTF).
 pub const SOCK_CHUNK: usize = 128;
 
-/// One record from kernel to userspace. 96 bytes, no padding holes.
+/// One record from kernel to userspace. 96 bytes, no padding holes. Its first
+/// [`COMPACT_LEN`] bytes are a record of their own (a compact one): a transition that carries
+/// no owner (one the kernel makes in softirq) is sent as just those, and userspace reads the
+/// rest as zeros. Userspace tells the two apart by length.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {
@@ -33,10 +36,6 @@ pub struct Event {
     pub ts_ns: u64,
     /// Kernel address of the `struct sock` (0 when unknown, e.g. a connect that failed early).
     pub skaddr: u64,
-    /// cgroup v2 id of the owner (0 when unknown).
-    pub cgroup: u64,
-    /// Owner process (thread-group id); 0 when no owner is known.
-    pub pid: u32,
     /// Network namespace of the socket: the inode of its `/proc/PID/ns/net` (0 when unknown:
     /// error reports, or a kernel without BTF).
     pub netns: u32,
@@ -51,14 +50,28 @@ pub struct Event {
     pub dport: u16,
     /// `connect()` return value (negative errno), or the positive errno of an error report.
     pub ret: i32,
-    pub flags: u32,
     /// Local address: IPv4 in the first 4 bytes, or IPv6.
     pub saddr: [u8; 16],
     /// Remote address: IPv4 in the first 4 bytes, or IPv6.
     pub daddr: [u8; 16],
+    // End of the compact record.
+    /// cgroup v2 id of the owner (0 when unknown).
+    pub cgroup: u64,
+    /// Owner process (thread-group id); 0 when no owner is known.
+    pub pid: u32,
+    pub flags: u32,
     /// Owner's command name (thread comm), NUL padded.
     pub comm: [u8; 16],
 }
+
+/// Length of a compact record: the fields of [`Event`] up to `daddr`, without owner.
+pub const COMPACT_LEN: usize = core::mem::offset_of!(Event, cgroup);
+
+/// The compact record: the first [`COMPACT_LEN`] bytes of an [`Event`], reserved as such in a
+/// ring buffer (the kernel writes its fields through an `Event` pointer, which is why it has
+/// no fields of its own).
+#[repr(C, align(8))]
+pub struct Compact(pub [u8; COMPACT_LEN]);
 
 /// Byte offsets of the tracepoint fields the programs read, taken from tracefs `format` files at
 /// start-up so that nothing depends on one kernel's layout. `u16::MAX` means "field absent".
@@ -315,3 +328,4 @@ mod user {
 }
 
 const _: () = assert!(core::mem::size_of::<Event>() == 96);
+const _: () = assert!(COMPACT_LEN == 64 && core::mem::size_of::<Compact>() == COMPACT_LEN);

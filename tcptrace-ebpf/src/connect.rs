@@ -189,11 +189,13 @@ fn try_error_report(ctx: &TracePointContext) -> Result<(), i32> {
         ret: error,
         ..Event::default()
     };
-    rec.addrs(
-        &mut ev,
+    let (family, v4, v6) = (
+        ev.family,
         (off!(er_saddr), off!(er_daddr)),
         (off!(er_saddr_v6), off!(er_daddr_v6)),
     );
+    // SAFETY: a whole Event on the stack.
+    unsafe { rec.addrs(&mut ev, family, v4, v6) };
     if ring()
         .output::<Event>(&ev, BPF_RB_NO_WAKEUP as u64)
         .is_err()

@@ -43,7 +43,7 @@ use aya_ebpf::{
 mod record;
 use record::Record;
 use tcptrace_common::{
-    COUNTER_DROPPED, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, COUNTERS_LEN, DEFAULT_RING_BYTES, Event,
+    COUNTER_DROPPED, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, COUNTERS_LEN, DEFAULT_RING_BYTES,
     NetnsOffsets, Offsets, RINGS, SOCK_CHUNK, SockOffsets, tcp_state,
 };
 
@@ -269,13 +269,6 @@ fn read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i32> {
     unsafe { ctx.read_at::<T>(off as usize) }
 }
 
-#[inline(always)]
-fn set_owner(ev: &mut Event, o: &Owner, flag: u32) {
-    ev.pid = o.pid;
-    ev.cgroup = o.cgroup;
-    ev.comm = o.comm;
-    ev.flags |= flag;
-}
 
 mod connect;
 mod stacks;

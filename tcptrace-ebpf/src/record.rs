@@ -89,17 +89,26 @@ impl<const LEN: usize> Record<LEN> {
         }
     }
 
-    /// The address pair into `ev` (v4 into the first 4 bytes).
+    /// The address pair of a socket of `family` into `ev` (v4 into the first 4 bytes). A raw
+    /// pointer: `ev` may be a compact record, which ends after the addresses.
+    ///
+    /// # Safety
+    /// `ev` points to at least the first `COMPACT_LEN` bytes of an `Event`, writable.
     #[inline(always)]
-    pub(crate) fn addrs(&self, ev: &mut Event, v4: (u16, u16), v6: (u16, u16)) {
-        if ev.family == AF_INET6 {
-            ev.saddr = self.bytes::<16>(v6.0);
-            ev.daddr = self.bytes::<16>(v6.1);
+    pub(crate) unsafe fn addrs(&self, ev: *mut Event, family: u8, v4: (u16, u16), v6: (u16, u16)) {
+        let (saddr, daddr) = if family == AF_INET6 {
+            (self.bytes::<16>(v6.0), self.bytes::<16>(v6.1))
         } else {
-            ev.saddr = [0; 16];
-            ev.daddr = [0; 16];
-            ev.saddr[..4].copy_from_slice(&self.bytes::<4>(v4.0));
-            ev.daddr[..4].copy_from_slice(&self.bytes::<4>(v4.1));
+            let mut s = [0u8; 16];
+            let mut d = [0u8; 16];
+            s[..4].copy_from_slice(&self.bytes::<4>(v4.0));
+            d[..4].copy_from_slice(&self.bytes::<4>(v4.1));
+            (s, d)
+        };
+        // SAFETY: both fields lie in the compact prefix the caller guarantees.
+        unsafe {
+            (*ev).saddr = saddr;
+            (*ev).daddr = daddr;
         }
     }
 }

@@ -7,11 +7,11 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::error;
-use tcptrace_common::{Event, FLAG_OWNER_CURRENT, IPPROTO_TCP, KIND_STATE, tcp_state};
+use tcptrace_common::{Compact, Event, FLAG_OWNER_CURRENT, IPPROTO_TCP, KIND_STATE, tcp_state};
 
 use crate::{
     CONNECTS, COUNTER_DROPPED, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, Record, SLOT_RESCUE,
-    SLOT_STATE, STATE_HANDLED, count, current_owner, ring, set_owner, sock_netns, submit_flags,
+    SLOT_STATE, STATE_HANDLED, count, current_owner, ring, sock_netns, submit_flags,
     wanted,
 };
 
@@ -209,37 +209,13 @@ struct Transition {
     netns: u32,
 }
 
-/// Sends one transition (addresses from `rec` at `v4` / `v6`, local then remote), with its owner
-/// where the application itself makes it.
+/// Sends one transition (addresses from `rec` at `v4` / `v6`, local then remote). Those the
+/// application itself makes carry their owner (a whole [`Event`]); the others, made in softirq,
+/// go as a compact record (the first `COMPACT_LEN` bytes of one): userspace knows their
+/// socket's owner.
 #[inline(always)]
 fn emit_state<const N: usize>(t: &Transition, rec: &Record<N>, v4: (u16, u16), v6: (u16, u16)) {
-    let (skaddr, old, new, family, netns) = (t.skaddr, t.old, t.new, t.family, t.netns);
-    let rb = ring();
-    let Some(mut entry) = rb.reserve::<Event>(0) else {
-        count(COUNTER_DROPPED);
-        return;
-    };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: the reservation is exactly one Event; every field is written below.
-    let ev = unsafe { &mut *ev };
-    // Field by field: a whole Event built on the stack would not fit beside the record.
-    ev.skaddr = skaddr;
-    ev.cgroup = 0;
-    ev.pid = 0;
-    ev.netns = netns;
-    ev.kind = KIND_STATE;
-    ev.oldstate = old;
-    ev.newstate = new;
-    ev.family = family;
-    ev.sport = t.sport;
-    ev.ret = 0;
-    ev.flags = 0;
-    ev.comm = [0; 16];
-    // SAFETY: helper without arguments.
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    ev.dport = t.dport;
-    rec.addrs(ev, v4, v6);
-
+    let (old, new) = (t.old, t.new);
     // The application's own context (connect, listen, close, shutdown): the owner is the
     // current task. Other transitions run in softirq, on whatever task was on the CPU, and carry
     // no owner: userspace has the socket's owner from its creation (an accepted socket's from
@@ -250,13 +226,64 @@ fn emit_state<const N: usize>(t: &Transition, rec: &Record<N>, v4: (u16, u16), v
         || (old == tcp_state::CLOSE_WAIT && new == tcp_state::LAST_ACK)
         || (old == tcp_state::LISTEN && new == tcp_state::CLOSE)
         || (old == tcp_state::ESTABLISHED && new == tcp_state::FIN_WAIT1);
-    if process_context {
-        let o = current_owner();
-        set_owner(ev, &o, FLAG_OWNER_CURRENT);
-        if connecting && let Some(c) = CONNECTS.get_ptr_mut(o.tid) {
-            // SAFETY: entry of this thread, written only by this thread.
-            unsafe { (*c).skaddr = skaddr };
-        }
+    let rb = ring();
+    if !process_context {
+        let Some(mut entry) = rb.reserve::<Compact>(0) else {
+            count(COUNTER_DROPPED);
+            return;
+        };
+        // SAFETY: the reservation is the compact prefix of an Event, every byte written here.
+        unsafe { fill(entry.as_mut_ptr() as *mut Event, t, rec, v4, v6) };
+        entry.submit(submit_flags(rb));
+        return;
+    }
+    let Some(mut entry) = rb.reserve::<Event>(0) else {
+        count(COUNTER_DROPPED);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    let o = current_owner();
+    // SAFETY: the reservation is exactly one Event; every field is written below.
+    unsafe {
+        fill(ev, t, rec, v4, v6);
+        (*ev).cgroup = o.cgroup;
+        (*ev).pid = o.pid;
+        (*ev).flags = FLAG_OWNER_CURRENT;
+        (*ev).comm = o.comm;
+    }
+    if connecting && let Some(c) = CONNECTS.get_ptr_mut(o.tid) {
+        // SAFETY: entry of this thread, written only by this thread.
+        unsafe { (*c).skaddr = t.skaddr };
     }
     entry.submit(submit_flags(rb));
+}
+
+/// Writes the compact part of a transition's record, field by field (a whole record built on
+/// the stack would not fit beside the socket's bytes).
+///
+/// # Safety
+/// `ev` points to at least the first `COMPACT_LEN` bytes of an `Event`, writable.
+#[inline(always)]
+unsafe fn fill<const N: usize>(
+    ev: *mut Event,
+    t: &Transition,
+    rec: &Record<N>,
+    v4: (u16, u16),
+    v6: (u16, u16),
+) {
+    // SAFETY: every field written lies in the compact prefix the caller guarantees.
+    unsafe {
+        // SAFETY: helper without arguments.
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).skaddr = t.skaddr;
+        (*ev).netns = t.netns;
+        (*ev).kind = KIND_STATE;
+        (*ev).oldstate = t.old;
+        (*ev).newstate = t.new;
+        (*ev).family = t.family;
+        (*ev).sport = t.sport;
+        (*ev).dport = t.dport;
+        (*ev).ret = 0;
+        rec.addrs(ev, t.family, v4, v6);
+    }
 }

@@ -12,7 +12,7 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use tcptrace_common::{
-    COUNTER_DROPPED, COUNTER_DROPPED_OTHER, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, Event, NetnsOffsets, Offsets, RINGS,
+    COMPACT_LEN, COUNTER_DROPPED, COUNTER_DROPPED_OTHER, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, Event, NetnsOffsets, Offsets, RINGS,
     RegsOffsets, SockOffsets,
 };
 
@@ -496,14 +496,13 @@ impl Probes {
 
     /// Calls `f` with every record waiting in the rings and its ring's index, ring by ring
     /// (each ring's records in order; see [`super::order`] for putting rings together); returns
-    /// how many were read. Records of an unexpected size are skipped.
+    /// how many were read. A compact record comes as an `Event` without owner; records of an
+    /// unexpected size are skipped.
     pub fn drain(&mut self, mut f: impl FnMut(usize, &Event)) -> usize {
         let mut n = 0;
         for (i, ring) in self.rings.iter_mut().enumerate() {
             while let Some(item) = ring.next() {
-                if item.len() >= size_of::<Event>() {
-                    // SAFETY: Event is plain-old-data; read_unaligned copes with any alignment.
-                    let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
+                if let Some(ev) = record(&item) {
                     f(i, &ev);
                 }
                 n += 1;
@@ -572,9 +571,63 @@ impl Probes {
     }
 }
 
+/// The record in a ring buffer item: a whole [`Event`], or a compact one (its first
+/// [`COMPACT_LEN`] bytes; the owner fields read as zeros). None for any other size.
+fn record(item: &[u8]) -> Option<Event> {
+    let mut ev = Event::default();
+    let len = match item.len() {
+        n if n >= size_of::<Event>() => size_of::<Event>(),
+        n if n >= COMPACT_LEN => COMPACT_LEN,
+        _ => return None,
+    };
+    // SAFETY: Event is plain-old-data (every byte pattern valid) and `len` bytes fit both the
+    // item and the Event.
+    unsafe {
+        std::ptr::copy_nonoverlapping(item.as_ptr(), (&raw mut ev).cast::<u8>(), len);
+    }
+    Some(ev)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compact_and_whole_records_read_the_same_but_for_the_owner() {
+        let whole = Event {
+            ts_ns: 7,
+            skaddr: 0xffff_8881_0000_1000,
+            netns: 4026531840,
+            kind: tcptrace_common::KIND_STATE,
+            oldstate: 1,
+            newstate: 7,
+            family: 2,
+            sport: 40000,
+            dport: 80,
+            ret: -111,
+            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9],
+            daddr: [127, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8],
+            cgroup: 42,
+            pid: 1234,
+            flags: 1,
+            comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
+        };
+        // SAFETY: plain-old-data viewed as its bytes.
+        let bytes: [u8; 96] = unsafe { std::mem::transmute(whole) };
+        assert_eq!(record(&bytes), Some(whole));
+        let compact = record(&bytes[..COMPACT_LEN]).unwrap();
+        assert_eq!(
+            compact,
+            Event {
+                cgroup: 0,
+                pid: 0,
+                flags: 0,
+                comm: [0; 16],
+                ..whole
+            }
+        );
+        assert_eq!(record(&bytes[..COMPACT_LEN - 8]), None);
+    }
 
     #[test]
     fn ring_memory_is_bounded_whatever_the_number_of_cpus() {
