@@ -301,6 +301,12 @@ pub struct RegsOffsets {
     pub fdt_fd: u32,
     pub file_private: u32,
     pub socket_sk: u32,
+    /// Where `struct pt_regs` keeps a syscall's first argument after it returned (x86-64: `di`;
+    /// arm64: `orig_x0`), and its second (`si`; `regs[1]`): `connect()`'s descriptor and
+    /// sockaddr, read at its exit only when it fails. 0 when unknown (the sockaddr is then read
+    /// at every `connect()`'s entry and kept until its exit).
+    pub syscall_arg0: u32,
+    pub syscall_arg1: u32,
     pub _pad: u32,
 }
 
@@ -308,6 +314,11 @@ impl RegsOffsets {
     /// Whether the way from a descriptor to its socket is known.
     pub fn fd_to_sock(&self) -> bool {
         self.task_files != 0 && self.files_fdt != 0 && self.fdt_fd != 0 && self.socket_sk != 0
+    }
+
+    /// Whether a syscall's first two arguments can be read at its exit.
+    pub fn syscall_args(&self) -> bool {
+        self.syscall_arg0 != 0 && self.syscall_arg1 != 0
     }
 }
 

@@ -37,31 +37,28 @@ fn sockaddr_unreadable(ctx: &TracePointContext, err: i32) {
     rare!(
         warn,
         ctx,
-        "sys_enter_connect: reading the sockaddr from user memory failed (error {}, pid {}); connect not followed",
+        "connect: reading the sockaddr from user memory failed (error {}, pid {}); connect not followed",
         err,
         pid
     );
 }
 
-fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
-    let uaddr = read::<u64>(ctx, off!(ce_uservaddr))? as *const [u8; 16];
+/// The destination in the user's sockaddr at `uaddr`: None when it is not IPv4 or IPv6, or
+/// cannot be read (logged).
+#[inline(always)]
+fn destination(ctx: &TracePointContext, uaddr: u64) -> Option<ConnectCtx> {
+    let uaddr = uaddr as *const [u8; 16];
     // SAFETY: user memory read through bpf_probe_read_user.
     let head = match unsafe { bpf_probe_read_user(uaddr) } {
         Ok(head) => head,
         Err(err) => {
             sockaddr_unreadable(ctx, err);
-            return Ok(());
+            return None;
         }
     };
     let family = u16::from_ne_bytes([head[0], head[1]]) as u8;
     if family != AF_INET && family != AF_INET6 {
-        return Ok(());
-    }
-    if crate::stacks::stacks_on() {
-        let fd = read::<i64>(ctx, off!(ce_fd))?;
-        if (0..=i32::MAX as i64).contains(&fd) {
-            crate::stacks::record(ctx, fd as u32, STACK_CONNECT);
-        }
+        return None;
     }
     let mut c = ConnectCtx {
         skaddr: 0,
@@ -75,14 +72,39 @@ fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         // sockaddr_in6: family, port, flowinfo (4 bytes), then the 16-byte address at offset 8.
         // SAFETY: user memory read through bpf_probe_read_user.
-        let full = match unsafe { bpf_probe_read_user(uaddr as *const [u8; 24]) } {
-            Ok(full) => full,
+        match unsafe { bpf_probe_read_user(uaddr as *const [u8; 24]) } {
+            Ok(full) => c.daddr.copy_from_slice(&full[8..24]),
             Err(err) => {
                 sockaddr_unreadable(ctx, err);
-                return Ok(());
+                return None;
             }
-        };
-        c.daddr.copy_from_slice(&full[8..24]);
+        }
+    }
+    Some(c)
+}
+
+/// At the entry of `connect()`: the call stack when stacks are on; and, only where the
+/// syscall's arguments cannot be read at its exit, the destination, kept for the exit. Where
+/// they can (x86-64, arm64 with BTF), a connect that succeeds at once costs a return here and
+/// one at the exit: no user memory read, no map entry.
+fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
+    let at_exit = crate::stacks::syscall_args_known();
+    let stacks = crate::stacks::stacks_on();
+    if at_exit && !stacks {
+        return Ok(());
+    }
+    let uaddr = read::<u64>(ctx, off!(ce_uservaddr))?;
+    let Some(c) = destination(ctx, uaddr) else {
+        return Ok(());
+    };
+    if stacks {
+        let fd = read::<i64>(ctx, off!(ce_fd))?;
+        if (0..=i32::MAX as i64).contains(&fd) {
+            crate::stacks::record(ctx, fd as u32, STACK_CONNECT);
+        }
+    }
+    if at_exit {
+        return Ok(());
     }
     let id = bpf_get_current_pid_tgid();
     if let Err(err) = CONNECTS.insert(&(id as u32), &c, 0) {
@@ -105,14 +127,34 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         rare!(
             error,
             &ctx,
-            "sys_exit_connect: reading the tracepoint record failed (error {}); connect result lost",
+            "sys_exit_connect: reading the tracepoint record or the syscall's arguments failed (error {}); connect result lost",
             err
         );
     }
     0
 }
 
+/// Success is visible as SYN_SENT -> ESTABLISHED; only errors and -EINPROGRESS are sent. A
+/// call that failed before any TCP state change (no route) may be on a datagram socket too:
+/// userspace counts those as failures to reach the destination.
 fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
+    if crate::stacks::syscall_args_known() {
+        let ret = read::<i64>(ctx, off!(cx_ret))?;
+        if ret == 0 {
+            return Ok(());
+        }
+        // The descriptor and the sockaddr, still where the caller put them.
+        let (fd, uaddr) = crate::stacks::syscall_args()?;
+        let Some(mut c) = destination(ctx, uaddr) else {
+            return Ok(());
+        };
+        let fd = fd as i32;
+        if fd >= 0 {
+            c.skaddr = crate::stacks::sock_of_fd(fd as u32);
+        }
+        emit_connect(&c, ret);
+        return Ok(());
+    }
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: value copied out before the entry is removed.
     let Some(c) = (unsafe { CONNECTS.get(&tid) }).copied() else {
@@ -120,12 +162,15 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
     };
     let _ = CONNECTS.remove(&tid);
     let ret = read::<i64>(ctx, off!(cx_ret))?;
-    // Success is visible as SYN_SENT -> ESTABLISHED; only errors and -EINPROGRESS are sent.
-    // A call that failed before any TCP state change (no route) may be on a datagram socket
-    // too: userspace counts those as failures to reach the destination.
-    if ret == 0 {
-        return Ok(());
+    if ret != 0 {
+        emit_connect(&c, ret);
     }
+    Ok(())
+}
+
+/// Sends the result `ret` of a connect to `c`, with the current task as owner.
+#[inline(always)]
+fn emit_connect(c: &ConnectCtx, ret: i64) {
     let o = current_owner();
     let ev = Event {
         // SAFETY: helper without arguments.
@@ -152,7 +197,6 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
     {
         count(COUNTER_DROPPED_OTHER);
     }
-    Ok(())
 }
 
 #[tracepoint]

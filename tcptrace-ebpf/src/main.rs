@@ -8,7 +8,9 @@
 //!   tracepoint (`inet_sock_set_state_raw`) where the kernel's BTF gives the layout of
 //!   `struct sock`, else as the classic one.
 //! * `syscalls:sys_enter_connect` / `sys_exit_connect`: destination and return value of every
-//!   IPv4/IPv6 `connect()` that does not succeed at once (errors and -EINPROGRESS).
+//!   IPv4/IPv6 `connect()` that does not succeed at once (errors and -EINPROGRESS), read at the
+//!   exit from the task's saved registers where BTF gives their layout (a connect that
+//!   succeeds costs two returns), else kept from the entry in `CONNECTS`.
 //! * `sock:inet_sk_error_report` (TCP only, connect-phase errors only): asynchronous errors,
 //!   e.g. a non-blocking connect refused.
 //!

@@ -56,7 +56,8 @@ static STACKS: StackMap = StackMap(UnsafeCell::new(bpf_map_def {
     pinning: 0,
 }));
 
-/// Where `struct pt_regs` keeps the user stack pointer (from BTF, set by userspace).
+/// Where `struct pt_regs` keeps the user stack pointer and a syscall's arguments, and the way
+/// from a descriptor to its socket (from BTF, set by userspace).
 #[unsafe(no_mangle)]
 static REGS: RegsOffsets = RegsOffsets {
     sp: 0,
@@ -66,6 +67,8 @@ static REGS: RegsOffsets = RegsOffsets {
     fdt_fd: 0,
     file_private: 0,
     socket_sk: 0,
+    syscall_arg0: 0,
+    syscall_arg1: 0,
     _pad: 0,
 };
 
@@ -76,10 +79,34 @@ macro_rules! regs {
     };
 }
 
+/// Whether the current syscall's first two arguments can be read at its exit.
+#[inline(always)]
+pub(crate) fn syscall_args_known() -> bool {
+    regs!(syscall_arg0) != 0 && regs!(syscall_arg1) != 0
+}
+
+/// The current syscall's first two arguments, read from the task's saved registers (at its
+/// exit too: the return value overwrites neither). Callers check [`syscall_args_known`].
+#[inline(always)]
+pub(crate) fn syscall_args() -> Result<(u64, u64), i32> {
+    let (a0, a1) = (regs!(syscall_arg0), regs!(syscall_arg1));
+    // SAFETY: the current task's saved user registers, read through bpf_probe_read_kernel.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64;
+        if regs == 0 {
+            return Err(-1);
+        }
+        Ok((
+            bpf_probe_read_kernel((regs + a0) as *const u64)?,
+            bpf_probe_read_kernel((regs + a1) as *const u64)?,
+        ))
+    }
+}
+
 /// The kernel address of the socket behind descriptor `fd` of the current task (0: unknown):
 /// task -> files -> fdt -> fd[fd] -> file -> private_data (struct socket) -> sk.
 #[inline(always)]
-fn sock_of_fd(fd: u32) -> u64 {
+pub(crate) fn sock_of_fd(fd: u32) -> u64 {
     let (files_at, fdt_at, max_at, fd_at, private_at, sk_at) = (
         regs!(task_files),
         regs!(files_fdt),

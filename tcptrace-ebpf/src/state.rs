@@ -251,7 +251,12 @@ fn emit_state<const N: usize>(t: &Transition, rec: &Record<N>, v4: (u16, u16), v
         (*ev).flags = FLAG_OWNER_CURRENT;
         (*ev).comm = o.comm;
     }
-    if connecting && let Some(c) = CONNECTS.get_ptr_mut(o.tid) {
+    // Where connect()'s exit reads its arguments itself, it finds the socket from the
+    // descriptor; otherwise its entry is waiting for the socket here.
+    if connecting
+        && !crate::stacks::syscall_args_known()
+        && let Some(c) = CONNECTS.get_ptr_mut(o.tid)
+    {
         // SAFETY: entry of this thread, written only by this thread.
         unsafe { (*c).skaddr = t.skaddr };
     }

@@ -1159,8 +1159,8 @@ fn report_without_daemon_shows_sockets_now() {
 }
 
 /// A connect() whose sockaddr pointer is bad (EFAULT) is a real rare path of the kernel
-/// programs: the sockaddr cannot be read, sys_enter_connect logs it (aya-log), and the daemon
-/// writes the line to its log.
+/// programs: the sockaddr cannot be read, the connect program logs it (aya-log; at the exit,
+/// where the syscall's arguments are read there), and the daemon writes the line to its log.
 #[test]
 fn kernel_log_reaches_the_daemon_log() {
     if !root_or_skip("kernel_log_reaches_the_daemon_log") {
@@ -1177,7 +1177,7 @@ fn kernel_log_reaches_the_daemon_log() {
     };
     assert_eq!(rc, -1, "connect with a bad address must fail");
     let want = format!(
-        "level=warn msg=\"kernel: sys_enter_connect: reading the sockaddr from user memory failed (error -14, pid {}); connect not followed\"",
+        "level=warn msg=\"kernel: connect: reading the sockaddr from user memory failed (error -14, pid {}); connect not followed\"",
         std::process::id()
     );
     if let Err(e) = poll(10, || {

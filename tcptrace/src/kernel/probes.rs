@@ -204,8 +204,11 @@ fn regs_offsets(btf: &Btf) -> RegsOffsets {
         fdt_fd: at("fdtable", "fd"),
         file_private: at("file", "private_data"),
         socket_sk: at("socket", "sk"),
+        syscall_arg0: 0,
+        syscall_arg1: 0,
         _pad: 0,
     };
+    (r.syscall_arg0, r.syscall_arg1) = syscall_arg_offsets(btf);
     // max_fds is the first member of fdtable (offset 0 is valid there): only the others
     // must be non-zero.
     if !r.fd_to_sock() {
@@ -218,6 +221,24 @@ fn regs_offsets(btf: &Btf) -> RegsOffsets {
         ) = (0, 0, 0, 0, 0);
     }
     r
+}
+
+/// Where `struct pt_regs` keeps a syscall's first two arguments once it has returned (the
+/// return value overwrites none of them): (0, 0) when this architecture's layout is not known.
+fn syscall_arg_offsets(btf: &Btf) -> (u32, u32) {
+    let at = |path: &str| btf.offset_of("pt_regs", path).ok();
+    let found = if cfg!(target_arch = "x86_64") {
+        at("di").zip(at("si"))
+    } else if cfg!(target_arch = "aarch64") {
+        // regs[0] holds the return value by then; orig_x0 keeps the first argument.
+        at("orig_x0").zip(at("regs").map(|r| r + 8))
+    } else {
+        None
+    };
+    match found {
+        Some((a0, a1)) if a0 != 0 && a1 != 0 => (a0, a1),
+        _ => (0, 0),
+    }
 }
 
 fn netns_offsets(btf: &Btf) -> Result<NetnsOffsets, BtfError> {
@@ -591,6 +612,17 @@ fn record(item: &[u8]) -> Option<Event> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn connect_arguments_are_read_from_di_and_si_of_the_saved_registers() {
+        // The x86-64 pt_regs layout: r15, r14, r13, r12, bp, bx, r11, r10, r9, r8, ax, cx, dx,
+        // si (104), di (112).
+        let btf = Btf::from_sys().expect("this kernel has BTF");
+        assert_eq!(syscall_arg_offsets(&btf), (112, 104));
+        let regs = regs_offsets(&btf);
+        assert!(regs.syscall_args() && regs.fd_to_sock(), "{regs:?}");
+    }
 
     #[test]
     fn compact_and_whole_records_read_the_same_but_for_the_owner() {
