@@ -366,7 +366,7 @@ mod tests {
     #[test]
     fn this_kernel_gives_the_raw_state_program_its_socket_layout() {
         let btf = Btf::from_sys().expect("this kernel has BTF");
-        let s = crate::kernel::probes::sock_offsets(&btf).expect("usable sock offsets");
+        let s = crate::kernel::offsets::sock_offsets(&btf).expect("usable sock offsets");
         // The start of struct sock_common has kept this layout since Linux 4.x on 64-bit.
         assert_eq!(
             (s.daddr, s.rcv_saddr, s.dport, s.num, s.family),

@@ -7,6 +7,7 @@ pub mod errno;
 mod error;
 pub mod event;
 pub mod log;
+pub mod offsets;
 pub mod order;
 pub mod probes;
 pub mod stacks;

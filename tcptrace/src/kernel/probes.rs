@@ -12,22 +12,24 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use tcptrace_common::{
-    COMPACT_LEN, COUNTER_DROPPED, COUNTER_DROPPED_OTHER, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, Event, NetnsOffsets, Offsets, RINGS,
-    RegsOffsets, SockOffsets,
+    COMPACT_LEN, COUNTER_DROPPED, COUNTER_DROPPED_OTHER, COUNTER_NOT_SENT, COUNTER_RESCUED,
+    COUNTER_UNREADABLE, Event, NetnsOffsets, Offsets, RINGS, RegsOffsets, SockOffsets,
 };
 
 use crate::kernel::{
     Error,
-    btf::{Btf, BtfError},
+    btf::Btf,
     log::{Collector, KernelLog},
+    offsets::{netns_offsets, regs_offsets, sock_offsets},
     stacks::StackTables,
     tracefs,
 };
 
 /// The programs, in attach order: (program name, tracepoint category, tracepoint name). The
-/// last one is replaced by [`RAW_STATE`] where the kernel's BTF allows.
+/// last one is replaced by [`RAW_STATE`] where the kernel's BTF allows; the first is attached
+/// only with stacks where the kernel's BTF gives the layout of the saved registers.
 pub const PROGRAMS: &[(&str, &str, &str)] = &[
-    ("sys_enter_connect", "syscalls", "sys_enter_connect"),
+    (CONNECT_ENTRY, "syscalls", "sys_enter_connect"),
     ("sys_exit_connect", "syscalls", "sys_exit_connect"),
     ("inet_sk_error_report", "sock", "inet_sk_error_report"),
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
@@ -35,6 +37,10 @@ pub const PROGRAMS: &[(&str, &str, &str)] = &[
 
 pub use super::counters::KernelCounters;
 use super::counters::recursion_misses;
+
+/// The entry of `connect()`: keeps the destination for the exit where the exit cannot read the
+/// syscall's arguments, and records the stack when stacks are on.
+pub const CONNECT_ENTRY: &str = "sys_enter_connect";
 
 /// The raw tracepoint program for `inet_sock_set_state`: cheaper, and not skipped while another
 /// BPF program runs on the CPU (see the eBPF crate).
@@ -145,8 +151,11 @@ pub struct Probes {
     netns_known: bool,
     /// `STACKS_ON`; None when the object was loaded without room for stacks.
     pub(super) stacks_on: Option<Array<MapData, u32>>,
-    /// Links of [`ACCEPT_PROGRAMS`] while stacks are on.
-    pub(super) accept_links: Vec<(&'static str, TracePointLinkId)>,
+    /// Links of the stack programs while stacks are on.
+    pub(super) stack_links: Vec<(&'static str, TracePointLinkId)>,
+    /// Whether `sys_enter_connect` is one of them: attached only while stacks are on, where
+    /// `sys_exit_connect` reads the syscall's arguments itself.
+    pub(super) connect_entry_for_stacks: bool,
     /// The stack maps, until [`Probes::take_stack_tables`].
     pub(super) stack_tables: Option<StackTables>,
 }
@@ -191,90 +200,6 @@ pub fn ring_size(bytes: u32) -> u32 {
         .unwrap_or(1 << 31)
 }
 
-/// Where the programs find a socket's network namespace number, from the kernel's BTF.
-/// The offsets the stack programs use; each 0 where BTF does not give it (that part is then
-/// skipped: no stack pointer, or stacks keyed by descriptor instead of socket).
-fn regs_offsets(btf: &Btf) -> RegsOffsets {
-    let at = |name: &str, path: &str| btf.offset_of(name, path).unwrap_or(0);
-    let mut r = RegsOffsets {
-        sp: at("pt_regs", "sp"),
-        task_files: at("task_struct", "files"),
-        files_fdt: at("files_struct", "fdt"),
-        fdt_max_fds: at("fdtable", "max_fds"),
-        fdt_fd: at("fdtable", "fd"),
-        file_private: at("file", "private_data"),
-        socket_sk: at("socket", "sk"),
-        syscall_arg0: 0,
-        syscall_arg1: 0,
-        _pad: 0,
-    };
-    (r.syscall_arg0, r.syscall_arg1) = syscall_arg_offsets(btf);
-    // max_fds is the first member of fdtable (offset 0 is valid there): only the others
-    // must be non-zero.
-    if !r.fd_to_sock() {
-        (
-            r.task_files,
-            r.files_fdt,
-            r.fdt_fd,
-            r.file_private,
-            r.socket_sk,
-        ) = (0, 0, 0, 0, 0);
-    }
-    r
-}
-
-/// Where `struct pt_regs` keeps a syscall's first two arguments once it has returned (the
-/// return value overwrites none of them): (0, 0) when this architecture's layout is not known.
-fn syscall_arg_offsets(btf: &Btf) -> (u32, u32) {
-    let at = |path: &str| btf.offset_of("pt_regs", path).ok();
-    let found = if cfg!(target_arch = "x86_64") {
-        at("di").zip(at("si"))
-    } else if cfg!(target_arch = "aarch64") {
-        // regs[0] holds the return value by then; orig_x0 keeps the first argument.
-        at("orig_x0").zip(at("regs").map(|r| r + 8))
-    } else {
-        None
-    };
-    match found {
-        Some((a0, a1)) if a0 != 0 && a1 != 0 => (a0, a1),
-        _ => (0, 0),
-    }
-}
-
-fn netns_offsets(btf: &Btf) -> Result<NetnsOffsets, BtfError> {
-    Ok(NetnsOffsets {
-        skc_net: btf.offset_of("sock_common", "skc_net.net")?,
-        net_inum: btf.offset_of("net", "ns.inum")?,
-    })
-}
-
-/// The layout of `struct sock` for the raw state program, from the kernel's BTF; None when a
-/// field is missing or out of the program's reach (the classic tracepoint is used then).
-pub fn sock_offsets(btf: &Btf) -> Option<SockOffsets> {
-    let common = |path: &str| -> Option<u16> {
-        let off = btf.offset_of("sock", &format!("__sk_common.{path}")).ok()?;
-        u16::try_from(off).ok()
-    };
-    let (protocol, protocol_size) = btf.integer_member("sock", "sk_protocol").ok()?;
-    let s = SockOffsets {
-        daddr: common("skc_daddr")?,
-        rcv_saddr: common("skc_rcv_saddr")?,
-        dport: common("skc_dport")?,
-        num: common("skc_num")?,
-        family: common("skc_family")?,
-        v6_daddr: common("skc_v6_daddr")?,
-        v6_rcv_saddr: common("skc_v6_rcv_saddr")?,
-        net: common("skc_net")?,
-        protocol: u16::try_from(protocol).ok()?,
-        protocol_size: protocol_size as u16,
-        inet_sport: u16::try_from(btf.offset_of("inet_sock", "inet_sport").ok()?).ok()?,
-        _pad: 0,
-        net_inum: btf.offset_of("net", "ns.inum").ok()?,
-    };
-    s.usable().then_some(s)
-}
-
-/// Loads program `prog` and attaches it to raw tracepoint `name`.
 /// The classic tracepoint program `prog` of the object.
 pub(super) fn tracepoint<'a>(
     ebpf: &'a mut Ebpf,
@@ -289,6 +214,7 @@ pub(super) fn tracepoint<'a>(
         })
 }
 
+/// Loads program `prog` and attaches it to raw tracepoint `name`.
 fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
     let p: &mut RawTracePoint = ebpf
         .program_mut(prog)
@@ -382,8 +308,14 @@ impl Probes {
             .map_err(Error::Load)?;
         let mut attached = Vec::new();
         let mut degraded = Vec::new();
+        // Where sys_exit_connect reads connect()'s arguments from the saved registers, the
+        // entry program has nothing to do but record stacks: attached only while they are on.
+        let connect_entry_for_stacks = regs.syscall_args();
         for (prog, cat, name) in PROGRAMS {
             if skip_error_report && *name == "inet_sk_error_report" {
+                continue;
+            }
+            if connect_entry_for_stacks && *prog == CONNECT_ENTRY {
                 continue;
             }
             if *prog == "inet_sock_set_state" && sock.is_some() {
@@ -469,7 +401,8 @@ impl Probes {
             degraded,
             netns_known: netns != NetnsOffsets::default(),
             stacks_on,
-            accept_links: Vec::new(),
+            stack_links: Vec::new(),
+            connect_entry_for_stacks,
             stack_tables,
         };
         if opts.stacks == Some(true) {
@@ -612,17 +545,6 @@ fn record(item: &[u8]) -> Option<Event> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn connect_arguments_are_read_from_di_and_si_of_the_saved_registers() {
-        // The x86-64 pt_regs layout: r15, r14, r13, r12, bp, bx, r11, r10, r9, r8, ax, cx, dx,
-        // si (104), di (112).
-        let btf = Btf::from_sys().expect("this kernel has BTF");
-        assert_eq!(syscall_arg_offsets(&btf), (112, 104));
-        let regs = regs_offsets(&btf);
-        assert!(regs.syscall_args() && regs.fd_to_sock(), "{regs:?}");
-    }
 
     #[test]
     fn compact_and_whole_records_read_the_same_but_for_the_owner() {

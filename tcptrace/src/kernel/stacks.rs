@@ -12,7 +12,8 @@ use tcptrace_common::{STACK_ACCEPT, STACK_TOP_WORDS, SockStack};
 use super::{Error, probes::Probes};
 
 /// The programs that record the stack of accepted descriptors, attached while stacks are on
-/// (connects record theirs in `sys_enter_connect`).
+/// (connects record theirs in `sys_enter_connect`, attached with them where it has nothing else
+/// to do).
 const ACCEPT_PROGRAMS: [&str; 2] = ["sys_exit_accept", "sys_exit_accept4"];
 
 impl Probes {
@@ -24,7 +25,7 @@ impl Probes {
 
     /// Whether stacks are being recorded.
     pub fn stacks(&self) -> bool {
-        !self.accept_links.is_empty()
+        !self.stack_links.is_empty()
     }
 
     /// Starts or stops recording the stacks descriptors are opened with: attaches or detaches
@@ -39,7 +40,7 @@ impl Probes {
         };
         flag.set(0, u32::from(on), 0)?;
         if !on {
-            for (prog, link) in self.accept_links.drain(..) {
+            for (prog, link) in self.stack_links.drain(..) {
                 if let Some(p) = self._ebpf.program_mut(prog)
                     && let Ok(p) = <&mut TracePoint>::try_from(p)
                 {
@@ -48,7 +49,10 @@ impl Probes {
             }
             return Ok(());
         }
-        for prog in ACCEPT_PROGRAMS {
+        let connect = self
+            .connect_entry_for_stacks
+            .then_some(super::probes::CONNECT_ENTRY);
+        for prog in ACCEPT_PROGRAMS.into_iter().chain(connect) {
             let attached = (|| {
                 let p = super::probes::tracepoint(&mut self._ebpf, prog)?;
                 if p.fd().is_err() {
@@ -63,7 +67,7 @@ impl Probes {
                 })
             })();
             match attached {
-                Ok(link) => self.accept_links.push((prog, link)),
+                Ok(link) => self.stack_links.push((prog, link)),
                 Err(e) => {
                     self.set_stacks(false)?;
                     if let Some(flag) = self.stacks_on.as_mut() {
