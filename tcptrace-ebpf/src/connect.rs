@@ -14,7 +14,7 @@ use tcptrace_common::{
 };
 
 use crate::{
-    CONNECTS, ConnectCtx, Record, SLOT_ERROR, count, current_owner, read, ring, sock_netns,
+    CONNECTS, ConnectCtx, Fields, Record, SLOT_ERROR, count, current_owner, read, ring, sock_netns,
 };
 
 #[tracepoint]

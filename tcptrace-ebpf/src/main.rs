@@ -4,9 +4,10 @@
 //!   the application's context (connect, listen, its close or shutdown) carry the current task
 //!   as owner; softirq transitions carry none (never whatever task happened to be on the CPU):
 //!   userspace knows each socket's owner from its creation, an accepted socket's from its
-//!   listener. As a raw
-//!   tracepoint (`inet_sock_set_state_raw`) where the kernel's BTF gives the layout of
-//!   `struct sock`, else as the classic one.
+//!   listener. As a BTF tracepoint (`inet_sock_set_state_btf`: the socket's fields read in
+//!   place) where the kernel loads it, else as a raw tracepoint (`inet_sock_set_state_raw`:
+//!   helper reads) where the kernel's BTF gives the layout of `struct sock`, else as the
+//!   classic one.
 //! * `syscalls:sys_enter_connect` / `sys_exit_connect`: destination and return value of every
 //!   IPv4/IPv6 `connect()` that does not succeed at once (errors and -EINPROGRESS), read at the
 //!   exit from the task's saved registers where BTF gives their layout (a connect that
@@ -43,7 +44,7 @@ use aya_ebpf::{
 };
 
 mod record;
-use record::Record;
+use record::{Fields, Record, Sock};
 use tcptrace_common::{
     COUNTER_DROPPED, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, COUNTERS_LEN, DEFAULT_RING_BYTES,
     NetnsOffsets, Offsets, RINGS, SOCK_CHUNK, SockOffsets, tcp_state,

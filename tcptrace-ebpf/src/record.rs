@@ -36,9 +36,63 @@ impl Record<SOCK_CHUNK> {
     }
 }
 
-impl<const LEN: usize> Record<LEN> {
+/// Fields at byte offsets, wherever they are read from: a [`Record`] copied to scratch space,
+/// or a [`Sock`] read in place.
+pub(crate) trait Fields {
+    /// `N` bytes at `off` (zeros where they cannot be read).
+    fn bytes<const N: usize>(&self, off: u16) -> [u8; N];
+
     #[inline(always)]
-    pub(crate) fn bytes<const N: usize>(&self, off: u16) -> [u8; N] {
+    fn u16(&self, off: u16) -> u16 {
+        u16::from_ne_bytes(self.bytes::<2>(off))
+    }
+
+    #[inline(always)]
+    fn i32(&self, off: u16) -> i32 {
+        i32::from_ne_bytes(self.bytes::<4>(off))
+    }
+
+    #[inline(always)]
+    fn u64(&self, off: u16) -> u64 {
+        u64::from_ne_bytes(self.bytes::<8>(off))
+    }
+
+    #[inline(always)]
+    fn proto(&self, off: u16, size: u16) -> u16 {
+        if size == 1 {
+            self.bytes::<1>(off)[0] as u16
+        } else {
+            self.u16(off)
+        }
+    }
+
+    /// The address pair of a socket of `family` into `ev` (v4 into the first 4 bytes). A raw
+    /// pointer: `ev` may be a compact record, which ends after the addresses.
+    ///
+    /// # Safety
+    /// `ev` points to at least the first `COMPACT_LEN` bytes of an `Event`, writable.
+    #[inline(always)]
+    unsafe fn addrs(&self, ev: *mut Event, family: u8, v4: (u16, u16), v6: (u16, u16)) {
+        let (saddr, daddr) = if family == AF_INET6 {
+            (self.bytes::<16>(v6.0), self.bytes::<16>(v6.1))
+        } else {
+            let mut s = [0u8; 16];
+            let mut d = [0u8; 16];
+            s[..4].copy_from_slice(&self.bytes::<4>(v4.0));
+            d[..4].copy_from_slice(&self.bytes::<4>(v4.1));
+            (s, d)
+        };
+        // SAFETY: both fields lie in the compact prefix the caller guarantees.
+        unsafe {
+            (*ev).saddr = saddr;
+            (*ev).daddr = daddr;
+        }
+    }
+}
+
+impl<const LEN: usize> Fields for Record<LEN> {
+    #[inline(always)]
+    fn bytes<const N: usize>(&self, off: u16) -> [u8; N] {
         // SAFETY: points to the per-CPU slot filled by `read`.
         let rec = unsafe { &*self.0 };
         let o = off as usize;
@@ -64,51 +118,35 @@ impl<const LEN: usize> Record<LEN> {
         }
         out
     }
+}
 
-    #[inline(always)]
-    pub(crate) fn u16(&self, off: u16) -> u16 {
-        u16::from_ne_bytes(self.bytes::<2>(off))
-    }
+/// A `struct sock` read in place, field by field, by a BTF tracepoint program: the verifier
+/// knows the pointer's type and turns each load into a guarded one (a bad address reads as
+/// zeros), with no helper call. Offsets must be constants to the verifier (read-only data) and
+/// lie inside `struct sock`.
+pub(crate) struct Sock(pub(crate) *const u8);
 
+impl Fields for Sock {
     #[inline(always)]
-    pub(crate) fn i32(&self, off: u16) -> i32 {
-        i32::from_ne_bytes(self.bytes::<4>(off))
-    }
-
-    #[inline(always)]
-    pub(crate) fn u64(&self, off: u16) -> u64 {
-        u64::from_ne_bytes(self.bytes::<8>(off))
-    }
-
-    #[inline(always)]
-    pub(crate) fn proto(&self, off: u16, size: u16) -> u16 {
-        if size == 1 {
-            self.bytes::<1>(off)[0] as u16
-        } else {
-            self.u16(off)
-        }
-    }
-
-    /// The address pair of a socket of `family` into `ev` (v4 into the first 4 bytes). A raw
-    /// pointer: `ev` may be a compact record, which ends after the addresses.
-    ///
-    /// # Safety
-    /// `ev` points to at least the first `COMPACT_LEN` bytes of an `Event`, writable.
-    #[inline(always)]
-    pub(crate) unsafe fn addrs(&self, ev: *mut Event, family: u8, v4: (u16, u16), v6: (u16, u16)) {
-        let (saddr, daddr) = if family == AF_INET6 {
-            (self.bytes::<16>(v6.0), self.bytes::<16>(v6.1))
-        } else {
-            let mut s = [0u8; 16];
-            let mut d = [0u8; 16];
-            s[..4].copy_from_slice(&self.bytes::<4>(v4.0));
-            d[..4].copy_from_slice(&self.bytes::<4>(v4.1));
-            (s, d)
-        };
-        // SAFETY: both fields lie in the compact prefix the caller guarantees.
+    fn bytes<const N: usize>(&self, off: u16) -> [u8; N] {
+        let mut out = [0u8; N];
+        // SAFETY: typed loads the verifier checks against the socket's BTF layout.
         unsafe {
-            (*ev).saddr = saddr;
-            (*ev).daddr = daddr;
+            let at = self.0.add(off as usize);
+            match N {
+                1 => out[0] = core::ptr::read_volatile(at),
+                2 => out[..2].copy_from_slice(&core::ptr::read_volatile(at as *const u16).to_ne_bytes()),
+                4 => out[..4].copy_from_slice(&core::ptr::read_volatile(at as *const u32).to_ne_bytes()),
+                8 => out[..8].copy_from_slice(&core::ptr::read_volatile(at as *const u64).to_ne_bytes()),
+                16 => {
+                    out[..8].copy_from_slice(&core::ptr::read_volatile(at as *const u64).to_ne_bytes());
+                    out[8..16].copy_from_slice(
+                        &core::ptr::read_volatile(at.add(8) as *const u64).to_ne_bytes(),
+                    );
+                }
+                _ => {}
+            }
         }
+        out
     }
 }

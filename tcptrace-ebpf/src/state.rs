@@ -3,14 +3,14 @@
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{raw_tracepoint, tracepoint},
-    programs::{RawTracePointContext, TracePointContext},
+    macros::{btf_tracepoint, raw_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::error;
 use tcptrace_common::{Compact, Event, FLAG_OWNER_CURRENT, IPPROTO_TCP, KIND_STATE, tcp_state};
 
 use crate::{
-    CONNECTS, COUNTER_DROPPED, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, Record, SLOT_RESCUE,
+    CONNECTS, COUNTER_DROPPED, Fields, Sock, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, Record, SLOT_RESCUE,
     SLOT_STATE, STATE_HANDLED, count, current_owner, ring, sock_netns, submit_flags,
     wanted,
 };
@@ -166,14 +166,55 @@ fn try_set_state_raw(ctx: &RawTracePointContext, slot: u32) -> Result<(), i32> {
         return Ok(());
     }
     let rec = Record::read_sock(skaddr, slot)?;
-    let net = rec.u64(sock!(net));
-    let inum_at = net + sock!(net_inum) as u64;
-    let mut sport = rec.u16(sock!(num));
+    emit_sock(skaddr, old as u8, new as u8, &rec);
+    Ok(())
+}
+
+/// The same transition as a BTF tracepoint (`tp_btf`), preferred where the kernel loads it:
+/// the socket's fields are plain loads the verifier guards (the pointer's type is known), where
+/// the raw tracepoint program copies them with helper calls. Same place among the three
+/// programs as [`inet_sock_set_state_raw`], same rescue.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    if let Some(h) = STATE_HANDLED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; a single store.
+        unsafe { core::ptr::write_volatile(h, 1) };
+    }
+    set_state_btf(&ctx);
+    0
+}
+
+#[inline(always)]
+fn set_state_btf(ctx: &BtfTracePointContext) {
+    let sk: *const u8 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    let (old, new) = (old as u8, new as u8);
+    if !wanted(old, new) {
+        count(COUNTER_NOT_SENT);
+        return;
+    }
+    let s = Sock(sk);
+    if s.proto(sock!(protocol), sock!(protocol_size)) != IPPROTO_TCP {
+        count(COUNTER_NOT_SENT);
+        return;
+    }
+    emit_sock(sk as u64, old, new, &s);
+}
+
+/// Sends the transition `old` -> `new` of the TCP socket at `skaddr`, whose `struct sock`
+/// fields `s` gives (at the offsets from BTF).
+#[inline(always)]
+fn emit_sock(skaddr: u64, old: u8, new: u8, s: &impl Fields) {
+    let mut sport = s.u16(sock!(num));
     if sport == 0 {
+        // inet_sport lies beyond struct sock (in inet_sock): a helper read.
         let at = skaddr + sock!(inet_sport) as u64;
-        // SAFETY: as above.
+        // SAFETY: kernel memory read through bpf_probe_read_kernel.
         sport = u16::from_be(unsafe { bpf_probe_read_kernel(at as *const u16) }.unwrap_or(0));
     }
+    let net = s.u64(sock!(net));
+    let inum_at = net + sock!(net_inum) as u64;
     let netns = if net == 0 {
         0
     } else {
@@ -182,20 +223,19 @@ fn try_set_state_raw(ctx: &RawTracePointContext, slot: u32) -> Result<(), i32> {
     };
     let t = Transition {
         skaddr,
-        old: old as u8,
-        new: new as u8,
-        family: rec.u16(sock!(family)) as u8,
+        old,
+        new,
+        family: s.u16(sock!(family)) as u8,
         sport,
-        dport: u16::from_be(rec.u16(sock!(dport))),
+        dport: u16::from_be(s.u16(sock!(dport))),
         netns,
     };
     emit_state(
         &t,
-        &rec,
+        s,
         (sock!(rcv_saddr), sock!(daddr)),
         (sock!(v6_rcv_saddr), sock!(v6_daddr)),
     );
-    Ok(())
 }
 
 /// One transition of a TCP socket, wherever its fields were read.
@@ -214,7 +254,7 @@ struct Transition {
 /// go as a compact record (the first `COMPACT_LEN` bytes of one): userspace knows their
 /// socket's owner.
 #[inline(always)]
-fn emit_state<const N: usize>(t: &Transition, rec: &Record<N>, v4: (u16, u16), v6: (u16, u16)) {
+fn emit_state(t: &Transition, rec: &impl Fields, v4: (u16, u16), v6: (u16, u16)) {
     let (old, new) = (t.old, t.new);
     // The application's own context (connect, listen, close, shutdown): the owner is the
     // current task. Other transitions run in softirq, on whatever task was on the CPU, and carry
@@ -269,10 +309,10 @@ fn emit_state<const N: usize>(t: &Transition, rec: &Record<N>, v4: (u16, u16), v
 /// # Safety
 /// `ev` points to at least the first `COMPACT_LEN` bytes of an `Event`, writable.
 #[inline(always)]
-unsafe fn fill<const N: usize>(
+unsafe fn fill(
     ev: *mut Event,
     t: &Transition,
-    rec: &Record<N>,
+    rec: &impl Fields,
     v4: (u16, u16),
     v6: (u16, u16),
 ) {

@@ -388,6 +388,7 @@ fn watch_options(a: WatchArgs) -> WatchOptions {
                 // The event stream shows every transition.
                 all_transitions: a.events,
                 stacks: a.stacks.then_some(true),
+                ..Default::default()
             },
             table: watch::table_config(a.leak_after),
             ..Default::default()

@@ -34,11 +34,12 @@ use tcptrace_tests::{Netns, is_root, run, tcptrace_bin, url_encode};
 const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
 
 /// The tracepoint programs tcptrace attaches without stacks (BPF names may be cut to 15
-/// characters). Not `sys_enter_connect`: this kernel's BTF gives the layout of the saved
-/// registers, so `sys_exit_connect` reads connect()'s arguments itself and the entry program is
-/// attached only while stacks are on.
+/// characters). The state program as a BTF tracepoint, which this kernel loads. Not
+/// `sys_enter_connect`: this kernel's BTF gives the layout of the saved registers, so
+/// `sys_exit_connect` reads connect()'s arguments itself and the entry program is attached only
+/// while stacks are on.
 const PROGRAM_NAMES: [&str; 5] = [
-    "inet_sock_set_state_raw",
+    "inet_sock_set_state_btf",
     "inet_state_enter",
     "inet_state_rescue",
     "sys_exit_connect",
@@ -611,6 +612,49 @@ fn eaddrnotavail_reported_and_alerted_once() {
     assert!(has_finding(&p, "port_exhaustion"), "findings: {p}");
 
     assert_one_alert(&daemon, "EADDRNOTAVAIL", pid, 3);
+}
+
+/// The state programs this kernel does not get by default (a raw tracepoint, the classic
+/// tracepoint: the fallbacks of kernels without BTF tracepoints or without BTF), picked with
+/// TCPTRACE_STATE_PROGRAM, count the same: 300 RST connections and a leak of 4 CLOSE_WAIT
+/// sockets, exactly.
+#[test]
+fn fallback_state_programs_count_exactly() {
+    if !root_or_skip("fallback_state_programs_count_exactly") {
+        return;
+    }
+    for (hook, program) in [
+        ("raw", "inet_sock_set_state_raw"),
+        ("classic", "inet_sock_set_state"),
+    ] {
+        let mut cmd = Command::new(tcptrace_bin());
+        cmd.env("TCPTRACE_STATE_PROGRAM", hook);
+        let daemon = Daemon::start_with(&format!("hook-{hook}"), cmd, &["--leak-after", "1"]);
+        let st = control(&daemon.socket, "{\"cmd\":\"status\"}\n");
+        let attached = &st["status"]["programs_attached"];
+        assert!(
+            attached
+                .as_array()
+                .is_some_and(|a| a.iter().any(|p| p == program)),
+            "{hook}: {program} not attached: {st}"
+        );
+
+        let mut srv = scenario(&["serve", "--addr", "127.0.0.1:0"]);
+        let to = format!("127.0.0.1:{}", srv.expect("READY ", 20));
+        let mut churn = scenario(&["churn", "--to", &to, "--count", "300", "--rst"]);
+        assert_eq!(churn.expect("DONE ", 60), "300");
+        let p = daemon.wait_process(churn.pid(), 5, "300 closes", |p| {
+            p["churn"]["closed_total"].as_u64() >= Some(300)
+        });
+        assert_eq!(p["churn"]["closed_total"], 300, "{hook}: {p}");
+        assert_eq!(p["connects"]["ok"], 300, "{hook}: {p}");
+
+        let (server, _port, _clients) = leak(4);
+        let p = daemon.wait_process(server.pid(), 20, "4 leaked CLOSE_WAIT sockets", |p| {
+            p["close_wait"]["leaked"] == 4
+        });
+        assert_eq!(p["close_wait"]["count"], 4, "{hook}: {p}");
+    }
 }
 
 #[test]

@@ -249,6 +249,7 @@ pub async fn run(cfg: Config, config_file: Option<PathBuf>) -> Result<(), Daemon
                 all_transitions: false,
                 // Room for stacks always: a reload may switch them on.
                 stacks: Some(cfg.stacks),
+                ..Default::default()
             },
             table: table_config(&cfg),
             ..Default::default()

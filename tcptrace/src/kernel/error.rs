@@ -48,6 +48,10 @@ pub enum Error {
     #[error("cannot read the possible CPUs from /sys/devices/system/cpu/possible")]
     Cpus(#[source] io::Error),
 
+    /// A setting from the environment is not valid (the message says which and what to do).
+    #[error("{0}")]
+    Setting(String),
+
     /// The binary was built with AYA_BUILD_SKIP.
     #[error(
         "this tcptrace binary was built without its eBPF programs (AYA_BUILD_SKIP): rebuild with `cargo xtask build`"

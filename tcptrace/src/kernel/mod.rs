@@ -11,6 +11,7 @@ pub mod offsets;
 pub mod order;
 pub mod probes;
 pub mod stacks;
+pub mod state_hook;
 pub mod tracefs;
 
 pub use error::Error;

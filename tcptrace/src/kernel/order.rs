@@ -1,8 +1,16 @@
 //! Records of all rings back in time order. Each CPU writes to its own ring, so one socket's
 //! transitions can sit in different rings (a close in the application's context on one CPU, the
 //! peer's ACK in softirq on another). [`Reorder`] holds what was read for a short while and
-//! merges the rings by timestamp once no ring can still hand over an older record; each ring's
-//! records stay in ring order (no sort, no copies beyond one in and one out).
+//! merges the rings by timestamp once no ring can still hand over an older record.
+//!
+//! A ring's stamps can go back: a program interrupted between reserving its record and
+//! stamping it (an interrupt pending during the reservation's locked section is taken right
+//! after it) by a softirq whose program reserves, stamps and commits a record of its own. The
+//! two are different sockets' (the interrupted one's socket is locked by its owner, and a
+//! softirq defers its work on it), and for one socket the stamps follow its transitions (each
+//! is stamped while it happens, under the socket's lock). So a ring whose stamps went back is
+//! sorted by stamp (stably) before the merge: merged by their first records alone, the later
+//! records of the other socket could pass a record of the same socket from another ring.
 //!
 //! Why a fixed hold-back is enough: a program takes its record's timestamp after reserving the
 //! record and commits it a few microseconds later; a record still being written blocks its ring
@@ -21,6 +29,8 @@ pub const HOLD_NS: u64 = 10_000_000;
 #[derive(Debug, Default)]
 pub struct Reorder {
     rings: Vec<VecDeque<Event>>,
+    /// Per ring: a record was pushed with an older stamp than the one before it.
+    unsorted: Vec<bool>,
 }
 
 impl Reorder {
@@ -29,13 +39,18 @@ impl Reorder {
             rings: (0..rings.max(1))
                 .map(|_| VecDeque::with_capacity(4096))
                 .collect(),
+            unsorted: vec![false; rings.max(1)],
         }
     }
 
     /// Adds one record of ring `ring`, in the order the ring gave it.
     pub fn push(&mut self, ring: usize, ev: Event) {
-        let last = self.rings.len() - 1;
-        self.rings[ring.min(last)].push_back(ev);
+        let i = ring.min(self.rings.len() - 1);
+        let r = &mut self.rings[i];
+        if r.back().is_some_and(|b| b.ts_ns > ev.ts_ns) {
+            self.unsorted[i] = true;
+        }
+        r.push_back(ev);
     }
 
     pub fn len(&self) -> usize {
@@ -55,6 +70,11 @@ impl Reorder {
             one.iter().for_each(&mut f);
             one.clear();
             return;
+        }
+        for (r, unsorted) in self.rings.iter_mut().zip(self.unsorted.iter_mut()) {
+            if std::mem::take(unsorted) {
+                r.make_contiguous().sort_by_key(|e| e.ts_ns);
+            }
         }
         let upto = if now_ns == u64::MAX {
             u64::MAX
@@ -128,18 +148,22 @@ mod tests {
     }
 
     #[test]
-    fn a_rings_order_is_kept_and_one_ring_is_not_held() {
+    fn a_ring_whose_stamps_go_back_is_sorted_before_the_merge_and_one_ring_is_not_held() {
         let mut r = Reorder::new(2);
-        // Within a ring, ring order wins over stamps (a program interrupted between reserving
-        // and stamping its record by one that reserved after it).
+        // Ring 0: the application's close of socket 1 reserved its record, a softirq then
+        // made socket 2 ESTABLISHED (accepted) on the same CPU and stamped first; ring 1:
+        // socket 2's CLOSE_WAIT on another CPU, between the two stamps. Merged by first
+        // records only, socket 2's CLOSE_WAIT would come before its birth.
         r.push(0, ev(50, 1, 4));
-        r.push(0, ev(40, 1, 5));
-        r.push(1, ev(45, 2, 1));
-        r.push(1, ev(50, 2, 2));
-        assert_eq!(
-            released(&mut r, HOLD_NS + 50),
-            vec![(45, 1), (50, 4), (40, 5), (50, 2)]
-        );
+        r.push(0, ev(40, 2, 1));
+        r.push(1, ev(45, 2, 8));
+        r.push(1, ev(60, 1, 5));
+        let mut out = Vec::new();
+        r.release(HOLD_NS + 60, |e| out.push((e.ts_ns, e.skaddr, e.newstate)));
+        assert_eq!(out, vec![(40, 2, 1), (45, 2, 8), (50, 1, 4), (60, 1, 5)]);
+        // Sorted once: later pushes in order leave the ring alone.
+        r.push(0, ev(70, 1, 7));
+        assert_eq!(released(&mut r, HOLD_NS + 70), vec![(70, 7)]);
 
         let mut one = Reorder::new(1);
         one.push(0, ev(10, 1, 2));

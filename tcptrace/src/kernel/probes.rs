@@ -8,7 +8,7 @@ use std::{fmt, os::fd::AsFd as _};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
-    programs::{RawTracePoint, TracePoint, trace_point::TracePointLinkId},
+    programs::{TracePoint, trace_point::TracePointLinkId},
 };
 use aya_log::EbpfLogger;
 use tcptrace_common::{
@@ -21,6 +21,7 @@ use crate::kernel::{
     btf::Btf,
     log::{Collector, KernelLog},
     offsets::{netns_offsets, regs_offsets, sock_offsets},
+    state_hook::{STATE_HOOK_VAR, StateHook, attach_raw, attach_state, detach_raw},
     stacks::StackTables,
     tracefs,
 };
@@ -45,6 +46,10 @@ pub const CONNECT_ENTRY: &str = "sys_enter_connect";
 /// The raw tracepoint program for `inet_sock_set_state`: cheaper, and not skipped while another
 /// BPF program runs on the CPU (see the eBPF crate).
 pub const RAW_STATE: &str = "inet_sock_set_state_raw";
+
+/// The state program as a BTF tracepoint: reads the socket's fields with plain guarded loads
+/// instead of helper calls; preferred to [`RAW_STATE`] where the kernel loads it.
+pub const BTF_STATE: &str = "inet_sock_set_state_btf";
 
 /// Attached before [`RAW_STATE`] to the same tracepoint: marks each transition unreported on its
 /// CPU, for [`RESCUE`].
@@ -171,6 +176,8 @@ pub struct ProbeOptions {
     /// Call stacks of opened descriptors: None, never (the stack maps get one entry); Some(on),
     /// maps sized for them and recording on or off (switched with [`Probes::set_stacks`]).
     pub stacks: Option<bool>,
+    /// The program for state transitions (set from `TCPTRACE_STATE_PROGRAM` by `attach`).
+    pub state_hook: StateHook,
 }
 
 impl Default for ProbeOptions {
@@ -179,6 +186,7 @@ impl Default for ProbeOptions {
             ring_bytes: tcptrace_common::DEFAULT_RING_BYTES,
             all_transitions: false,
             stacks: None,
+            state_hook: StateHook::Auto,
         }
     }
 }
@@ -214,38 +222,10 @@ pub(super) fn tracepoint<'a>(
         })
 }
 
-/// Loads program `prog` and attaches it to raw tracepoint `name`.
-fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
-    let p: &mut RawTracePoint = ebpf
-        .program_mut(prog)
-        .ok_or_else(|| format!("program {prog} missing from the object"))?
-        .try_into()
-        .map_err(|e| format!("{prog}: {e}"))?;
-    p.load().map_err(|e| format!("loading {prog}: {e}"))?;
-    if let Err(e) = p.attach(name) {
-        let _ = p.unload();
-        return Err(format!("attaching raw tracepoint {name}: {e}"));
-    }
-    Ok(())
-}
-
-/// Unloads raw tracepoint program `prog` (its links go with it) when it was `attached`.
-/// Returns what to add to a message when that fails (the program then stays attached,
-/// harmless but useless).
-fn detach_raw(ebpf: &mut Ebpf, prog: &str, attached: bool) -> String {
-    if !attached {
-        return String::new();
-    }
-    let p: Option<&mut RawTracePoint> = ebpf.program_mut(prog).and_then(|p| p.try_into().ok());
-    match p.map(|p| p.unload()) {
-        None | Some(Ok(())) => String::new(),
-        Some(Err(e)) => format!(" ({prog} stays attached: {e})"),
-    }
-}
-
 impl Probes {
     /// Checks privileges, reads tracepoint offsets, loads and attaches every program.
-    pub fn attach(opts: ProbeOptions) -> Result<Self, Error> {
+    pub fn attach(mut opts: ProbeOptions) -> Result<Self, Error> {
+        opts.state_hook = StateHook::from_env().map_err(Error::Setting)?;
         check_privileges()?;
         check_kernel()?;
         raise_memlock();
@@ -308,6 +288,13 @@ impl Probes {
             .map_err(Error::Load)?;
         let mut attached = Vec::new();
         let mut degraded = Vec::new();
+        let hook = opts.state_hook;
+        if hook != StateHook::Auto {
+            degraded.push(format!(
+                "state program chosen by {STATE_HOOK_VAR}={}",
+                format!("{hook:?}").to_lowercase()
+            ));
+        }
         // Where sys_exit_connect reads connect()'s arguments from the saved registers, the
         // entry program has nothing to do but record stacks: attached only while they are on.
         let connect_entry_for_stacks = regs.syscall_args();
@@ -318,15 +305,15 @@ impl Probes {
             if connect_entry_for_stacks && *prog == CONNECT_ENTRY {
                 continue;
             }
-            if *prog == "inet_sock_set_state" && sock.is_some() {
+            if *prog == "inet_sock_set_state" && sock.is_some() && hook != StateHook::Classic {
                 // In this order: the enter program must run before the state program for every
                 // transition, the rescue program after it (programs on a tracepoint run in the
                 // order they were attached).
                 let enter = attach_raw(&mut ebpf, ENTER, name);
                 let entered = enter.is_ok();
-                match attach_raw(&mut ebpf, RAW_STATE, name) {
-                    Ok(()) => {
-                        attached.push(RAW_STATE);
+                match attach_state(&mut ebpf, name, hook) {
+                    Ok(state) => {
+                        attached.push(state);
                         match enter.and_then(|()| attach_raw(&mut ebpf, RESCUE, name)) {
                             Ok(()) => attached.extend([ENTER, RESCUE]),
                             Err(e) => degraded.push(format!(
@@ -344,7 +331,7 @@ impl Probes {
                         detach_raw(&mut ebpf, ENTER, entered)
                     )),
                 }
-            } else if *prog == "inet_sock_set_state" {
+            } else if *prog == "inet_sock_set_state" && hook != StateHook::Classic {
                 degraded.push(
                     "state transitions use the classic tracepoint (no usable BTF layout of \
                      struct sock): the kernel skips it while another BPF program runs on the same \
@@ -507,7 +494,10 @@ impl Probes {
             self.attached
                 .iter()
                 .filter(|&&name| name != RESCUE && name != ENTER)
-                .filter(|&&name| (name == RAW_STATE || name == "inet_sock_set_state") == state)
+                .filter(|&&name| {
+                    (name == BTF_STATE || name == RAW_STATE || name == "inet_sock_set_state")
+                        == state
+                })
                 .filter_map(|name| self._ebpf.program(name)?.fd().ok())
                 .filter_map(|fd| recursion_misses(fd.as_fd()))
                 .sum()

@@ -1,0 +1,136 @@
+//! How the state transitions are hooked: a BTF tracepoint program where the kernel loads one
+//! (plain guarded loads of the socket's fields), else a raw tracepoint program (helper reads),
+//! else the classic tracepoint (see `probes`). `TCPTRACE_STATE_PROGRAM` picks one by hand: a
+//! way around a kernel that misbehaves with one of them, and how the tests run every path on
+//! one kernel.
+
+use aya::{
+    Ebpf,
+    programs::{BtfTracePoint, RawTracePoint},
+};
+
+use super::probes::{BTF_STATE, RAW_STATE};
+
+/// The environment variable that picks the state hook.
+pub const STATE_HOOK_VAR: &str = "TCPTRACE_STATE_PROGRAM";
+
+/// Which program reports state transitions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateHook {
+    /// The best this kernel loads: BTF, raw, classic, in that order.
+    Auto,
+    Btf,
+    Raw,
+    Classic,
+}
+
+impl StateHook {
+    /// From [`STATE_HOOK_VAR`]: unset or empty is [`StateHook::Auto`].
+    pub fn from_env() -> Result<Self, String> {
+        let v = std::env::var_os(STATE_HOOK_VAR).unwrap_or_default();
+        match v.to_str() {
+            Some("") => Ok(Self::Auto),
+            Some(s) => Self::parse(s).ok_or_else(|| {
+                format!(
+                    "{STATE_HOOK_VAR}={:?} is not a state program: use btf, raw or classic, or \
+                     unset it (the best this kernel loads)",
+                    s
+                )
+            }),
+            None => Err(format!(
+                "{STATE_HOOK_VAR} is not valid UTF-8: use btf, raw or classic, or unset it"
+            )),
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "btf" => Some(Self::Btf),
+            "raw" => Some(Self::Raw),
+            "classic" => Some(Self::Classic),
+            _ => None,
+        }
+    }
+}
+
+/// Loads program `prog` and attaches it to raw tracepoint `name`.
+pub(super) fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
+    let p: &mut RawTracePoint = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| format!("program {prog} missing from the object"))?
+        .try_into()
+        .map_err(|e| format!("{prog}: {e}"))?;
+    p.load().map_err(|e| format!("loading {prog}: {e}"))?;
+    if let Err(e) = p.attach(name) {
+        let _ = p.unload();
+        return Err(format!("attaching raw tracepoint {name}: {e}"));
+    }
+    Ok(())
+}
+
+/// The state program as `hook` asks: by default as a BTF tracepoint ([`BTF_STATE`]) where the
+/// kernel loads it, else as a raw one ([`RAW_STATE`]). Returns the name of the one attached, or
+/// why none was (the classic tracepoint is then used).
+pub(super) fn attach_state(
+    ebpf: &mut Ebpf,
+    name: &str,
+    hook: StateHook,
+) -> Result<&'static str, String> {
+    let btf_error = match hook {
+        StateHook::Classic => return Err(format!("{STATE_HOOK_VAR}=classic")),
+        StateHook::Raw => format!("not tried ({STATE_HOOK_VAR}=raw)"),
+        StateHook::Auto | StateHook::Btf => match attach_btf(ebpf, BTF_STATE, name) {
+            Ok(()) => return Ok(BTF_STATE),
+            Err(e) if hook == StateHook::Btf => return Err(e),
+            Err(e) => e,
+        },
+    };
+    attach_raw(ebpf, RAW_STATE, name)
+        .map(|()| RAW_STATE)
+        .map_err(|e| format!("{e} (and as a BTF tracepoint: {btf_error})"))
+}
+
+/// Loads program `prog` against the kernel's BTF and attaches it to tracepoint `name`.
+fn attach_btf(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+    let p: &mut BtfTracePoint = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| format!("program {prog} missing from the object"))?
+        .try_into()
+        .map_err(|e| format!("{prog}: {e}"))?;
+    p.load(name, &btf)
+        .map_err(|e| format!("loading {prog}: {e}"))?;
+    if let Err(e) = p.attach() {
+        let _ = p.unload();
+        return Err(format!("attaching BTF tracepoint {name}: {e}"));
+    }
+    Ok(())
+}
+
+/// Unloads raw tracepoint program `prog` (its links go with it) when it was `attached`.
+/// Returns what to add to a message when that fails (the program then stays attached,
+/// harmless but useless).
+pub(super) fn detach_raw(ebpf: &mut Ebpf, prog: &str, attached: bool) -> String {
+    if !attached {
+        return String::new();
+    }
+    let p: Option<&mut RawTracePoint> = ebpf.program_mut(prog).and_then(|p| p.try_into().ok());
+    match p.map(|p| p.unload()) {
+        None | Some(Ok(())) => String::new(),
+        Some(Err(e)) => format!(" ({prog} stays attached: {e})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_hook_names() {
+        assert_eq!(StateHook::parse("btf"), Some(StateHook::Btf));
+        assert_eq!(StateHook::parse("raw"), Some(StateHook::Raw));
+        assert_eq!(StateHook::parse("classic"), Some(StateHook::Classic));
+        assert_eq!(StateHook::parse("kprobe"), None);
+        assert_eq!(StateHook::parse("BTF"), None);
+    }
+}
