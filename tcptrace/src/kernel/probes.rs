@@ -191,6 +191,16 @@ impl Default for ProbeOptions {
     }
 }
 
+/// Returns freed heap memory to the system (the kernel BTF parsed at start-up is tens of
+/// megabytes, freed in a thread's arena that the table's threads would not reuse).
+fn give_back_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: plain libc call, no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Size of each ring in use and how many are in use, for a total of `total` bytes on a host with
 /// `cpus` possible CPUs: the total split between the rings CPUs write to (at least one page
 /// each), so the memory stays bounded however many CPUs there are.
@@ -267,7 +277,16 @@ impl Probes {
         }
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Cpus(e))?;
         let (per_ring, used) = ring_layout(opts.ring_bytes, cpus);
+        // What the loader borrows lives longer than it.
+        let (sock_offsets, wake_at) = (sock.unwrap_or_default(), per_ring as u64 / 4);
+        let all_transitions = u8::from(opts.all_transitions);
+        // One parse of the kernel's BTF (megabytes of types), shared by the loader and the BTF
+        // tracepoint, and dropped once the programs are attached: the loader's own parse is
+        // dropped before ours is made.
         let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        let kernel_btf = aya::Btf::from_sys_fs().ok();
+        loader.btf(kernel_btf.as_ref());
         for (i, name) in RING_NAMES.iter().enumerate() {
             // Rings no CPU writes to get the smallest size the kernel takes.
             let size = if i < used { per_ring } else { ring_size(0) };
@@ -280,9 +299,9 @@ impl Probes {
         let mut ebpf = loader
             .override_global("OFFSETS", &offsets, true)
             .override_global("NETNS", &netns, true)
-            .override_global("SOCK", &sock.unwrap_or_default(), true)
-            .override_global("WAKE_AT", &(per_ring as u64 / 4), true)
-            .override_global("ALL_TRANSITIONS", &u8::from(opts.all_transitions), true)
+            .override_global("SOCK", &sock_offsets, true)
+            .override_global("WAKE_AT", &wake_at, true)
+            .override_global("ALL_TRANSITIONS", &all_transitions, true)
             .override_global("REGS", &regs, true)
             .load(object)
             .map_err(Error::Load)?;
@@ -311,7 +330,7 @@ impl Probes {
                 // order they were attached).
                 let enter = attach_raw(&mut ebpf, ENTER, name);
                 let entered = enter.is_ok();
-                match attach_state(&mut ebpf, name, hook) {
+                match attach_state(&mut ebpf, name, hook, kernel_btf.as_ref()) {
                     Ok(state) => {
                         attached.push(state);
                         match enter.and_then(|()| attach_raw(&mut ebpf, RESCUE, name)) {
@@ -378,6 +397,9 @@ impl Probes {
                 None
             }
         };
+        drop(loader);
+        drop(kernel_btf);
+        give_back_freed_memory();
         let mut probes = Self {
             rings,
             counters,

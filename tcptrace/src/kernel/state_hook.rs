@@ -75,11 +75,12 @@ pub(super) fn attach_state(
     ebpf: &mut Ebpf,
     name: &str,
     hook: StateHook,
+    btf: Option<&aya::Btf>,
 ) -> Result<&'static str, String> {
     let btf_error = match hook {
         StateHook::Classic => return Err(format!("{STATE_HOOK_VAR}=classic")),
         StateHook::Raw => format!("not tried ({STATE_HOOK_VAR}=raw)"),
-        StateHook::Auto | StateHook::Btf => match attach_btf(ebpf, BTF_STATE, name) {
+        StateHook::Auto | StateHook::Btf => match attach_btf(ebpf, BTF_STATE, name, btf) {
             Ok(()) => return Ok(BTF_STATE),
             Err(e) if hook == StateHook::Btf => return Err(e),
             Err(e) => e,
@@ -91,14 +92,19 @@ pub(super) fn attach_state(
 }
 
 /// Loads program `prog` against the kernel's BTF and attaches it to tracepoint `name`.
-fn attach_btf(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
-    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+fn attach_btf(
+    ebpf: &mut Ebpf,
+    prog: &str,
+    name: &str,
+    btf: Option<&aya::Btf>,
+) -> Result<(), String> {
+    let btf = btf.ok_or("the kernel's BTF could not be read")?;
     let p: &mut BtfTracePoint = ebpf
         .program_mut(prog)
         .ok_or_else(|| format!("program {prog} missing from the object"))?
         .try_into()
         .map_err(|e| format!("{prog}: {e}"))?;
-    p.load(name, &btf)
+    p.load(name, btf)
         .map_err(|e| format!("loading {prog}: {e}"))?;
     if let Err(e) = p.attach() {
         let _ = p.unload();
