@@ -15,7 +15,8 @@ const BPFTRACE_COUNT: &str = "tracepoint:sock:inet_sock_set_state { @[args->news
 /// The floor: tcptrace's hooks (state transitions, the connect syscalls, error reports) with
 /// programs that return at once: what attaching costs before any work. All classic tracepoints
 /// (Debian's bpftrace 0.17 has no raw ones), so for the state hook, which tcptrace attaches as a
-/// raw tracepoint, this floor is a little higher than tcptrace's own.
+/// BTF (or raw) tracepoint, this floor is a little higher than tcptrace's own; and tcptrace
+/// attaches `sys_enter_connect` only with stacks.
 const BPFTRACE_FLOOR: &str = "tracepoint:sock:inet_sock_set_state, \
     tracepoint:syscalls:sys_enter_connect, tracepoint:syscalls:sys_exit_connect, \
     tracepoint:sock:inet_sk_error_report { }";
