@@ -377,10 +377,19 @@ pub fn ephemeral_port_range() -> Option<(u16, u16)> {
     parse_port_range(&std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?)
 }
 
-/// ip_local_port_range of the network namespace `pid` is in; None if unreadable. /proc/sys
+/// The sysctls of one network namespace that the table needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetnsSysctls {
+    /// net.ipv4.ip_local_port_range.
+    pub port_range: Option<(u16, u16)>,
+    /// net.ipv4.tcp_max_tw_buckets.
+    pub max_tw_buckets: Option<usize>,
+}
+
+/// The sysctls of the network namespace `pid` is in; None if it cannot be entered. /proc/sys
 /// shows the reading thread's namespace, so a short-lived thread enters `pid`'s first (that
 /// needs CAP_SYS_ADMIN; without it, None).
-pub fn ephemeral_port_range_of(pid: u32) -> Option<(u16, u16)> {
+pub fn netns_sysctls_of(pid: u32) -> Option<NetnsSysctls> {
     use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
     use std::os::fd::AsFd as _;
     let ns = File::open(format!("/proc/{pid}/ns/net")).ok()?;
@@ -389,7 +398,10 @@ pub fn ephemeral_port_range_of(pid: u32) -> Option<(u16, u16)> {
             .spawn(|| {
                 // This short-lived thread's network namespace only.
                 move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network)).ok()?;
-                ephemeral_port_range()
+                Some(NetnsSysctls {
+                    port_range: ephemeral_port_range(),
+                    max_tw_buckets: max_tw_buckets(),
+                })
             })
             .join()
             .ok()

@@ -104,6 +104,9 @@ pub struct Table {
     /// Live mini-sockets (TIME_WAIT and FIN_WAIT2 entries) per network namespace: the kernel's
     /// net.ipv4.tcp_max_tw_buckets bounds each namespace's.
     pub(super) minis_by_ns: HashMap<u64, usize>,
+    /// That limit by namespace where it was read (each namespace has its own sysctl); the
+    /// others use `cfg.max_time_wait` (the host's).
+    pub(super) tw_limits: HashMap<u64, usize>,
     /// How long those last: net.ipv4.tcp_fin_timeout.
     pub(super) fin_timeout_ns: u64,
     /// hash of (local, remote) -> how many sockets in CLOSE_WAIT have that pair: tells whether the
@@ -140,6 +143,7 @@ impl Table {
             tw_index: HashMap::default(),
             fin_wait2: FinWait2::default(),
             minis_by_ns: HashMap::default(),
+            tw_limits: HashMap::default(),
             fin_timeout_ns: TIME_WAIT_NS,
             close_wait_pairs: HashMap::default(),
             procs: HashMap::default(),

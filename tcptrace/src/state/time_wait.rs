@@ -191,7 +191,22 @@ impl Table {
 
     /// Whether the kernel would make another mini-socket in `netns`.
     fn mini_room(&self, netns: u64) -> bool {
-        self.minis_by_ns.get(&netns).copied().unwrap_or(0) < self.cfg.max_time_wait
+        let limit = self
+            .tw_limits
+            .get(&netns)
+            .copied()
+            .unwrap_or(self.cfg.max_time_wait);
+        self.minis_by_ns.get(&netns).copied().unwrap_or(0) < limit
+    }
+
+    /// Each namespace's net.ipv4.tcp_max_tw_buckets where known (read by the upkeep from the
+    /// namespaces of running processes): a namespace may allow more (or fewer) mini-sockets
+    /// than the host. A namespace's limit is kept while it holds mini-sockets, even when no
+    /// process is left in it to read it from (its TIME_WAIT sockets outlive them).
+    pub fn set_time_wait_limits(&mut self, limits: std::collections::HashMap<u64, usize>) {
+        let minis = &self.minis_by_ns;
+        self.tw_limits.retain(|ns, _| minis.contains_key(ns));
+        self.tw_limits.extend(limits);
     }
 
     fn mini_in(&mut self, netns: u64) {

@@ -220,10 +220,10 @@ pub(super) fn apply_kernel_lists(shared: &Shared, lists: &KernelLists) {
     }
 }
 
-/// ip_local_port_range of the namespaces the table's processes are in, each read again after
-/// [`PORT_RANGE_TTL`].
+/// ip_local_port_range and tcp_max_tw_buckets of the namespaces the table's processes are in,
+/// each read again after [`PORT_RANGE_TTL`].
 #[derive(Default)]
-pub(super) struct PortRanges(HashMap<u64, (Instant, (u16, u16))>);
+pub(super) struct PortRanges(HashMap<u64, (Instant, procfs::NetnsSysctls)>);
 
 const PORT_RANGE_TTL: Duration = Duration::from_secs(10);
 
@@ -238,7 +238,7 @@ impl PortRanges {
             {
                 continue;
             }
-            match procfs::ephemeral_port_range_of(pid) {
+            match procfs::netns_sysctls_of(pid) {
                 Some(r) => {
                     self.0.insert(netns, (Instant::now(), r));
                 }
@@ -250,7 +250,18 @@ impl PortRanges {
     }
 
     pub(super) fn current(&self) -> std::collections::HashMap<u64, (u16, u16)> {
-        self.0.iter().map(|(&n, &(_, r))| (n, r)).collect()
+        self.0
+            .iter()
+            .filter_map(|(&n, (_, s))| Some((n, s.port_range?)))
+            .collect()
+    }
+
+    /// Each namespace's tcp_max_tw_buckets, where it could be read.
+    pub(super) fn time_wait_limits(&self) -> std::collections::HashMap<u64, usize> {
+        self.0
+            .iter()
+            .filter_map(|(&n, (_, s))| Some((n, s.max_tw_buckets?)))
+            .collect()
     }
 }
 

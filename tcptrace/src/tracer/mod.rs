@@ -303,6 +303,11 @@ fn upkeep_loop(shared: Arc<Shared>, stack_tables: Option<crate::kernel::stacks::
         };
         port_ranges.refresh(&namespaces);
         *shared.port_ranges.lock().unwrap() = port_ranges.current();
+        shared
+            .table
+            .lock()
+            .unwrap()
+            .set_time_wait_limits(port_ranges.time_wait_limits());
         resolve_owners(&shared, unowned, &mut tried_owners);
         resolve_holders(&shared, &mut holders);
         if shared.stacks_on.load(Ordering::Relaxed)

@@ -123,6 +123,30 @@ fn beyond_the_limit_no_entry_is_made_and_none_is_pushed_out() {
 }
 
 #[test]
+fn a_namespace_whose_own_limit_is_higher_than_the_hosts_gets_every_entry() {
+    // The host allows 5; the second namespace's own tcp_max_tw_buckets allows 10.
+    let mut t = cap(5);
+    t.set_time_wait_limits([(4026532000u64, 10usize)].into_iter().collect());
+    for ns in [4026531840u64, 4026532000] {
+        for i in 0..8 {
+            let local = format!("10.0.0.1:{}", 30000 + i);
+            client_time_wait(&mut t, S, ns + i, &local, "10.0.0.2:80", ns);
+        }
+    }
+    let s = snap(&t, 2 * S);
+    // 5 in the first namespace (the host's limit), all 8 in the second.
+    assert_eq!(s.host.time_wait, 13);
+    // Its processes gone (the upkeep reads no limit there any more), the namespace keeps its
+    // own limit while it holds mini-sockets: 2 more entries are made there.
+    t.set_time_wait_limits(Default::default());
+    for i in 8..10 {
+        let local = format!("10.0.0.1:{}", 30000 + i);
+        client_time_wait(&mut t, S, 4026532000 + i, &local, "10.0.0.2:80", 4026532000);
+    }
+    assert_eq!(snap(&t, 2 * S).host.time_wait, 15);
+}
+
+#[test]
 fn each_network_namespace_has_its_own_limit() {
     let mut t = cap(5);
     for (n, ns) in [(8u64, 4026531840u64), (3, 4026532000)] {
