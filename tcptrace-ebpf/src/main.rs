@@ -46,8 +46,8 @@ use aya_ebpf::{
 mod record;
 use record::{Fields, Record, Sock};
 use tcptrace_common::{
-    COUNTER_DROPPED, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, COUNTERS_LEN, DEFAULT_RING_BYTES,
-    NetnsOffsets, Offsets, RINGS, SOCK_CHUNK, SockOffsets, tcp_state,
+    COUNTER_DROPPED, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, COUNTERS_LEN,
+    DEFAULT_RING_BYTES, NetnsOffsets, Offsets, RINGS, SOCK_CHUNK, SockOffsets, tcp_state,
 };
 
 /// Overridden at load time with the offsets tracefs gives (read-only data: the verifier knows
@@ -271,7 +271,6 @@ fn read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i32> {
     // SAFETY: bounded kernel read through bpf_probe_read_kernel.
     unsafe { ctx.read_at::<T>(off as usize) }
 }
-
 
 mod connect;
 mod stacks;

@@ -135,11 +135,15 @@ impl Fields for Sock {
             let at = self.0.add(off as usize);
             match N {
                 1 => out[0] = core::ptr::read_volatile(at),
-                2 => out[..2].copy_from_slice(&core::ptr::read_volatile(at as *const u16).to_ne_bytes()),
-                4 => out[..4].copy_from_slice(&core::ptr::read_volatile(at as *const u32).to_ne_bytes()),
-                8 => out[..8].copy_from_slice(&core::ptr::read_volatile(at as *const u64).to_ne_bytes()),
+                2 => out[..2]
+                    .copy_from_slice(&core::ptr::read_volatile(at as *const u16).to_ne_bytes()),
+                4 => out[..4]
+                    .copy_from_slice(&core::ptr::read_volatile(at as *const u32).to_ne_bytes()),
+                8 => out[..8]
+                    .copy_from_slice(&core::ptr::read_volatile(at as *const u64).to_ne_bytes()),
                 16 => {
-                    out[..8].copy_from_slice(&core::ptr::read_volatile(at as *const u64).to_ne_bytes());
+                    out[..8]
+                        .copy_from_slice(&core::ptr::read_volatile(at as *const u64).to_ne_bytes());
                     out[8..16].copy_from_slice(
                         &core::ptr::read_volatile(at.add(8) as *const u64).to_ne_bytes(),
                     );

@@ -1,5 +1,5 @@
 //! `sock:inet_sock_set_state`: every transition of a TCP socket (with its owner where the
-//! application makes it), from the classic tracepoint or the raw one.
+//! application makes it), from the classic tracepoint, the raw one or the BTF one.
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
@@ -10,9 +10,9 @@ use aya_log_ebpf::error;
 use tcptrace_common::{Compact, Event, FLAG_OWNER_CURRENT, IPPROTO_TCP, KIND_STATE, tcp_state};
 
 use crate::{
-    CONNECTS, COUNTER_DROPPED, Fields, Sock, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, Record, SLOT_RESCUE,
-    SLOT_STATE, STATE_HANDLED, count, current_owner, ring, sock_netns, submit_flags,
-    wanted,
+    CONNECTS, COUNTER_DROPPED, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, Fields,
+    Record, SLOT_RESCUE, SLOT_STATE, STATE_HANDLED, Sock, count, current_owner, ring, sock_netns,
+    submit_flags, wanted,
 };
 
 #[tracepoint]
@@ -309,13 +309,7 @@ fn emit_state(t: &Transition, rec: &impl Fields, v4: (u16, u16), v6: (u16, u16))
 /// # Safety
 /// `ev` points to at least the first `COMPACT_LEN` bytes of an `Event`, writable.
 #[inline(always)]
-unsafe fn fill(
-    ev: *mut Event,
-    t: &Transition,
-    rec: &impl Fields,
-    v4: (u16, u16),
-    v6: (u16, u16),
-) {
+unsafe fn fill(ev: *mut Event, t: &Transition, rec: &impl Fields, v4: (u16, u16), v6: (u16, u16)) {
     // SAFETY: every field written lies in the compact prefix the caller guarantees.
     unsafe {
         // SAFETY: helper without arguments.

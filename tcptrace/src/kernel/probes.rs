@@ -21,8 +21,8 @@ use crate::kernel::{
     btf::Btf,
     log::{Collector, KernelLog},
     offsets::{netns_offsets, regs_offsets, sock_offsets},
-    state_hook::{STATE_HOOK_VAR, StateHook, attach_raw, attach_state, detach_raw},
     stacks::StackTables,
+    state_hook::{STATE_HOOK_VAR, StateHook, attach_raw, attach_state, detach_raw},
     tracefs,
 };
 

@@ -221,20 +221,20 @@ pub(super) fn apply_kernel_lists(shared: &Shared, lists: &KernelLists) {
 }
 
 /// ip_local_port_range and tcp_max_tw_buckets of the namespaces the table's processes are in,
-/// each read again after [`PORT_RANGE_TTL`].
+/// each read again after [`SYSCTL_TTL`].
 #[derive(Default)]
-pub(super) struct PortRanges(HashMap<u64, (Instant, procfs::NetnsSysctls)>);
+pub(super) struct NetnsSysctlCache(HashMap<u64, (Instant, procfs::NetnsSysctls)>);
 
-const PORT_RANGE_TTL: Duration = Duration::from_secs(10);
+const SYSCTL_TTL: Duration = Duration::from_secs(10);
 
-impl PortRanges {
+impl NetnsSysctlCache {
     pub(super) fn refresh(&mut self, namespaces: &[(u64, u32)]) {
         self.0.retain(|n, _| namespaces.iter().any(|(m, _)| m == n));
         for &(netns, pid) in namespaces {
             if self
                 .0
                 .get(&netns)
-                .is_some_and(|(at, _)| at.elapsed() < PORT_RANGE_TTL)
+                .is_some_and(|(at, _)| at.elapsed() < SYSCTL_TTL)
             {
                 continue;
             }
@@ -249,7 +249,8 @@ impl PortRanges {
         }
     }
 
-    pub(super) fn current(&self) -> std::collections::HashMap<u64, (u16, u16)> {
+    /// Each namespace's ip_local_port_range, where it could be read.
+    pub(super) fn port_ranges(&self) -> std::collections::HashMap<u64, (u16, u16)> {
         self.0
             .iter()
             .filter_map(|(&n, (_, s))| Some((n, s.port_range?)))

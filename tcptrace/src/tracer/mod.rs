@@ -22,8 +22,8 @@ mod stacks;
 pub use from_host::{SysProcs, existing_sockets, namespaces};
 
 use from_host::{
-    KernelLists, PortRanges, RECONCILE_AFTER, RECONCILE_GAP, apply_kernel_lists, read_kernel_lists,
-    resolve_holders, resolve_owners,
+    KernelLists, NetnsSysctlCache, RECONCILE_AFTER, RECONCILE_GAP, apply_kernel_lists,
+    read_kernel_lists, resolve_holders, resolve_owners,
 };
 
 use crate::{
@@ -284,7 +284,7 @@ fn upkeep_loop(shared: Arc<Shared>, stack_tables: Option<crate::kernel::stacks::
     let mut stack_resolver = stack_tables.map(stacks::StackResolver::new);
     let mut tried_owners: HashSet<(SocketAddr, SocketAddr)> = HashSet::new();
     let mut holders = HolderResolver::default();
-    let mut port_ranges = PortRanges::default();
+    let mut sysctls = NetnsSysctlCache::default();
     let mut next = Instant::now() + Duration::from_secs(1);
     while !shared.stop.load(Ordering::Relaxed) {
         let now = Instant::now();
@@ -301,13 +301,13 @@ fn upkeep_loop(shared: Arc<Shared>, stack_tables: Option<crate::kernel::stacks::
             table.tick(monotonic_ns());
             (table.unowned_close_wait(), table.process_namespaces())
         };
-        port_ranges.refresh(&namespaces);
-        *shared.port_ranges.lock().unwrap() = port_ranges.current();
+        sysctls.refresh(&namespaces);
+        *shared.port_ranges.lock().unwrap() = sysctls.port_ranges();
         shared
             .table
             .lock()
             .unwrap()
-            .set_time_wait_limits(port_ranges.time_wait_limits());
+            .set_time_wait_limits(sysctls.time_wait_limits());
         resolve_owners(&shared, unowned, &mut tried_owners);
         resolve_holders(&shared, &mut holders);
         if shared.stacks_on.load(Ordering::Relaxed)

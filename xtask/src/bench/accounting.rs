@@ -130,9 +130,11 @@ impl Bench {
                 .arg(&config),
             false,
         )?;
-        wait_until(Duration::from_secs(30), "the daemon's control socket", || {
-            daemon_status(&self.bin).is_some()
-        })?;
+        wait_until(
+            Duration::from_secs(30),
+            "the daemon's control socket",
+            || daemon_status(&self.bin).is_some(),
+        )?;
         let hits = TracepointCounter::open("sock", "inet_sock_set_state")?;
         let (t0, a0) = settled(&self.bin, &hits)?;
         let churn = self.churn(Workload::Rst, None, self.plan.secs)?;
@@ -326,7 +328,10 @@ mod tests {
             },
         };
         assert!(a.exact());
-        assert!(a.render().contains("| 60 | 40 | 8 | 2 | 10 | 60 | every transition"));
+        assert!(
+            a.render()
+                .contains("| 60 | 40 | 8 | 2 | 10 | 60 | every transition")
+        );
         a.tcptrace.dropped = 7;
         assert!(!a.exact());
         assert!(a.render().contains("MISMATCH: 59 accounted for, 60 made"));
