@@ -349,9 +349,7 @@ impl Table {
         if !matches!(old, TcpState::Close | TcpState::Listen | TcpState::SynRecv) {
             self.stats.unknown_socket_events += 1;
         }
-        if self.sockets.len() + self.time_wait.len() + self.fin_wait2.by_pair.len()
-            >= self.cfg.max_sockets
-        {
+        if self.tracked() >= self.cfg.max_sockets {
             self.evict_socket();
         }
         if old == TcpState::CloseWait {
@@ -377,12 +375,12 @@ impl Table {
         );
     }
 
-    /// Makes room for one socket: the oldest TIME_WAIT entry if any, else any socket that is not
-    /// in CLOSE_WAIT (those are what the tool is for), else any socket.
+    /// Makes room for one socket: the oldest live TIME_WAIT entry if any, else the oldest
+    /// FIN_WAIT2 one, else any socket that is not in CLOSE_WAIT (those are what the tool is
+    /// for), else any socket.
     pub(super) fn evict_socket(&mut self) {
         self.stats.evicted_sockets += 1;
-        if let Some(tw) = self.time_wait.pop_front() {
-            self.drop_tw_index(&tw);
+        if self.pop_oldest_time_wait() {
             return;
         }
         if self.pop_oldest_fin_wait2() {

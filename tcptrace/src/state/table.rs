@@ -174,8 +174,7 @@ impl Table {
 
     pub fn stats(&self) -> TableStats {
         TableStats {
-            sockets: (self.sockets.len() + self.time_wait.len() + self.fin_wait2.by_pair.len())
-                as u64,
+            sockets: self.tracked() as u64,
             processes: self.procs.len() as u64,
             ..self.stats
         }

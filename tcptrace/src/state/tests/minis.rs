@@ -159,3 +159,83 @@ fn each_network_namespace_has_its_own_limit() {
     // 5 (the limit) in the first namespace, all 3 in the second.
     assert_eq!(s.host.time_wait, 8);
 }
+
+/// Client `c` of pid 1 (from `cli`) to server socket `s` of pid 2 (listening on :80): the client
+/// closes first and waits in FIN_WAIT2 (a mini-socket) until the server closes too.
+fn connect_and_client_closes(t: &mut Table, ts: u64, c: u64, s: u64, cli: &str) {
+    let o = owner(1, OwnerSource::Current);
+    let srv = "127.0.0.1:80";
+    t.apply(&st(ts, c, Close, SynSent, "127.0.0.1:0", srv, o));
+    t.apply(&st(ts, s, SynRecv, Established, srv, cli, None));
+    t.apply(&st(ts, c, SynSent, Established, cli, srv, None));
+    t.apply(&st(ts, c, Established, FinWait1, cli, srv, o));
+    t.apply(&st(ts, s, Established, CloseWait, srv, cli, None));
+    t.apply(&st(ts, c, FinWait1, FinWait2, cli, srv, None));
+    t.apply(&st(ts, c, FinWait2, Close, cli, srv, None));
+}
+
+/// Server socket `s` (pid 2) of client `cli` closes after its client: the client's FIN_WAIT2
+/// mini-socket becomes TIME_WAIT.
+fn server_closes(t: &mut Table, ts: u64, s: u64, cli: &str) {
+    let o = owner(2, OwnerSource::Current);
+    let srv = "127.0.0.1:80";
+    t.apply(&st(ts, s, CloseWait, LastAck, srv, cli, o));
+    t.apply(&st(ts, s, LastAck, Close, srv, cli, None));
+}
+
+#[test]
+fn dead_entries_of_reused_pairs_never_push_out_live_ones_and_the_queue_is_compacted() {
+    let mut t = Table::new(
+        TableConfig {
+            max_sockets: 100,
+            ..Default::default()
+        },
+        Box::new({
+            let procs = FakeProcs::default();
+            procs.set(1, 1, "client");
+            procs.set(2, 2, "server");
+            procs
+        }),
+    );
+    t.apply(&st(
+        0,
+        9,
+        Close,
+        Listen,
+        "127.0.0.1:80",
+        "0.0.0.0:0",
+        owner(2, OwnerSource::Current),
+    ));
+    // Churn on 5 client ports reused at once (tcp_tw_reuse) to another host: 20,000 TIME_WAIT
+    // entries made, 5 live at any time.
+    for i in 0..20_000u64 {
+        let cli = format!("127.0.0.1:{}", 30000 + i % 5);
+        client_time_wait(&mut t, S + i, 1000 + i, &cli, "127.0.0.2:81", 0);
+    }
+    // Then 30 local connections whose clients close first, while the churn goes on: 30 server
+    // sockets and 30 FIN_WAIT2 mini-sockets wait, 66 live entries under the cap of 100.
+    let sk = 100_000;
+    for i in 0..30u64 {
+        let cli = format!("127.0.0.1:{}", 40000 + i);
+        connect_and_client_closes(&mut t, 2 * S + i, sk + 2 * i, sk + 2 * i + 1, &cli);
+        let reused = format!("127.0.0.1:{}", 30000 + i % 5);
+        client_time_wait(&mut t, 2 * S + i, 50_000 + i, &reused, "127.0.0.2:81", 0);
+    }
+    for i in 0..30u64 {
+        let cli = format!("127.0.0.1:{}", 40000 + i);
+        server_closes(&mut t, 3 * S, sk + 2 * i + 1, &cli);
+    }
+    let s = snap(&t, 4 * S);
+    // Every client's FIN_WAIT2 became TIME_WAIT: none was pushed out for dead entries.
+    assert_eq!(proc_view(&s, 1).churn.time_wait_total, 20_060);
+    assert_eq!(proc_view(&s, 1).churn.closed_total, 20_060);
+    assert_eq!(proc_view(&s, 2).churn.closed_total, 30);
+    assert_eq!((s.host.time_wait, s.host.fin_wait2), (35, 0));
+    assert_eq!(t.stats().evicted_sockets, 0);
+    assert_eq!(t.stats().sockets, 35 + 1);
+    assert!(
+        t.time_wait.len() <= 2 * 35 + 4096 + 1,
+        "queue of {} for 35 live entries",
+        t.time_wait.len()
+    );
+}
