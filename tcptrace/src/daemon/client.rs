@@ -194,8 +194,14 @@ pub async fn status(socket: &Path, json: bool) -> Result<(), ClientError> {
         s.events_seen, s.events_dropped, s.events_missed, s.events_unknown_socket
     );
     println!(
-        "state transitions seen {}, dropped {}, missed {}, not sent (nothing tracked changes) {}",
-        s.transitions_seen, s.transitions_dropped, s.transitions_missed, s.transitions_not_sent
+        "state transitions seen {}, dropped {}, missed {}, not sent (nothing tracked changes) {}, \
+         found missing afterwards {} (late records dropped {})",
+        s.transitions_seen,
+        s.transitions_dropped,
+        s.transitions_missed,
+        s.transitions_not_sent,
+        s.transitions_found_missing,
+        s.transitions_stale
     );
     println!(
         "tracked: {} sockets (cap {}), {} processes (cap {})",

@@ -59,6 +59,15 @@ pub struct Status {
     /// tracepoint's hits (`cargo xtask bench` checks it).
     #[serde(default)]
     pub transitions_not_sent: u64,
+    /// Transitions that never arrived although the next transition of their socket shows they
+    /// happened (records lost, or tracepoint hits the kernel ran no program for); the table
+    /// makes up for them.
+    #[serde(default)]
+    pub transitions_found_missing: u64,
+    /// Records of a socket that arrived after the first record of the next socket at its
+    /// address, dropped (their socket's end was already made up for).
+    #[serde(default)]
+    pub transitions_stale: u64,
     pub events_unknown_socket: u64,
     pub sockets_tracked: u64,
     pub processes_tracked: u64,

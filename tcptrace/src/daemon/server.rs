@@ -138,6 +138,8 @@ impl State {
             transitions_dropped: k.dropped_transitions,
             transitions_missed: k.missed_transitions,
             transitions_not_sent: k.not_sent,
+            transitions_found_missing: stats.gaps,
+            transitions_stale: stats.stale,
             events_unknown_socket: stats.unknown_socket_events,
             sockets_tracked: stats.sockets,
             processes_tracked: stats.processes,

@@ -205,6 +205,7 @@ impl Table {
                     held: Default::default(),
                     netns,
                     age_estimated: false,
+                    listed: true,
                 },
             );
             self.existing.insert((netns, ks.local, ks.remote), key);

@@ -56,6 +56,9 @@ pub(super) struct Sock {
     pub(super) netns: u64,
     /// `since_ns` is an estimate (a socket older than tracing, aged from `tcp_info`).
     pub(super) age_estimated: bool,
+    /// Its state comes from a socket list (start-up, reconcile), not from its transitions: the
+    /// first transition seen need not follow from it.
+    pub(super) listed: bool,
 }
 
 /// Keys of snapshot sockets that have no kernel address yet live above this bit.
@@ -127,6 +130,7 @@ impl Table {
                     held: Held::default(),
                     netns: s.netns,
                     age_estimated: s.age_ns.is_some(),
+                    listed: true,
                 },
             );
             self.existing.insert((s.netns, s.local, s.remote), key);
@@ -178,6 +182,22 @@ impl Table {
         netns: u64,
     ) {
         let owner_id = owner.map(|o| self.owner_id(&o, ts));
+        if let Some(s) = self.sockets.get(&sk)
+            && s.state != old
+            && !s.listed
+        {
+            let birth = matches!(old, TcpState::Close | TcpState::SynRecv)
+                || (old == TcpState::Listen && new == TcpState::SynRecv);
+            // Addressed to another connection than the one the table holds there: a late
+            // record of the socket that had the address before (its end was made up for when
+            // the new one's first record came first), not news of this one.
+            let other = remote != s.remote || (s.local.port() != 0 && local != s.local);
+            if !birth && other {
+                self.stats.stale += 1;
+                return;
+            }
+            self.fill_gap(ts, sk, old, new);
+        }
         if !self.sockets.contains_key(&sk) {
             self.adopt_or_create(sk, old, netns, local, remote, ts);
         }
@@ -210,6 +230,7 @@ impl Table {
         }
         s.state = new;
         s.since_ns = ts;
+        s.listed = false;
         if accepted {
             s.inbound = true;
         }
@@ -317,6 +338,51 @@ impl Table {
         }
     }
 
+    /// A transition of `sk` that does not follow from the state the table holds: the ones
+    /// between never arrived (lost records; and, measured on 6.18 under heavy churn, hits of
+    /// the tracepoint for which the kernel ran none of the programs, without counting them as
+    /// missed: a client's FIN_WAIT1 -> FIN_WAIT2 -> CLOSE, a server's CLOSE_WAIT -> LAST_ACK).
+    /// Counted in `gaps`, and what they must have done is done (no comparison with the
+    /// kernel's socket list follows, unlike after counted losses: gaps come under heavy churn,
+    /// where that list is hundreds of thousands of TIME_WAIT entries that change while they
+    /// are read, and a comparison made counts worse, not better):
+    /// * CLOSE_WAIT, then a transition from LAST_ACK: the socket sent its FIN (a local peer's
+    ///   FIN_WAIT2 mini-socket becomes TIME_WAIT);
+    /// * a new socket at the address (a transition from CLOSE, or an accepted socket's first):
+    ///   the previous one closed unseen, the way it was going (FIN_WAIT1 through FIN_WAIT2,
+    ///   CLOSE_WAIT through LAST_ACK): its close counts for its owner.
+    ///
+    /// A record that comes after the first one of the next socket at its address (records of
+    /// different CPUs ordered by stamps taken a little after each transition) is dropped,
+    /// counted in `stale`, when its addresses show it belongs to the socket before.
+    fn fill_gap(&mut self, ts: u64, sk: u64, old: TcpState, new: TcpState) {
+        self.stats.gaps += 1;
+        let Some(s) = self.sockets.get(&sk) else {
+            return;
+        };
+        let (prev, netns, local, remote) = (s.state, s.netns, s.local, s.remote);
+        let birth = matches!(old, TcpState::Close | TcpState::SynRecv)
+            || (old == TcpState::Listen && new == TcpState::SynRecv);
+        if prev == TcpState::CloseWait && (old == TcpState::LastAck || birth) {
+            self.close_wait_pair(netns, local, remote, false);
+            self.peer_closed(ts, netns, local, remote, true);
+            if let Some(s) = self.sockets.get_mut(&sk) {
+                s.state = TcpState::LastAck;
+            }
+        }
+        if birth {
+            let last = match prev {
+                TcpState::FinWait1 => TcpState::FinWait2,
+                TcpState::CloseWait => TcpState::LastAck,
+                p => p,
+            };
+            if let Some(s) = self.sockets.get_mut(&sk) {
+                s.state = last;
+            }
+            self.apply_state(ts, sk, last, TcpState::Close, local, remote, None, netns);
+        }
+    }
+
     /// A transition for a socket we hold no entry for: either one from the start-up snapshot
     /// (matched by address) or one we never saw begin.
     pub(super) fn adopt_or_create(
@@ -371,6 +437,7 @@ impl Table {
                 held: Held::default(),
                 netns,
                 age_estimated: false,
+                listed: false,
             },
         );
     }

@@ -63,6 +63,12 @@ pub struct TableStats {
     /// The part of `events` that are state transitions.
     pub transitions: u64,
     pub unknown_socket_events: u64,
+    /// Transitions that never arrived although a later one of their socket shows they
+    /// happened (see `fill_gap`).
+    pub gaps: u64,
+    /// Records of a socket that came after the first record of the next socket at its
+    /// address, dropped (see `fill_gap`).
+    pub stale: u64,
     pub evicted_sockets: u64,
     pub evicted_processes: u64,
     pub sockets: u64,

@@ -990,5 +990,6 @@ fn live_views_list_the_ten_oldest_close_wait_sockets() {
 
 mod accepted;
 mod accuracy;
+mod gaps;
 mod minis;
 mod netns;

@@ -291,6 +291,12 @@ fn host(reg: &mut Registry, snap: &Snapshot, status: &Status) {
         "Program runs the kernel skipped because another BPF program was running on the CPU",
         snap.missed_events,
     );
+    counter(
+        reg,
+        "tcptrace_transitions_found_missing",
+        "State transitions that never arrived, found from the next transition of their socket",
+        status.transitions_found_missing,
+    );
     let states = family::<Gauge>(
         reg,
         "tcptrace_sockets",
