@@ -14,8 +14,9 @@
 //!
 //! Why a fixed hold-back is enough: a program takes its record's timestamp after reserving the
 //! record and commits it a few microseconds later; a record still being written blocks its ring
-//! for the reader. So once a drain has passed time `t`, every record stamped before
-//! `t - hold` has been read.
+//! for the reader. So after a drain that started at time `t` (taken before the first ring is
+//! read, not after the last: the reader can be preempted between rings), every record stamped
+//! before `t - hold` has been read.
 
 use std::collections::VecDeque;
 

@@ -182,24 +182,29 @@ impl Table {
         netns: u64,
     ) {
         let owner_id = owner.map(|o| self.owner_id(&o, ts));
-        if let Some(s) = self.sockets.get(&sk)
-            && s.state != old
-            && !s.listed
-        {
+        let gap = match self.sockets.get(&sk) {
+            None => {
+                self.adopt_or_create(sk, old, netns, local, remote, ts);
+                None
+            }
+            Some(s) if s.state != old && !s.listed => Some((s.local, s.remote)),
+            Some(_) => None,
+        };
+        if let Some((s_local, s_remote)) = gap {
             let birth = matches!(old, TcpState::Close | TcpState::SynRecv)
                 || (old == TcpState::Listen && new == TcpState::SynRecv);
             // Addressed to another connection than the one the table holds there: a late
             // record of the socket that had the address before (its end was made up for when
             // the new one's first record came first), not news of this one.
-            let other = remote != s.remote || (s.local.port() != 0 && local != s.local);
+            let other = remote != s_remote || (s_local.port() != 0 && local != s_local);
             if !birth && other {
                 self.stats.stale += 1;
                 return;
             }
             self.fill_gap(ts, sk, old, new);
-        }
-        if !self.sockets.contains_key(&sk) {
-            self.adopt_or_create(sk, old, netns, local, remote, ts);
+            if !self.sockets.contains_key(&sk) {
+                self.adopt_or_create(sk, old, netns, local, remote, ts);
+            }
         }
         let listeners = &self.listeners;
         let Some(s) = self.sockets.get_mut(&sk) else {

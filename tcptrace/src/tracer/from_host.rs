@@ -221,15 +221,18 @@ pub(super) fn apply_kernel_lists(shared: &Shared, lists: &KernelLists) {
 }
 
 /// ip_local_port_range and tcp_max_tw_buckets of the namespaces the table's processes are in,
-/// each read again after [`SYSCTL_TTL`].
+/// each read again after [`SYSCTL_TTL`]. A namespace whose processes are gone keeps its values
+/// for [`SYSCTL_KEEP`]: its sockets outlive them (TIME_WAIT, a client that runs now and then),
+/// and the host's range in their place would misjudge its port use.
 #[derive(Default)]
 pub(super) struct NetnsSysctlCache(HashMap<u64, (Instant, procfs::NetnsSysctls)>);
 
 const SYSCTL_TTL: Duration = Duration::from_secs(10);
+const SYSCTL_KEEP: Duration = Duration::from_secs(600);
 
 impl NetnsSysctlCache {
     pub(super) fn refresh(&mut self, namespaces: &[(u64, u32)]) {
-        self.0.retain(|n, _| namespaces.iter().any(|(m, _)| m == n));
+        self.forget_unlisted(namespaces, Instant::now());
         for &(netns, pid) in namespaces {
             if self
                 .0
@@ -247,6 +250,13 @@ impl NetnsSysctlCache {
                 }
             }
         }
+    }
+
+    /// Drops the namespaces no longer listed whose values are older than [`SYSCTL_KEEP`].
+    fn forget_unlisted(&mut self, namespaces: &[(u64, u32)], now: Instant) {
+        self.0.retain(|n, (at, _)| {
+            now.duration_since(*at) < SYSCTL_KEEP || namespaces.iter().any(|(m, _)| m == n)
+        });
     }
 
     /// Each namespace's ip_local_port_range, where it could be read.
@@ -408,5 +418,31 @@ pub(super) fn resolve_owners(
             .lock()
             .unwrap()
             .assign_owners(&found, monotonic_ns());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_namespace_without_processes_keeps_its_sysctls_for_a_while() {
+        let mut cache = NetnsSysctlCache::default();
+        let values = procfs::NetnsSysctls {
+            port_range: Some((1024, 65535)),
+            max_tw_buckets: Some(1_000_000),
+        };
+        cache.0.insert(7, (Instant::now(), values));
+        // Its last process exited: the namespace is no longer listed.
+        cache.refresh(&[]);
+        assert_eq!(cache.port_ranges().get(&7), Some(&(1024, 65535)));
+        assert_eq!(cache.time_wait_limits().get(&7), Some(&1_000_000));
+        // Still without processes once the values are older than SYSCTL_KEEP: forgotten,
+        // unless listed again.
+        let later = Instant::now() + SYSCTL_KEEP;
+        cache.forget_unlisted(&[(7, 1)], later);
+        assert_eq!(cache.port_ranges().len(), 1);
+        cache.forget_unlisted(&[], later);
+        assert!(cache.port_ranges().is_empty());
     }
 }

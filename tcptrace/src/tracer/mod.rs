@@ -355,6 +355,11 @@ fn reader_loop(
                 lists_job = Some(rx);
             }
         }
+        // Taken before the drain: every record committed before this moment is read by it,
+        // however long the drain takes (the reader can be preempted between two rings, and a
+        // record committed on the first meanwhile must not be passed by later ones of the
+        // second).
+        let drain_started = monotonic_ns();
         probes.drain(|ring, raw| reorder.push(ring, *raw));
         // Lists read: everything drained so far is applied before they are (only records
         // written during the last few microseconds can still come, with older stamps).
@@ -370,7 +375,7 @@ fn reader_loop(
         let upto = if reconcile_due {
             u64::MAX
         } else {
-            monotonic_ns()
+            drain_started
         };
         reorder.release(upto, |raw| {
             if let Some(ev) = decode(raw) {
