@@ -191,6 +191,7 @@ impl Table {
             Some(_) => None,
         };
         if let Some((s_local, s_remote)) = gap {
+            // A new socket's first transition (from CLOSE, or an accepted socket's).
             let birth = matches!(old, TcpState::Close | TcpState::SynRecv)
                 || (old == TcpState::Listen && new == TcpState::SynRecv);
             // Addressed to another connection than the one the table holds there: a late
@@ -201,7 +202,7 @@ impl Table {
                 self.stats.stale += 1;
                 return;
             }
-            self.fill_gap(ts, sk, old, new);
+            self.fill_gap(ts, sk, old, birth);
             if !self.sockets.contains_key(&sk) {
                 self.adopt_or_create(sk, old, netns, local, remote, ts);
             }
@@ -360,14 +361,13 @@ impl Table {
     /// A record that comes after the first one of the next socket at its address (records of
     /// different CPUs ordered by stamps taken a little after each transition) is dropped,
     /// counted in `stale`, when its addresses show it belongs to the socket before.
-    fn fill_gap(&mut self, ts: u64, sk: u64, old: TcpState, new: TcpState) {
+    /// `birth`: the transition is a new socket's first.
+    fn fill_gap(&mut self, ts: u64, sk: u64, old: TcpState, birth: bool) {
         self.stats.gaps += 1;
         let Some(s) = self.sockets.get(&sk) else {
             return;
         };
         let (prev, netns, local, remote) = (s.state, s.netns, s.local, s.remote);
-        let birth = matches!(old, TcpState::Close | TcpState::SynRecv)
-            || (old == TcpState::Listen && new == TcpState::SynRecv);
         if prev == TcpState::CloseWait && (old == TcpState::LastAck || birth) {
             self.close_wait_pair(netns, local, remote, false);
             self.peer_closed(ts, netns, local, remote, true);

@@ -44,6 +44,13 @@ pub(super) struct FinWait2 {
     pub(super) queue: VecDeque<(u64, u64)>,
 }
 
+impl FinWait2 {
+    /// Whether the queue entry (`key`, `expiry_ns`) is the pair's live entry.
+    fn live(&self, key: u64, expiry_ns: u64) -> bool {
+        self.by_pair.get(&key).map(|f| f.expiry_ns) == Some(expiry_ns)
+    }
+}
+
 pub(super) struct TimeWait {
     pub(super) expiry_ns: u64,
     /// Network namespace of the socket (0: unknown).
@@ -102,10 +109,9 @@ impl Table {
         // outnumber the live ones, or it grows with the connection rate, not the TIME_WAIT
         // count (a minute of reuse at 50,000 connections a second).
         if self.time_wait.len() > 2 * self.tw_index.len() + COMPACT_SLACK {
-            let index = &self.tw_index;
-            self.time_wait.retain(|tw| {
-                index.get(&tuple_key(tw.netns, &tw.local, &tw.remote)) == Some(&tw.expiry_ns)
-            });
+            let mut queue = std::mem::take(&mut self.time_wait);
+            queue.retain(|tw| self.tw_live(tw));
+            self.time_wait = queue;
         }
         if self.tracked() > self.cfg.max_sockets {
             self.evict_socket();
@@ -145,10 +151,9 @@ impl Table {
         }
         self.fin_wait2.queue.push_back((key, expiry_ns));
         if self.fin_wait2.queue.len() > 2 * self.fin_wait2.by_pair.len() + COMPACT_SLACK {
-            let by_pair = &self.fin_wait2.by_pair;
-            self.fin_wait2
-                .queue
-                .retain(|(k, expiry)| by_pair.get(k).map(|f| f.expiry_ns) == Some(*expiry));
+            let mut queue = std::mem::take(&mut self.fin_wait2.queue);
+            queue.retain(|&(k, expiry)| self.fin_wait2.live(k, expiry));
+            self.fin_wait2.queue = queue;
         }
         // Over the cap, TIME_WAIT entries go first: a FIN_WAIT2 entry still waits for its
         // peer's FIN, which makes it a TIME_WAIT the process is counted for.
@@ -160,7 +165,7 @@ impl Table {
     /// Drops the oldest live FIN_WAIT2 entry; false when there is none.
     pub(super) fn pop_oldest_fin_wait2(&mut self) -> bool {
         while let Some((key, expiry)) = self.fin_wait2.queue.pop_front() {
-            if self.fin_wait2.by_pair.get(&key).map(|f| f.expiry_ns) == Some(expiry) {
+            if self.fin_wait2.live(key, expiry) {
                 self.remove_fin_wait2(key);
                 return true;
             }
@@ -261,7 +266,7 @@ impl Table {
                 break;
             }
             self.fin_wait2.queue.pop_front();
-            if self.fin_wait2.by_pair.get(&key).map(|f| f.expiry_ns) == Some(expiry) {
+            if self.fin_wait2.live(key, expiry) {
                 self.remove_fin_wait2(key);
             }
         }
