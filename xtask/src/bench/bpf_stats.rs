@@ -100,6 +100,13 @@ fn loaded_prog_ids() -> Result<HashSet<u64>> {
         .unwrap_or_default())
 }
 
+/// Whether BPF run-time statistics are on for every program (`kernel.bpf_stats_enabled`, left
+/// on by someone): each run then pays for two clock reads, which the overhead figures must not
+/// include.
+pub(super) fn stats_sysctl_on() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1")
+}
+
 /// BPF run-time statistics, on while this lives (BPF_ENABLE_STATS: the kernel switches them
 /// off when the descriptor closes, even if we die).
 pub(super) struct BpfStats {

@@ -148,6 +148,15 @@ pub fn run(bin: &Path, args: BenchArgs) -> Result<()> {
         );
     }
     let plan = Plan::new(args);
+    if bpf_stats::stats_sysctl_on() {
+        bail!(
+            "kernel.bpf_stats_enabled is 1: every BPF program run would also time itself, which \
+             adds to each traced configuration in proportion to its programs (tcptrace runs \
+             three per transition, the counting bpftrace one) and skews every figure; run \
+             `sysctl -w kernel.bpf_stats_enabled=0` and start again (the bench switches the \
+             statistics on itself, only for its in-kernel cost rounds)"
+        );
+    }
     for tool in ["ip", "bpftrace", "bpftool"] {
         if Command::new(tool)
             .arg("-V")
@@ -333,6 +342,13 @@ impl Bench {
         let samples = self.overhead(&configs, &ns)?;
         let per_conn = transitions_per_connection(&configs, &samples);
         took("overhead", t);
+        if bpf_stats::stats_sysctl_on() {
+            self.failures.push(
+                "kernel.bpf_stats_enabled was switched on during the overhead phase: its figures \
+                 include the statistics' cost"
+                    .into(),
+            );
+        }
         let t = Instant::now();
         let costs = self.kernel_costs(&configs)?;
         took("kernel cost", t);

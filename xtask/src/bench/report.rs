@@ -58,7 +58,8 @@ pub(super) fn render(
     let _ = writeln!(
         w,
         "Made by `{}` on {}: kernel {}, {} cores, load average {} at the start; {:.0} s spent \
-         waiting for other processes to go quiet before rounds.{}\n",
+         waiting for other processes to go quiet before rounds; BPF run-time statistics \
+         (`kernel.bpf_stats_enabled`) off but in the in-kernel cost rounds.{}\n",
         plan.command,
         host.date,
         host.kernel,
