@@ -19,6 +19,9 @@ use crate::{
 
 #[tracepoint]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    if crate::empty() {
+        return 0;
+    }
     if let Err(err) = try_enter_connect(&ctx) {
         rare!(
             error,
@@ -123,6 +126,9 @@ fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
 
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    if crate::empty() {
+        return 0;
+    }
     if let Err(err) = try_exit_connect(&ctx) {
         rare!(
             error,
@@ -201,6 +207,9 @@ fn emit_connect(c: &ConnectCtx, ret: i64) {
 
 #[tracepoint]
 pub fn inet_sk_error_report(ctx: TracePointContext) -> u32 {
+    if crate::empty() {
+        return 0;
+    }
     if let Err(err) = try_error_report(&ctx) {
         rare!(
             error,

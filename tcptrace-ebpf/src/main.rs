@@ -92,6 +92,18 @@ fn sock_netns(sk: u64) -> u32 {
 #[unsafe(no_mangle)]
 static ALL_TRANSITIONS: u8 = 1;
 
+/// Set by userspace for the benchmark's floor (`TCPTRACE_EMPTY_PROGRAMS=1`): every program
+/// returns at once, so that what attaching them costs is measured apart from their work.
+/// Read-only data: the verifier removes the branch not taken.
+#[unsafe(no_mangle)]
+static EMPTY: u8 = 0;
+
+#[inline(always)]
+fn empty() -> bool {
+    // SAFETY: aligned read of a static; volatile so the load-time value is used.
+    unsafe { core::ptr::read_volatile(&raw const EMPTY) != 0 }
+}
+
 /// Whether the transition `old` -> `new` is worth a record (see [`ALL_TRANSITIONS`]).
 #[inline(always)]
 fn wanted(old: u8, new: u8) -> bool {

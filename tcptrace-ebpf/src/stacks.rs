@@ -201,12 +201,18 @@ pub(crate) fn record<C: EbpfContext>(ctx: &C, fd: u32, kind: u32) {
 
 #[tracepoint]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    if crate::empty() {
+        return 0;
+    }
     accepted(&ctx);
     0
 }
 
 #[tracepoint]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    if crate::empty() {
+        return 0;
+    }
     accepted(&ctx);
     0
 }

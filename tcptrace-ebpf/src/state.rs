@@ -17,6 +17,9 @@ use crate::{
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    if crate::empty() {
+        return 0;
+    }
     if let Err(err) = try_set_state(&ctx) {
         count(COUNTER_UNREADABLE);
         rare!(
@@ -88,6 +91,9 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 /// an interrupt cannot split.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
+    if crate::empty() {
+        return 0;
+    }
     if let Some(h) = STATE_HANDLED.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; a single store.
         unsafe { core::ptr::write_volatile(h, 1) };
@@ -108,6 +114,9 @@ pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
 /// unreported on this CPU.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_state_enter(_ctx: RawTracePointContext) -> i32 {
+    if crate::empty() {
+        return 0;
+    }
     if let Some(h) = STATE_HANDLED.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; a single store.
         unsafe { core::ptr::write_volatile(h, 0) };
@@ -120,6 +129,9 @@ pub fn inet_state_enter(_ctx: RawTracePointContext) -> i32 {
 /// `COUNTERS[COUNTER_RESCUED]`. Otherwise it returns at once.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_state_rescue(ctx: RawTracePointContext) -> i32 {
+    if crate::empty() {
+        return 0;
+    }
     let Some(h) = STATE_HANDLED.get_ptr_mut(0) else {
         return 0;
     };
@@ -176,6 +188,9 @@ fn try_set_state_raw(ctx: &RawTracePointContext, slot: u32) -> Result<(), i32> {
 /// programs as [`inet_sock_set_state_raw`], same rescue.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    if crate::empty() {
+        return 0;
+    }
     if let Some(h) = STATE_HANDLED.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; a single store.
         unsafe { core::ptr::write_volatile(h, 1) };

@@ -22,7 +22,10 @@ use crate::kernel::{
     log::{Collector, KernelLog},
     offsets::{netns_offsets, regs_offsets, sock_offsets},
     stacks::StackTables,
-    state_hook::{STATE_HOOK_VAR, StateHook, attach_raw, attach_state, detach_raw},
+    state_hook::{
+        EMPTY_PROGRAMS_VAR, STATE_HOOK_VAR, StateHook, attach_raw, attach_state, detach_raw,
+        empty_programs_from_env,
+    },
     tracefs,
 };
 
@@ -280,6 +283,8 @@ impl Probes {
         // What the loader borrows lives longer than it.
         let (sock_offsets, wake_at) = (sock.unwrap_or_default(), per_ring as u64 / 4);
         let all_transitions = u8::from(opts.all_transitions);
+        let empty = empty_programs_from_env().map_err(Error::Setting)?;
+        let empty_flag = u8::from(empty);
         // One parse of the kernel's BTF (megabytes of types), shared by the loader and the BTF
         // tracepoint, and dropped once the programs are attached: the loader's own parse is
         // dropped before ours is made.
@@ -302,11 +307,17 @@ impl Probes {
             .override_global("SOCK", &sock_offsets, true)
             .override_global("WAKE_AT", &wake_at, true)
             .override_global("ALL_TRANSITIONS", &all_transitions, true)
+            .override_global("EMPTY", &empty_flag, true)
             .override_global("REGS", &regs, true)
             .load(object)
             .map_err(Error::Load)?;
         let mut attached = Vec::new();
         let mut degraded = Vec::new();
+        if empty {
+            degraded.push(format!(
+                "{EMPTY_PROGRAMS_VAR}=1: every program returns at once, nothing is traced"
+            ));
+        }
         let hook = opts.state_hook;
         if hook != StateHook::Auto {
             degraded.push(format!(

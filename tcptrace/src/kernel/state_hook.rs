@@ -14,6 +14,27 @@ use super::probes::{BTF_STATE, RAW_STATE};
 /// The environment variable that picks the state hook.
 pub const STATE_HOOK_VAR: &str = "TCPTRACE_STATE_PROGRAM";
 
+/// The environment variable that attaches every program empty: each returns at once, nothing
+/// is traced. The benchmark's floor: what attaching tcptrace's programs costs, apart from their
+/// work.
+pub const EMPTY_PROGRAMS_VAR: &str = "TCPTRACE_EMPTY_PROGRAMS";
+
+/// From [`EMPTY_PROGRAMS_VAR`]: `1` attaches the programs empty; unset, empty or `0` does not.
+pub fn empty_programs_from_env() -> Result<bool, String> {
+    match std::env::var_os(EMPTY_PROGRAMS_VAR)
+        .as_deref()
+        .map(|v| v.to_str())
+    {
+        None | Some(Some("" | "0")) => Ok(false),
+        Some(Some("1")) => Ok(true),
+        Some(v) => Err(format!(
+            "{EMPTY_PROGRAMS_VAR}={:?} is not 0 or 1: unset it to trace (1 attaches every \
+             program empty, for the benchmark's floor)",
+            v.unwrap_or("(not UTF-8)")
+        )),
+    }
+}
+
 /// Which program reports state transitions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StateHook {

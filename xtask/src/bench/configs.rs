@@ -12,14 +12,9 @@ use super::DAEMON_SOCKET;
 const BPFTRACE_PRINT: &str = r#"tracepoint:sock:inet_sock_set_state { printf("%-16llx %-7d %-16s %-15s %-5d %-15s %-5d %d -> %d\n", args->skaddr, pid, comm, ntop(args->saddr), args->sport, ntop(args->daddr), args->dport, args->oldstate, args->newstate); }"#;
 /// Counting in the kernel only.
 const BPFTRACE_COUNT: &str = "tracepoint:sock:inet_sock_set_state { @[args->newstate] = count(); }";
-/// The floor: tcptrace's hooks (state transitions, the connect syscalls, error reports) with
-/// programs that return at once: what attaching costs before any work. All classic tracepoints
-/// (Debian's bpftrace 0.17 has no raw ones), so for the state hook, which tcptrace attaches as a
-/// BTF (or raw) tracepoint, this floor is a little higher than tcptrace's own; and tcptrace
-/// attaches `sys_enter_connect` only with stacks.
-const BPFTRACE_FLOOR: &str = "tracepoint:sock:inet_sock_set_state, \
-    tracepoint:syscalls:sys_enter_connect, tracepoint:syscalls:sys_exit_connect, \
-    tracepoint:sock:inet_sk_error_report { }";
+/// What makes tcptrace attach its programs empty (`EMPTY_PROGRAMS_VAR` in
+/// tcptrace/src/kernel/state_hook.rs).
+pub(super) const EMPTY_PROGRAMS_VAR: &str = "TCPTRACE_EMPTY_PROGRAMS";
 
 /// One way of running tcptrace during the overhead phase. Add new ones in [`tracer_variants`].
 #[derive(Clone)]
@@ -71,6 +66,10 @@ pub(super) fn tracer_variants(bin: &Path) -> Vec<TracerVariant> {
 pub(super) enum Tracer {
     None,
     Tcptrace(TracerVariant),
+    /// The floor: `tcptrace daemon` with `TCPTRACE_EMPTY_PROGRAMS=1`, its programs attached
+    /// the way it attaches them (same tracepoints, same kinds: BTF, raw, classic) but each
+    /// returning at once: what attaching costs before any work. Its `events_seen` must stay 0.
+    Floor,
     Bpftrace {
         program: &'static str,
         counts: bool,
@@ -138,12 +137,8 @@ impl Config {
 
     fn floor() -> Config {
         Config {
-            name: "floor (same hooks, empty programs)".into(),
-            tracer: Tracer::Bpftrace {
-                program: BPFTRACE_FLOOR,
-                counts: false,
-                attached: "sys_enter_connect",
-            },
+            name: "floor (tcptrace's programs, empty)".into(),
+            tracer: Tracer::Floor,
         }
     }
 

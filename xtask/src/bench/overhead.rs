@@ -9,9 +9,9 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use super::{
-    Bench, FIN_LISTENERS, FIN_PORT, QUIET_CORES, QUIET_MAX_WAIT,
+    Bench, DAEMON_SOCKET, FIN_LISTENERS, FIN_PORT, QUIET_CORES, QUIET_MAX_WAIT,
     bpf_stats::{perf_links, remember_progs},
-    configs::{Config, Ready, Tracer, Workload},
+    configs::{Config, EMPTY_PROGRAMS_VAR, Ready, Tracer, Workload},
     host::{READER_THREAD, background_ticks, clk_tck, cpu_ticks, thread_ticks, vm_hwm_kib},
     netns::Netns,
     numbers::median,
@@ -197,6 +197,11 @@ impl Bench {
                     .and_then(|r| process_entry(&r, churn.pid)?["churn"]["closed_total"].as_u64());
                 t.stop(libc::SIGTERM)?;
             }
+            Tracer::Floor => {
+                std::thread::sleep(Duration::from_millis(200));
+                s.events = daemon_status(&self.bin).and_then(|st| st["events_seen"].as_u64());
+                t.stop(libc::SIGTERM)?;
+            }
             Tracer::Bpftrace { counts: true, .. } => {
                 // On SIGINT bpftrace prints its map: one `@[STATE]: COUNT` line per state.
                 t.stop(libc::SIGINT)?;
@@ -229,6 +234,22 @@ impl Bench {
                         daemon_status(&self.bin).is_some()
                     })?,
                 }
+                p
+            }
+            Tracer::Floor => {
+                let name = "tcptrace daemon (empty programs)";
+                let mut cmd = Command::new(&self.bin);
+                cmd.env(EMPTY_PROGRAMS_VAR, "1").args([
+                    "daemon",
+                    "--socket",
+                    DAEMON_SOCKET,
+                    "--metrics-addr",
+                    "127.0.0.1:0",
+                ]);
+                let p = Proc::spawn(name, &mut cmd, true)?;
+                wait_until(Duration::from_secs(30), name, || {
+                    daemon_status(&self.bin).is_some()
+                })?;
                 p
             }
             Tracer::Bpftrace {

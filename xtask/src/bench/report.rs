@@ -78,7 +78,9 @@ pub(super) fn render(
          `churngen churn` ({t} client threads, {t} acceptor threads per listener) connects, \
          accepts and closes on 127.0.0.1 for {secs} s per configuration and round; \
          configurations run interleaved, {rounds} round(s), each tracer attached before the load \
-         starts. conn/s is the median over rounds, ± half the min-max range. *RST close*: \
+         starts. The floor is `tcptrace daemon` with `TCPTRACE_EMPTY_PROGRAMS=1`: its programs \
+         attached as usual, each returning at once (what attaching costs before any work; it \
+         must see 0 events). conn/s is the median over rounds, ± half the min-max range. *RST close*: \
          SO_LINGER {{1,0}} on both ends, one listener, root namespace. *FIN close*: normal close \
          (client first, so its end goes to TIME_WAIT) to {fl} listeners on fixed ports in a \
          network namespace with `ip_local_port_range=1024 65535`, `tcp_tw_reuse=1` and room for \

@@ -80,10 +80,8 @@ pub(super) fn render(configs: &[Config], scales: &[Scale], secs: f64, rounds: u3
         "\n## Scaling with busy CPUs (RST close)\n\n\
          The RST churn at each thread count (T client and T acceptor threads), {secs} s per \
          configuration and round, {rounds} interleaved round(s); conn/s is the median. The floor \
-         attaches tcptrace's hooks (state transitions, the connect syscalls, error reports) as \
-         classic tracepoints with empty bpftrace programs (tcptrace's own state hook is a BTF \
-         tracepoint, a little cheaper to enter, and without stacks it attaches nothing to \
-         `sys_enter_connect`). Loss = 1 - conn/s / \
+         is `tcptrace daemon` with `TCPTRACE_EMPTY_PROGRAMS=1`: its programs attached as usual, \
+         each returning at once (what attaching costs before any work). Loss = 1 - conn/s / \
          baseline; *loss vs bpftrace* is tcptrace's loss over the counting bpftrace's loss in the \
          same run (target <= 1.5). *state ns / run*: the state program's mean run time with BPF \
          statistics on (one more round per tracer); the target is the figure at 16 threads <= \

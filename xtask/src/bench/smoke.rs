@@ -41,6 +41,14 @@ pub(super) fn smoke_checks(
                     );
                 }
             }
+            if matches!(c.tracer, Tracer::Floor) && s.events != Some(0) {
+                bail!(
+                    "{} / {}: the daemon with empty programs saw {:?} events, not 0",
+                    w.name(),
+                    c.name,
+                    s.events
+                );
+            }
             if matches!(c.tracer, Tracer::Bpftrace { counts: true, .. })
                 && s.events.unwrap_or(0) == 0
             {
