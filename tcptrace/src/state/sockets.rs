@@ -383,6 +383,10 @@ impl Table {
             };
             if let Some(s) = self.sockets.get_mut(&sk) {
                 s.state = last;
+                // A connect whose outcome never arrived: neither a success nor a failure, and
+                // no errno is to be waited for (the next connect at this address would take
+                // the wait for its own).
+                s.connect = ConnectPhase::None;
             }
             self.apply_state(ts, sk, last, TcpState::Close, local, remote, None, netns);
         }

@@ -224,3 +224,54 @@ fn late_records_of_the_socket_before_are_dropped_once_the_next_one_has_the_addre
         (1, 2, 0)
     );
 }
+
+/// connect() of socket 100 to the server returning `ret`.
+fn connect_exit(ts_ns: u64, ret: i32, o: Option<Owner>) -> TcpEvent {
+    TcpEvent::Connect {
+        ts_ns,
+        sk: 100,
+        remote: a(SRV),
+        ret,
+        owner: o.expect("an owner"),
+        netns: 0,
+    }
+}
+
+#[test]
+fn a_connect_whose_outcome_never_arrived_waits_for_no_errno_once_its_address_is_reused() {
+    let mut t = pair();
+    let o = owner(1, OwnerSource::Current);
+    // connect() returned 0, but SYN_SENT -> ESTABLISHED (and all that followed) never arrived;
+    // then a new socket takes the address.
+    t.apply(&st(S, 100, Close, SynSent, "127.0.0.1:0", SRV, o));
+    t.apply(&connect_exit(S, 0, o));
+    t.apply(&st(2 * S, 100, Close, SynSent, "127.0.0.1:0", SRV, o));
+    assert_eq!(t.stats().gaps, 1);
+    assert!(
+        t.closed_connects.is_empty(),
+        "a made-up close waits for an errno"
+    );
+    // The new connect fails on its own: one failure, its own.
+    t.apply(&connect_exit(2 * S, -115, o));
+    t.apply(&st(
+        2 * S,
+        100,
+        SynSent,
+        Close,
+        "127.0.0.1:40001",
+        SRV,
+        None,
+    ));
+    t.apply(&TcpEvent::Error {
+        ts_ns: 2 * S,
+        local: a("127.0.0.1:40001"),
+        remote: a(SRV),
+        errno: 111,
+    });
+    let s = snap(&t, 3 * S);
+    let c = proc_view(&s, 1);
+    assert_eq!(c.connects.ok, 0);
+    assert_eq!(c.connects.failed.get("ECONNREFUSED"), Some(&1));
+    assert_eq!(c.connects.failed.len(), 1);
+    assert_eq!(c.churn.closed_total, 0);
+}
