@@ -244,27 +244,12 @@ const SLOT_ERROR: u32 = 1;
 /// [`SCRATCH`] slot of `inet_state_rescue` (it runs while the state program holds its slot).
 const SLOT_RESCUE: u32 = 2;
 
-/// Notes a CPU keeps of the transitions its state program ran for.
-const SEEN_SLOTS: usize = 3;
-
-/// Per CPU: the transitions the state program ran for lately, for `inet_state_rescue`
-/// (attached after it) to report the ones it was skipped for (see the state module).
-#[repr(C)]
-pub(crate) struct Seen {
-    /// Notes written so far: the next goes to slot `next % SEEN_SLOTS`.
-    next: u64,
-    notes: [Note; SEEN_SLOTS],
-}
-
-/// One transition the state program ran for: the socket's address (0: none) and both states.
-#[repr(C)]
-pub(crate) struct Note {
-    sk: u64,
-    states: u64,
-}
-
+/// Per CPU: whether the transition being traced there has been reported. `inet_state_enter`
+/// (attached first) sets 0, `inet_sock_set_state_raw` sets 1 when it runs, and
+/// `inet_state_rescue` (attached last) reports the transition when it is still 0 (see the
+/// state module).
 #[map]
-static SEEN: PerCpuArray<Seen> = PerCpuArray::with_max_entries(1, 0);
+static STATE_HANDLED: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);

@@ -11,8 +11,8 @@ use tcptrace_common::{Compact, Event, FLAG_OWNER_CURRENT, IPPROTO_TCP, KIND_STAT
 
 use crate::{
     CONNECTS, COUNTER_DROPPED, COUNTER_NOT_SENT, COUNTER_RESCUED, COUNTER_UNREADABLE, Fields,
-    Record, SEEN, SEEN_SLOTS, SLOT_RESCUE, SLOT_STATE, Sock, count, current_owner, ring,
-    sock_netns, submit_flags, wanted,
+    Record, SLOT_RESCUE, SLOT_STATE, STATE_HANDLED, Sock, count, current_owner, ring, sock_netns,
+    submit_flags, wanted,
 };
 
 #[tracepoint]
@@ -75,27 +75,29 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 ///
 /// Nested in itself it is still skipped: a softirq that interrupts it (or interrupts the
 /// kernel's own code around it, between the moment the kernel marks it running on the CPU and
-/// the moment it unmarks it) makes transitions of its own. [`inet_state_rescue`], attached
-/// after it to the same tracepoint, reports those: this program notes each transition it runs
-/// for in its CPU's [`Seen`](crate::Seen) (first thing, before any early return), the rescue
-/// reports a transition it finds no note of and drops the note it finds.
+/// the moment it unmarks it) makes transitions of its own. Three programs, attached in this
+/// order to the tracepoint, make up for those:
 ///
-/// Why notes in three slots, written in turn, are enough: transitions nest at most once on a
-/// CPU (process context, then a softirq; softirqs do not nest, hard interrupts make no TCP
-/// transitions), so when this program writes a note, at most one other note is still needed:
-/// that of the transition it interrupted between this program's run and the rescue's, which
-/// is the note written last; the slot written three notes ago is free to take. A transition
-/// this program was skipped for (it landed in this program's run) finds no note of its own.
-/// One that landed in the rescue's run leaves its note behind (the rescue is skipped for it;
-/// this program ran): overwritten within three notes. A note is the socket's address and both
-/// states, so only the same socket making the same transition again, with this program
-/// skipped, within the next three transitions of that CPU, could take a note for its own.
+/// 1. [`inet_state_enter`] marks the transition unreported on its CPU (`STATE_HANDLED` = 0);
+/// 2. this program marks it reported (1) and reports it;
+/// 3. [`inet_state_rescue`] reports it when it is still unreported: this program was skipped.
+///
+/// Transitions nest at most once on a CPU (process context, then a softirq; softirqs do not
+/// nest, and hard interrupts make no TCP transitions), and whichever program's run the nested
+/// transition lands in, the flag is right for both: inside the enter program's run (itself
+/// skipped), this program runs for the nested transition and sets 1; inside this program's
+/// run, the nested enter sets 0, this program is skipped and the rescue reports it; inside the
+/// rescue's run (itself skipped), this program ran for both. The marks are single stores, which
+/// an interrupt cannot split.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
     if crate::empty() {
         return 0;
     }
-    note_seen::<u64>(ctx.arg(0), ctx.arg(1), ctx.arg(2));
+    if let Some(h) = STATE_HANDLED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; a single store.
+        unsafe { core::ptr::write_volatile(h, 1) };
+    }
     if let Err(err) = try_set_state_raw(&ctx, SLOT_STATE) {
         count(COUNTER_UNREADABLE);
         rare!(
@@ -108,58 +110,37 @@ pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// Both states of a transition, as its note keeps them.
-#[inline(always)]
-fn states(old: u64, new: u64) -> u64 {
-    ((old & 0xff) << 8) | (new & 0xff)
-}
-
-/// Notes on this CPU that the state program ran for a transition of `sk` (see
-/// [`inet_sock_set_state_raw`]). `sk` is stored as it is: the BTF program's is a typed
-/// pointer, on which the verifier allows no arithmetic.
-#[inline(always)]
-fn note_seen<P: Copy>(sk: P, old: u64, new: u64) {
-    if let Some(seen) = SEEN.get_ptr_mut(0) {
-        // SAFETY: this CPU's entry; nothing else writes a note while the state program runs
-        // on this CPU (it does not nest in itself), and the rescue only clears its own. `P` is
-        // the socket's address, 8 bytes.
-        unsafe {
-            let next = core::ptr::read_volatile(&raw const (*seen).next);
-            let note = match next % SEEN_SLOTS as u64 {
-                0 => &raw mut (*seen).notes[0],
-                1 => &raw mut (*seen).notes[1],
-                _ => &raw mut (*seen).notes[2],
-            };
-            core::ptr::write_volatile((&raw mut (*note).sk).cast::<P>(), sk);
-            core::ptr::write_volatile(&raw mut (*note).states, states(old, new));
-            core::ptr::write_volatile(&raw mut (*seen).next, next.wrapping_add(1));
-        }
+/// Attached to the tracepoint before [`inet_sock_set_state_raw`]: marks the transition
+/// unreported on this CPU.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_state_enter(_ctx: RawTracePointContext) -> i32 {
+    if crate::empty() {
+        return 0;
     }
+    if let Some(h) = STATE_HANDLED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; a single store.
+        unsafe { core::ptr::write_volatile(h, 0) };
+    }
+    0
 }
 
-/// Attached to the tracepoint after [`inet_sock_set_state_raw`]: reports a transition that
-/// program was skipped for (no note of it on this CPU), counted in
-/// `COUNTERS[COUNTER_RESCUED]`. Otherwise it drops the note and returns.
+/// Attached to the tracepoint after [`inet_sock_set_state_raw`]: reports the transition that
+/// program was skipped for (still unreported on this CPU), counted in
+/// `COUNTERS[COUNTER_RESCUED]`. Otherwise it returns at once.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_state_rescue(ctx: RawTracePointContext) -> i32 {
     if crate::empty() {
         return 0;
     }
-    let Some(seen) = SEEN.get_ptr_mut(0) else {
+    let Some(h) = STATE_HANDLED.get_ptr_mut(0) else {
         return 0;
     };
-    let (sk, st): (u64, u64) = (ctx.arg(0), states(ctx.arg(1), ctx.arg(2)));
-    // SAFETY: this CPU's entry; single loads, and a single store to the note found.
+    // SAFETY: this CPU's slot; single load and store.
     unsafe {
-        for i in 0..SEEN_SLOTS {
-            let note = &raw mut (*seen).notes[i];
-            if core::ptr::read_volatile(&raw const (*note).sk) == sk
-                && core::ptr::read_volatile(&raw const (*note).states) == st
-            {
-                core::ptr::write_volatile(&raw mut (*note).sk, 0);
-                return 0;
-            }
+        if core::ptr::read_volatile(h) != 0 {
+            return 0;
         }
+        core::ptr::write_volatile(h, 1);
     }
     count(COUNTER_RESCUED);
     if let Err(err) = try_set_state_raw(&ctx, SLOT_RESCUE) {
@@ -203,15 +184,17 @@ fn try_set_state_raw(ctx: &RawTracePointContext, slot: u32) -> Result<(), i32> {
 
 /// The same transition as a BTF tracepoint (`tp_btf`), preferred where the kernel loads it:
 /// the socket's fields are plain loads the verifier guards (the pointer's type is known), where
-/// the raw tracepoint program copies them with helper calls. Same notes as
-/// [`inet_sock_set_state_raw`], same rescue.
+/// the raw tracepoint program copies them with helper calls. Same place among the three
+/// programs as [`inet_sock_set_state_raw`], same rescue.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     if crate::empty() {
         return 0;
     }
-    let (sk, old, new): (*const u8, i32, i32) = (ctx.arg(0), ctx.arg(1), ctx.arg(2));
-    note_seen(sk, old as u8 as u64, new as u8 as u64);
+    if let Some(h) = STATE_HANDLED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; a single store.
+        unsafe { core::ptr::write_volatile(h, 1) };
+    }
     set_state_btf(&ctx);
     0
 }

@@ -38,8 +38,9 @@ const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
 /// `sys_enter_connect`: this kernel's BTF gives the layout of the saved registers, so
 /// `sys_exit_connect` reads connect()'s arguments itself and the entry program is attached only
 /// while stacks are on.
-const PROGRAM_NAMES: [&str; 4] = [
+const PROGRAM_NAMES: [&str; 5] = [
     "inet_sock_set_state_btf",
+    "inet_state_enter",
     "inet_state_rescue",
     "sys_exit_connect",
     "inet_sk_error_report",

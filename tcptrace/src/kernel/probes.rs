@@ -23,7 +23,7 @@ use crate::kernel::{
     offsets::{netns_offsets, regs_offsets, sock_offsets},
     stacks::StackTables,
     state_hook::{
-        EMPTY_PROGRAMS_VAR, STATE_HOOK_VAR, StateHook, attach_raw, attach_state,
+        EMPTY_PROGRAMS_VAR, STATE_HOOK_VAR, StateHook, attach_raw, attach_state, detach_raw,
         empty_programs_from_env,
     },
     tracefs,
@@ -53,6 +53,10 @@ pub const RAW_STATE: &str = "inet_sock_set_state_raw";
 /// The state program as a BTF tracepoint: reads the socket's fields with plain guarded loads
 /// instead of helper calls; preferred to [`RAW_STATE`] where the kernel loads it.
 pub const BTF_STATE: &str = "inet_sock_set_state_btf";
+
+/// Attached before [`RAW_STATE`] to the same tracepoint: marks each transition unreported on its
+/// CPU, for [`RESCUE`].
+pub const ENTER: &str = "inet_state_enter";
 
 /// Attached after [`RAW_STATE`] to the same tracepoint: reports the transitions the kernel skips
 /// [`RAW_STATE`] for (made by a softirq that interrupted it on its CPU).
@@ -332,16 +336,20 @@ impl Probes {
                 continue;
             }
             if *prog == "inet_sock_set_state" && sock.is_some() && hook != StateHook::Classic {
-                // The rescue program must run after the state program for every transition
-                // (programs on a tracepoint run in the order they were attached).
+                // In this order: the enter program must run before the state program for every
+                // transition, the rescue program after it (programs on a tracepoint run in the
+                // order they were attached).
+                let enter = attach_raw(&mut ebpf, ENTER, name);
+                let entered = enter.is_ok();
                 match attach_state(&mut ebpf, name, hook, kernel_btf.as_ref()) {
                     Ok(state) => {
                         attached.push(state);
-                        match attach_raw(&mut ebpf, RESCUE, name) {
-                            Ok(()) => attached.push(RESCUE),
+                        match enter.and_then(|()| attach_raw(&mut ebpf, RESCUE, name)) {
+                            Ok(()) => attached.extend([ENTER, RESCUE]),
                             Err(e) => degraded.push(format!(
                                 "transitions made while the state program is interrupted are \
-                                 lost (counted as missed): {e}"
+                                 lost (counted as missed): {e}{}",
+                                detach_raw(&mut ebpf, ENTER, entered)
                             )),
                         }
                         continue;
@@ -349,7 +357,8 @@ impl Probes {
                     // A link left by a failed attach is dropped with the program's unload.
                     Err(e) => degraded.push(format!(
                         "state transitions use the classic tracepoint ({e}): the kernel skips it \
-                         while another BPF program runs on the same CPU (counted as missed)"
+                         while another BPF program runs on the same CPU (counted as missed){}",
+                        detach_raw(&mut ebpf, ENTER, entered)
                     )),
                 }
             } else if *prog == "inet_sock_set_state" && hook != StateHook::Classic {
@@ -512,12 +521,12 @@ impl Probes {
         };
         let dropped_transitions = sum(COUNTER_DROPPED);
         let dropped = dropped_transitions + sum(COUNTER_DROPPED_OTHER);
-        // The rescue program's own skips lose nothing (the state program ran); the
+        // The enter and rescue programs' own skips lose nothing (the state program ran); the
         // state program's skips that the rescue program reported are not lost either.
         let skipped = |state: bool| -> u64 {
             self.attached
                 .iter()
-                .filter(|&&name| name != RESCUE)
+                .filter(|&&name| name != RESCUE && name != ENTER)
                 .filter(|&&name| {
                     (name == BTF_STATE || name == RAW_STATE || name == "inet_sock_set_state")
                         == state

@@ -134,6 +134,20 @@ fn attach_btf(
     Ok(())
 }
 
+/// Unloads raw tracepoint program `prog` (its links go with it) when it was `attached`.
+/// Returns what to add to a message when that fails (the program then stays attached,
+/// harmless but useless).
+pub(super) fn detach_raw(ebpf: &mut Ebpf, prog: &str, attached: bool) -> String {
+    if !attached {
+        return String::new();
+    }
+    let p: Option<&mut RawTracePoint> = ebpf.program_mut(prog).and_then(|p| p.try_into().ok());
+    match p.map(|p| p.unload()) {
+        None | Some(Ok(())) => String::new(),
+        Some(Err(e)) => format!(" ({prog} stays attached: {e})"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
