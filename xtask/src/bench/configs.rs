@@ -16,6 +16,15 @@ const BPFTRACE_COUNT: &str = "tracepoint:sock:inet_sock_set_state { @[args->news
 /// tcptrace/src/kernel/state_hook.rs).
 pub(super) const EMPTY_PROGRAMS_VAR: &str = "TCPTRACE_EMPTY_PROGRAMS";
 
+/// `tcptrace daemon` as the bench runs it (the daemon variant and the floor).
+pub(super) const DAEMON_ARGS: [&str; 5] = [
+    "daemon",
+    "--socket",
+    DAEMON_SOCKET,
+    "--metrics-addr",
+    "127.0.0.1:0",
+];
+
 /// One way of running tcptrace during the overhead phase. Add new ones in [`tracer_variants`].
 #[derive(Clone)]
 pub(super) struct TracerVariant {
@@ -49,13 +58,7 @@ pub(super) fn tracer_variants(bin: &Path) -> Vec<TracerVariant> {
     if has_daemon {
         v.push(TracerVariant {
             name: "tcptrace daemon",
-            args: vec![
-                "daemon",
-                "--socket",
-                DAEMON_SOCKET,
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ],
+            args: DAEMON_ARGS.to_vec(),
             ready: Ready::Status,
         });
     }

@@ -152,7 +152,7 @@ pub fn run(bin: &Path, args: BenchArgs) -> Result<()> {
         bail!(
             "kernel.bpf_stats_enabled is 1: every BPF program run would also time itself, which \
              adds to each traced configuration in proportion to its programs (tcptrace runs \
-             two per transition, the counting bpftrace one) and skews every figure; run \
+             three per transition, the counting bpftrace one) and skews every figure; run \
              `sysctl -w kernel.bpf_stats_enabled=0` and start again (the bench switches the \
              statistics on itself, only for its in-kernel cost rounds)"
         );

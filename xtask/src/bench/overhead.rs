@@ -9,9 +9,9 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use super::{
-    Bench, DAEMON_SOCKET, FIN_LISTENERS, FIN_PORT, QUIET_CORES, QUIET_MAX_WAIT,
+    Bench, FIN_LISTENERS, FIN_PORT, QUIET_CORES, QUIET_MAX_WAIT,
     bpf_stats::{perf_links, remember_progs},
-    configs::{Config, EMPTY_PROGRAMS_VAR, Ready, Tracer, Workload},
+    configs::{Config, DAEMON_ARGS, EMPTY_PROGRAMS_VAR, Ready, Tracer, Workload},
     host::{READER_THREAD, background_ticks, clk_tck, cpu_ticks, thread_ticks, vm_hwm_kib},
     netns::Netns,
     numbers::median,
@@ -239,13 +239,7 @@ impl Bench {
             Tracer::Floor => {
                 let name = "tcptrace daemon (empty programs)";
                 let mut cmd = Command::new(&self.bin);
-                cmd.env(EMPTY_PROGRAMS_VAR, "1").args([
-                    "daemon",
-                    "--socket",
-                    DAEMON_SOCKET,
-                    "--metrics-addr",
-                    "127.0.0.1:0",
-                ]);
+                cmd.env(EMPTY_PROGRAMS_VAR, "1").args(DAEMON_ARGS);
                 let p = Proc::spawn(name, &mut cmd, true)?;
                 wait_until(Duration::from_secs(30), name, || {
                     daemon_status(&self.bin).is_some()
