@@ -9,7 +9,8 @@ use std::{fs, path::PathBuf, time::Instant};
 
 use serde_json::Value;
 use tcptrace_tests::{
-    Netns, Scenario, Tcptrace, daemon_json, poll, process, require_root, ss_filter_count, u64_at,
+    Netns, Scenario, Tcptrace, daemon_json, poll, process, require_root, run, ss_filter_count,
+    u64_at,
 };
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
@@ -324,16 +325,99 @@ fn reconciled_after_lost_records(ns: Option<&Netns>) {
     );
 }
 
+/// `bpftool ARGS -j` as JSON (bpftool must succeed).
+fn bpftool_json(args: &[&str]) -> Value {
+    let args: Vec<&str> = args.iter().copied().chain(["-j"]).collect();
+    serde_json::from_str(&run("bpftool", &args)).expect("bpftool's JSON")
+}
+
+/// The ids of the BTF state programs loaded now (one per tcptrace instance).
+fn state_program_ids() -> Vec<u64> {
+    bpftool_json(&["prog", "show"])
+        .as_array()
+        .expect("bpftool lists programs")
+        .iter()
+        .filter(|p| p["name"] == "inet_sock_set_state_btf")
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+/// For the BTF state program `id`: the runs the kernel skipped (its `recursion_misses`) and the
+/// transitions its instance's rescue program reported (`COUNTERS[1]` summed over CPUs, from
+/// the `COUNTERS` map among the program's maps).
+fn skipped_and_rescued(id: u64) -> (u64, u64) {
+    let skipped = || {
+        bpftool_json(&["prog", "show", "id", &id.to_string()])["recursion_misses"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let prog = bpftool_json(&["prog", "show", "id", &id.to_string()]);
+    let maps = prog["map_ids"].as_array().cloned().unwrap_or_default();
+    let counters = maps
+        .iter()
+        .filter_map(|m| m.as_u64())
+        .find(|m| {
+            bpftool_json(&["map", "show", "id", &m.to_string()])["name"].as_str()
+                == Some("COUNTERS")
+        })
+        .expect("the state program uses the COUNTERS map");
+    let byte = |v: &Value| {
+        v.as_str()
+            .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok())
+            .expect("a byte as 0x..")
+    };
+    let rescued = || -> u64 {
+        let dump = bpftool_json(&["map", "dump", "id", &counters.to_string()]);
+        dump.as_array()
+            .expect("a map dump is a list")
+            .iter()
+            .filter(|e| {
+                e["key"]
+                    .as_array()
+                    .map(|k| k.iter().map(byte).collect::<Vec<_>>())
+                    == Some(vec![1, 0, 0, 0])
+            })
+            .flat_map(|e| e["values"].as_array().cloned().unwrap_or_default())
+            .map(|cpu| {
+                cpu["value"]
+                    .as_array()
+                    .expect("a per-CPU value is a list of bytes")
+                    .iter()
+                    .rev()
+                    .fold(0u64, |acc, b| acc << 8 | byte(b))
+            })
+            .sum()
+    };
+    // Both at one moment: a skip (and its rescue) between the reads makes them read again.
+    loop {
+        let (s, r) = (skipped(), rescued());
+        if skipped() == s {
+            return (s, r);
+        }
+    }
+}
+
 /// Bursts of connections on both CPUs at once: softirqs interrupt the state program, the kernel
-/// skips it for the transitions they make, and the rescue program reports those. Nothing may be
-/// missed, and every count stays exact without a reconcile.
+/// skips it for the transitions they make, and the rescue program reports those, each once:
+/// as many rescued as skipped. Nothing may be missed, and every count stays exact without a
+/// reconcile.
 #[test]
 fn bursts_lose_no_transition() {
     require_root!("bursts_lose_no_transition");
     let _alone = ALONE.write().unwrap_or_else(|e| e.into_inner());
     const N: usize = 3000;
     const SERVERS: usize = 8;
+    let before = state_program_ids();
     let (mut w, _) = Tcptrace::watch(&["--ring-buffer-kib", "65536"]);
+    let ours: Vec<u64> = state_program_ids()
+        .into_iter()
+        .filter(|id| !before.contains(id))
+        .collect();
+    assert_eq!(
+        ours.len(),
+        1,
+        "one new BTF state program (watch's): {ours:?}"
+    );
     let leaks: Vec<_> = (0..SERVERS)
         .map(|_| std::thread::spawn(|| leak(N)))
         .collect::<Vec<_>>()
@@ -378,5 +462,11 @@ fn bursts_lose_no_transition() {
         u64_at(&snap, "missed_events"),
         Some(0),
         "transitions the kernel skipped the state program for were lost; skipped runs:\n{misses}"
+    );
+    let (skipped, rescued) = skipped_and_rescued(ours[0]);
+    println!("state program: {skipped} runs skipped, {rescued} transitions rescued");
+    assert_eq!(
+        rescued, skipped,
+        "each transition the state program was skipped for is reported once"
     );
 }

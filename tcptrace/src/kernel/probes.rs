@@ -342,8 +342,16 @@ impl Probes {
                 let enter = attach_raw(&mut ebpf, ENTER, name);
                 let entered = enter.is_ok();
                 match attach_state(&mut ebpf, name, hook, kernel_btf.as_ref()) {
-                    Ok(state) => {
+                    Ok((state, btf_refused)) => {
                         attached.push(state);
+                        // Every kernel with a ring buffer (5.8) loads BTF tracepoints: a refusal
+                        // is news (a verifier that changed), and the raw program is slower.
+                        if let Some(e) = btf_refused {
+                            degraded.push(format!(
+                                "state transitions use the raw tracepoint (helper reads, slower): \
+                                 the BTF one was refused: {e}"
+                            ));
+                        }
                         match enter.and_then(|()| attach_raw(&mut ebpf, RESCUE, name)) {
                             Ok(()) => attached.extend([ENTER, RESCUE]),
                             Err(e) => degraded.push(format!(

@@ -90,26 +90,31 @@ pub(super) fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), 
 }
 
 /// The state program as `hook` asks: by default as a BTF tracepoint ([`BTF_STATE`]) where the
-/// kernel loads it, else as a raw one ([`RAW_STATE`]). Returns the name of the one attached, or
-/// why none was (the classic tracepoint is then used).
+/// kernel loads it, else as a raw one ([`RAW_STATE`]). Returns the name of the one attached and,
+/// when the raw one stands in for a refused BTF one, why it was refused; or why none was
+/// attached (the classic tracepoint is then used).
 pub(super) fn attach_state(
     ebpf: &mut Ebpf,
     name: &str,
     hook: StateHook,
     btf: Option<&aya::Btf>,
-) -> Result<&'static str, String> {
+) -> Result<(&'static str, Option<String>), String> {
     let btf_error = match hook {
         StateHook::Classic => return Err(format!("{STATE_HOOK_VAR}=classic")),
-        StateHook::Raw => format!("not tried ({STATE_HOOK_VAR}=raw)"),
+        StateHook::Raw => None,
         StateHook::Auto | StateHook::Btf => match attach_btf(ebpf, BTF_STATE, name, btf) {
-            Ok(()) => return Ok(BTF_STATE),
+            Ok(()) => return Ok((BTF_STATE, None)),
             Err(e) if hook == StateHook::Btf => return Err(e),
-            Err(e) => e,
+            Err(e) => Some(e),
         },
     };
-    attach_raw(ebpf, RAW_STATE, name)
-        .map(|()| RAW_STATE)
-        .map_err(|e| format!("{e} (and as a BTF tracepoint: {btf_error})"))
+    match attach_raw(ebpf, RAW_STATE, name) {
+        Ok(()) => Ok((RAW_STATE, btf_error)),
+        Err(e) => Err(format!(
+            "{e} (and as a BTF tracepoint: {})",
+            btf_error.unwrap_or_else(|| format!("not tried ({STATE_HOOK_VAR}=raw)"))
+        )),
+    }
 }
 
 /// Loads program `prog` against the kernel's BTF and attaches it to tracepoint `name`.

@@ -187,17 +187,30 @@ impl Table {
                 self.adopt_or_create(sk, old, netns, local, remote, ts);
                 None
             }
-            Some(s) if s.state != old && !s.listed => Some((s.local, s.remote)),
+            Some(s) if s.state != old && !s.listed => Some((s.state, s.local, s.remote)),
             Some(_) => None,
         };
-        if let Some((s_local, s_remote)) = gap {
+        if let Some((s_state, s_local, s_remote)) = gap {
             // A new socket's first transition (from CLOSE, or an accepted socket's).
             let birth = matches!(old, TcpState::Close | TcpState::SynRecv)
                 || (old == TcpState::Listen && new == TcpState::SynRecv);
             // Addressed to another connection than the one the table holds there: a late
             // record of the socket that had the address before (its end was made up for when
-            // the new one's first record came first), not news of this one.
-            let other = remote != s_remote || (s_local.port() != 0 && local != s_local);
+            // the new one's first record came first), not news of this one. A connect whose
+            // local port is not known yet (still in SYN_SENT) shows no address to compare:
+            // a record from past ESTABLISHED cannot be its own but after two lost records in a
+            // row (counted losses, which a comparison with the kernel's socket list follows).
+            let past_established = !matches!(
+                old,
+                TcpState::Close
+                    | TcpState::Listen
+                    | TcpState::SynSent
+                    | TcpState::SynRecv
+                    | TcpState::Established
+            );
+            let other = remote != s_remote
+                || (s_local.port() != 0 && local != s_local)
+                || (s_local.port() == 0 && s_state == TcpState::SynSent && past_established);
             if !birth && other {
                 self.stats.stale += 1;
                 return;

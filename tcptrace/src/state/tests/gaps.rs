@@ -49,15 +49,40 @@ fn client_end(t: &mut Table, ts: u64, c: u64, cli: &str) {
     }
 }
 
+/// Server socket `s` closes its end of the connection from `cli`: CLOSE_WAIT -> LAST_ACK ->
+/// CLOSE.
+fn server_end(t: &mut Table, ts: u64, s: u64, cli: &str) {
+    let srv = owner(2, OwnerSource::Current);
+    t.apply(&st(ts, s, CloseWait, LastAck, SRV, cli, srv));
+    t.apply(&st(ts, s, LastAck, Close, SRV, cli, None));
+}
+
+/// The first connection (client 100 from :40000, server 200) is closing when the next client to
+/// the server gets socket 100's address: CLOSE -> SYN_SENT, its local port not chosen yet.
+fn next_client_takes_the_address(t: &mut Table) {
+    connect_and_client_closes(t, S, 100, 200, "127.0.0.1:40000");
+    let o = owner(1, OwnerSource::Current);
+    t.apply(&st(S, 100, Close, SynSent, "127.0.0.1:0", SRV, o));
+}
+
+/// The next client (socket 100) is connected, from :40001.
+fn next_client_established(t: &mut Table) {
+    let cli = "127.0.0.1:40001";
+    t.apply(&st(S, 100, SynSent, Established, cli, SRV, None));
+}
+
+/// Server socket `s` accepts the connection from `cli`.
+fn accepted(t: &mut Table, ts: u64, s: u64, cli: &str) {
+    t.apply(&st(ts, s, SynRecv, Established, SRV, cli, None));
+}
+
 #[test]
 fn a_client_whose_end_never_arrived_is_closed_into_time_wait_when_its_address_is_reused() {
     let mut t = pair();
     // The client's FIN_WAIT1 -> FIN_WAIT2 -> CLOSE never arrive; the server closes, then a new
     // connection's socket gets the client's old address.
     connect_and_client_closes(&mut t, S, 100, 200, "127.0.0.1:40000");
-    let srv = owner(2, OwnerSource::Current);
-    t.apply(&st(S, 200, CloseWait, LastAck, SRV, "127.0.0.1:40000", srv));
-    t.apply(&st(S, 200, LastAck, Close, SRV, "127.0.0.1:40000", None));
+    server_end(&mut t, S, 200, "127.0.0.1:40000");
     let o = owner(1, OwnerSource::Current);
     t.apply(&st(2 * S, 100, Close, SynSent, "127.0.0.1:0", SRV, o));
     let s = snap(&t, 3 * S);
@@ -146,33 +171,15 @@ fn a_socket_from_the_start_up_list_is_not_a_gap_and_consistent_streams_have_none
 fn late_records_of_the_socket_before_are_dropped_once_the_next_one_has_the_address() {
     let mut t = pair();
     let o = owner(1, OwnerSource::Current);
+    let srv = owner(2, OwnerSource::Current);
     // The client's end comes after the first records of the next client at its address (the
     // records of two CPUs, ordered by their stamps).
-    connect_and_client_closes(&mut t, S, 100, 200, "127.0.0.1:40000");
-    t.apply(&st(S, 100, Close, SynSent, "127.0.0.1:0", SRV, o));
-    t.apply(&st(
-        S,
-        100,
-        SynSent,
-        Established,
-        "127.0.0.1:40001",
-        SRV,
-        None,
-    ));
+    next_client_takes_the_address(&mut t);
+    next_client_established(&mut t);
     client_end(&mut t, S, 100, "127.0.0.1:40000");
-    let srv = owner(2, OwnerSource::Current);
-    t.apply(&st(S, 200, CloseWait, LastAck, SRV, "127.0.0.1:40000", srv));
-    t.apply(&st(S, 200, LastAck, Close, SRV, "127.0.0.1:40000", None));
+    server_end(&mut t, S, 200, "127.0.0.1:40000");
     // The second connection, accepted by server socket 201, ends as the first should have.
-    t.apply(&st(
-        S,
-        201,
-        SynRecv,
-        Established,
-        SRV,
-        "127.0.0.1:40001",
-        None,
-    ));
+    accepted(&mut t, S, 201, "127.0.0.1:40001");
     t.apply(&st(
         2 * S,
         100,
@@ -274,4 +281,24 @@ fn a_connect_whose_outcome_never_arrived_waits_for_no_errno_once_its_address_is_
     assert_eq!(c.connects.failed.get("ECONNREFUSED"), Some(&1));
     assert_eq!(c.connects.failed.len(), 1);
     assert_eq!(c.churn.closed_total, 0);
+}
+
+#[test]
+fn late_records_of_the_socket_before_are_dropped_while_the_next_one_still_connects() {
+    let mut t = pair();
+    // The end of the first client arrives while the next one is still in SYN_SENT, its local
+    // port not known yet.
+    next_client_takes_the_address(&mut t);
+    client_end(&mut t, S, 100, "127.0.0.1:40000");
+    assert_eq!(t.stats().stale, 2, "both late records dropped");
+    server_end(&mut t, S, 200, "127.0.0.1:40000");
+    // The new connection goes on as its own.
+    accepted(&mut t, S, 201, "127.0.0.1:40001");
+    next_client_established(&mut t);
+    let s = snap(&t, 2 * S);
+    let c = proc_view(&s, 1);
+    // The first connection's close (made up into TIME_WAIT at the new one's birth), once.
+    assert_eq!((c.churn.closed_total, c.churn.time_wait_total), (1, 1));
+    assert_eq!((s.host.established, s.host.time_wait), (2, 1));
+    assert_eq!(t.stats().gaps, 1);
 }
