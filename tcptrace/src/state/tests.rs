@@ -70,13 +70,28 @@ fn st(
     remote: &str,
     owner: Option<Owner>,
 ) -> TcpEvent {
+    st_at(ts, (sk, old, new, a(local), a(remote), owner))
+}
+
+/// One transition for the tests: socket, both states, local and remote address, owner.
+type Transition = (
+    u64,
+    TcpState,
+    TcpState,
+    SocketAddr,
+    SocketAddr,
+    Option<Owner>,
+);
+
+/// [`st`] with addresses already parsed.
+fn st_at(ts: u64, (sk, old, new, local, remote, owner): Transition) -> TcpEvent {
     TcpEvent::State {
         ts_ns: ts,
         sk,
         old,
         new,
-        local: a(local),
-        remote: a(remote),
+        local,
+        remote,
         owner,
         netns: 0,
     }
@@ -897,44 +912,26 @@ fn caps_evict_and_count() {
     procs.kill(1);
 }
 
-/// Per-event cost of the table on a churn-like sequence (7 transitions per connection).
-/// `cargo test --release -p tcptrace --lib table_apply_rate -- --ignored --nocapture`
-#[test]
-#[ignore]
-fn table_apply_rate() {
-    let procs = FakeProcs::default();
-    procs.set(1, 1, "client");
-    procs.set(2, 1, "server");
-    let mut t = table(&procs);
-    let c = owner(1, OwnerSource::Current);
-    let cr = owner(1, OwnerSource::Recorded);
-    let s = owner(2, OwnerSource::Inherited);
-    let sr = owner(2, OwnerSource::Recorded);
-    let n = 200_000u64;
-    let mut evs = Vec::with_capacity(n as usize * 6);
-    for i in 0..n {
-        let ts = i * 30_000;
-        let (csk, ssk) = (0xffff_0000_0000 + i * 2, 0xffff_0000_0001 + i * 2);
-        let lp = 10000 + (i % 50000) as u16;
-        let cl = SocketAddr::from(([127, 0, 0, 1], lp));
-        let sv = SocketAddr::from(([127, 0, 0, 1], 80));
-        let z = SocketAddr::from(([127, 0, 0, 1], 0));
-        let ev = |sk, old, new, local, remote, owner| TcpEvent::State {
-            ts_ns: ts,
-            sk,
-            old,
-            new,
-            local,
-            remote,
-            owner,
-            netns: 0,
-        };
-        evs.push(ev(csk, Close, SynSent, z, sv, c));
-        evs.push(ev(ssk, Listen, SynRecv, sv, cl, s));
-        evs.push(ev(csk, SynSent, Established, cl, sv, cr));
-        evs.push(ev(ssk, SynRecv, Established, sv, cl, sr));
-        evs.push(ev(csk, Established, Close, cl, sv, c));
-        evs.push(ev(ssk, Established, Close, sv, cl, sr));
+/// Applies `conns` connections' transitions (`seq(client socket, server socket, client address,
+/// server address)`, one connection every `every_ns`) to a table with a client (pid 1) and a
+/// server (pid 2, listening on `gaps::SRV`), and prints the per-event cost. With `reuse`, socket
+/// addresses and local ports come round again, as the kernel's slab and `tw_reuse` make them.
+fn churn_rate(
+    label: &str,
+    conns: u64,
+    every_ns: u64,
+    reuse: bool,
+    seq: impl Fn(u64, u64, SocketAddr, SocketAddr) -> Vec<Transition>,
+) -> Table {
+    let mut t = gaps::pair();
+    let sv = a(gaps::SRV);
+    let mut evs = Vec::new();
+    for i in 0..conns {
+        let k = if reuse { i % 4096 } else { i };
+        let (csk, ssk) = (0xffff_0000_0000 + k * 2, 0xffff_0000_0001 + k * 2);
+        let cl = SocketAddr::from(([127, 0, 0, 1], 1024 + (i % 64_000) as u16));
+        let ts_ns = 1_000 + i * every_ns;
+        evs.extend(seq(csk, ssk, cl, sv).into_iter().map(|e| st_at(ts_ns, e)));
     }
     let start = std::time::Instant::now();
     for e in &evs {
@@ -942,12 +939,66 @@ fn table_apply_rate() {
     }
     let el = start.elapsed();
     println!(
-        "table: {} events in {:?}: {:.0} ns/event, {:.2} M events/s",
+        "{label}: {} events in {el:?}: {:.0} ns/event, {:.2} M events/s",
         evs.len(),
-        el,
         el.as_nanos() as f64 / evs.len() as f64,
         evs.len() as f64 / el.as_secs_f64() / 1e6
     );
+    t
+}
+
+/// Per-event cost of the table on RST churn (6 transitions per connection).
+/// `cargo test --release -p tcptrace --lib table_apply_rate -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn table_apply_rate() {
+    let (c, cr) = (
+        owner(1, OwnerSource::Current),
+        owner(1, OwnerSource::Recorded),
+    );
+    let (s, sr) = (
+        owner(2, OwnerSource::Inherited),
+        owner(2, OwnerSource::Recorded),
+    );
+    let z = SocketAddr::from(([127, 0, 0, 1], 0));
+    churn_rate("table (RST)", 200_000, 30_000, false, |csk, ssk, cl, sv| {
+        vec![
+            (csk, Close, SynSent, z, sv, c),
+            (ssk, Listen, SynRecv, sv, cl, s),
+            (csk, SynSent, Established, cl, sv, cr),
+            (ssk, SynRecv, Established, sv, cl, sr),
+            (csk, Established, Close, cl, sv, c),
+            (ssk, Established, Close, sv, cl, sr),
+        ]
+    });
+}
+
+/// Per-event cost of the table on FIN churn as the benchmark makes it (9 records per
+/// connection: the client's end into TIME_WAIT, the server's through LAST_ACK).
+/// `cargo test --release -p tcptrace --lib table_apply_rate_fin -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn table_apply_rate_fin() {
+    let (c, s) = (
+        owner(1, OwnerSource::Current),
+        owner(2, OwnerSource::Current),
+    );
+    let z = SocketAddr::from(([127, 0, 0, 1], 0));
+    let t = churn_rate("table (FIN)", 300_000, 20_000, true, |csk, ssk, cl, sv| {
+        vec![
+            (csk, Close, SynSent, z, sv, c),
+            (ssk, SynRecv, Established, sv, cl, None),
+            (csk, SynSent, Established, cl, sv, None),
+            (csk, Established, FinWait1, cl, sv, c),
+            (ssk, Established, CloseWait, sv, cl, None),
+            (csk, FinWait1, FinWait2, cl, sv, None),
+            (csk, FinWait2, Close, cl, sv, None),
+            (ssk, CloseWait, LastAck, sv, cl, s),
+            (ssk, LastAck, Close, sv, cl, None),
+        ]
+    });
+    let snap = t.snapshot(300_000 * 20_000, &SnapshotOptions::default());
+    println!("TIME_WAIT at the end: {}", snap.host.time_wait);
 }
 
 #[test]

@@ -4,10 +4,10 @@
 
 use super::*;
 
-const SRV: &str = "127.0.0.1:5000";
+pub(super) const SRV: &str = "127.0.0.1:5000";
 
 /// Client pid 1 and server pid 2 (listening on :5000) on loopback.
-fn pair() -> Table {
+pub(super) fn pair() -> Table {
     let procs = FakeProcs::default();
     procs.set(1, 1, "client");
     procs.set(2, 2, "server");
