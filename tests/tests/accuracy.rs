@@ -331,11 +331,17 @@ fn bpftool_json(args: &[&str]) -> Value {
     serde_json::from_str(&run("bpftool", &args)).expect("bpftool's JSON")
 }
 
+/// Every BPF program loaded now, as `bpftool prog show` gives them.
+fn programs() -> Vec<Value> {
+    match bpftool_json(&["prog", "show"]) {
+        Value::Array(progs) => progs,
+        other => panic!("bpftool lists programs: {other}"),
+    }
+}
+
 /// The ids of the BTF state programs loaded now (one per tcptrace instance).
 fn state_program_ids() -> Vec<u64> {
-    bpftool_json(&["prog", "show"])
-        .as_array()
-        .expect("bpftool lists programs")
+    programs()
         .iter()
         .filter(|p| p["name"] == "inet_sock_set_state_btf")
         .filter_map(|p| p["id"].as_u64())
@@ -427,14 +433,15 @@ fn bursts_lose_no_transition() {
     // Every program's runs the kernel skipped (all tcptrace instances on the host), for the
     // record and for a failure's message.
     let skipped_runs = || {
-        let progs = std::process::Command::new("bpftool")
-            .args(["prog", "show"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        progs
-            .lines()
-            .filter(|l| l.contains("recursion_misses"))
+        programs()
+            .iter()
+            .filter_map(|p| {
+                let misses = p["recursion_misses"].as_u64()?;
+                Some(format!(
+                    "{} {}: recursion_misses {misses}",
+                    p["id"], p["name"]
+                ))
+            })
             .collect::<Vec<_>>()
             .join("\n")
     };
