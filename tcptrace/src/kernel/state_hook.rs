@@ -74,6 +74,24 @@ impl StateHook {
     }
 }
 
+/// Why program `prog` did not load, on one line: a verifier's refusal comes with its whole log
+/// (hundreds of lines), of which the first line and the last two (the reason, then the
+/// verifier's statistics) are kept.
+fn load_error(prog: &str, e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let said = match lines.as_slice() {
+        [] => String::new(),
+        [first, .., prev, last] if lines.len() > 3 => format!("{first} ... {prev}; {last}"),
+        _ => lines.join("; "),
+    };
+    format!("loading {prog}: {said}")
+}
+
 /// Loads program `prog` and attaches it to raw tracepoint `name`.
 pub(super) fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
     let p: &mut RawTracePoint = ebpf
@@ -81,7 +99,7 @@ pub(super) fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), 
         .ok_or_else(|| format!("program {prog} missing from the object"))?
         .try_into()
         .map_err(|e| format!("{prog}: {e}"))?;
-    p.load().map_err(|e| format!("loading {prog}: {e}"))?;
+    p.load().map_err(|e| load_error(prog, &e))?;
     if let Err(e) = p.attach(name) {
         let _ = p.unload();
         return Err(format!("attaching raw tracepoint {name}: {e}"));
@@ -130,8 +148,7 @@ fn attach_btf(
         .ok_or_else(|| format!("program {prog} missing from the object"))?
         .try_into()
         .map_err(|e| format!("{prog}: {e}"))?;
-    p.load(name, btf)
-        .map_err(|e| format!("loading {prog}: {e}"))?;
+    p.load(name, btf).map_err(|e| load_error(prog, &e))?;
     if let Err(e) = p.attach() {
         let _ = p.unload();
         return Err(format!("attaching BTF tracepoint {name}: {e}"));
@@ -156,6 +173,21 @@ pub(super) fn detach_raw(ebpf: &mut Ebpf, prog: &str, attached: bool) -> String 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_verifier_log_is_cut_to_one_line() {
+        let log = "the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier \
+                   output: 0: R1=ctx() R10=fp0\n; 0: (bf) r6 = r1\n\n1: (85) call #158\n\
+                   R1 invalid mem access 'scalar'\nprocessed 12 insns (limit 1000000)\n";
+        assert_eq!(
+            load_error("p", &log),
+            "loading p: the BPF_PROG_LOAD syscall returned Permission denied (os error 13). \
+             Verifier output: 0: R1=ctx() R10=fp0 ... R1 invalid mem access 'scalar'; processed \
+             12 insns (limit 1000000)"
+        );
+        assert_eq!(load_error("p", &"no such file"), "loading p: no such file");
+        assert_eq!(load_error("p", &"a\nb"), "loading p: a; b");
+    }
 
     #[test]
     fn state_hook_names() {
