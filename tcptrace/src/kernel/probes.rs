@@ -558,7 +558,7 @@ impl Probes {
 
 /// The record in a ring buffer item: a whole [`Event`], or a compact one (its first
 /// [`COMPACT_LEN`] bytes; the owner fields read as zeros). None for any other size.
-fn record(item: &[u8]) -> Option<Event> {
+pub(crate) fn record(item: &[u8]) -> Option<Event> {
     let mut ev = Event::default();
     let len = match item.len() {
         n if n >= size_of::<Event>() => size_of::<Event>(),

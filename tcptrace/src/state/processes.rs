@@ -191,6 +191,13 @@ impl Table {
     }
 
     pub(super) fn owner_id(&mut self, owner: &Owner, now_ns: u64) -> ProcId {
+        // Known: the name is not needed (every record with an owner comes this way).
+        if let Some(&id) = self.by_pid.get(&owner.pid)
+            && let Some(p) = self.procs.get_mut(&id)
+        {
+            p.last_seen_ns = now_ns;
+            return id;
+        }
         // The kernel's name is bytes: decode lossily, as /proc's.
         let end = owner.comm.iter().position(|&b| b == 0);
         let comm = String::from_utf8_lossy(&owner.comm[..end.unwrap_or(owner.comm.len())]);

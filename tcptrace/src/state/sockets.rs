@@ -419,10 +419,13 @@ impl Table {
         // Listed in the event's namespace; or where the namespace could not be known (0); or,
         // for an event whose namespace is unknown, in ours (a reconcile lists our own).
         let other = if netns != 0 { 0 } else { self.own_netns };
-        let listed = self
-            .existing
-            .remove(&(netns, local, remote))
-            .or_else(|| self.existing.remove(&(other, local, remote)));
+        let listed = if self.existing.is_empty() {
+            None
+        } else {
+            self.existing
+                .remove(&(netns, local, remote))
+                .or_else(|| self.existing.remove(&(other, local, remote)))
+        };
         if let Some(key) = listed
             && let Some(mut s) = self.sockets.remove(&key)
         {

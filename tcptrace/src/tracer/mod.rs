@@ -17,6 +17,8 @@ use std::{
 };
 
 mod from_host;
+#[cfg(test)]
+mod rate;
 mod stacks;
 
 pub use from_host::{SysProcs, existing_sockets, namespaces};
@@ -325,8 +327,7 @@ fn reader_loop(
     mut sink: Option<EventSink>,
 ) {
     let mut last_tick = Instant::now();
-    let mut batch: Vec<TcpEvent> = Vec::with_capacity(4096);
-    // Beyond this many waiting events the reader waits for the table instead.
+    // Beyond this many waiting records the reader waits for the table instead.
     const MAX_PENDING: usize = 200_000;
     // After lost records, when to compare the table with the kernel's socket list.
     let mut reconcile_at: Option<Instant> = None;
@@ -338,7 +339,7 @@ fn reader_loop(
         // Drain the rings first, whatever the table is doing: a view computing a snapshot
         // holds the table for a few milliseconds, and the kernel must not find a ring full
         // meanwhile. Records of all rings are put back in time order (`reorder` holds the
-        // newest a few milliseconds); events wait in `batch` until the table is free.
+        // newest a few milliseconds, and everything while the table is busy).
         // A reconcile is due: the kernel's lists are read on a thread of their own (it can take
         // long; the rings must keep being drained meanwhile).
         if lists_job.is_none() && reconcile_at.is_some_and(|t| Instant::now() >= t) {
@@ -377,32 +378,16 @@ fn reader_loop(
         } else {
             drain_started
         };
-        reorder.release(upto, |raw| {
-            if let Some(ev) = decode(raw) {
-                batch.push(ev);
-            }
-        });
-        if !batch.is_empty() {
-            // Before lists are applied, the batch must be (it is older than they are).
-            let table = if batch.len() < MAX_PENDING && !reconcile_due {
-                shared.table.try_lock().ok()
-            } else {
-                Some(shared.table.lock().unwrap())
-            };
-            if let Some(mut table) = table {
-                for ev in &batch {
-                    match sink.as_mut() {
-                        None => table.apply(ev),
-                        Some(sink) => {
-                            let mut ctx = event_context(&table, ev);
-                            table.apply(ev);
-                            ctx.failures.extend(table.take_failures());
-                            sink(ev, &ctx);
-                        }
-                    }
-                }
-                batch.clear();
-            }
+        // The table takes the released records directly; while a view holds it, they wait in
+        // `reorder` (as many as MAX_PENDING: beyond, the reader waits for the table).
+        // Before lists are applied, everything read must be (it is older than they are).
+        let table = if reorder.len() < MAX_PENDING && !reconcile_due {
+            shared.table.try_lock().ok()
+        } else {
+            Some(shared.table.lock().unwrap())
+        };
+        if let Some(mut table) = table {
+            apply_released(&mut reorder, upto, &mut table, &mut sink);
         }
         shared.drains.fetch_add(1, Ordering::Release);
         let wanted = shared.stacks_wanted.load(Ordering::Relaxed);
@@ -424,10 +409,10 @@ fn reader_loop(
                 reconcile_at.get_or_insert(soon.max(allowed));
             }
         }
-        // Every event read so far is applied (nothing waits in `batch` or `reorder`): the
-        // lists overrule only what happened before they were read.
+        // Every event read so far is applied (nothing waits in `reorder`): the lists overrule
+        // only what happened before they were read.
         if let Some(Some(lists)) = lists
-            && batch.is_empty()
+            && reorder.is_empty()
         {
             apply_kernel_lists(&shared, &lists);
             // Owners may have been lost with the records, or looked up too early (a socket
@@ -438,6 +423,31 @@ fn reader_loop(
     }
     // Records still in the buffer are not applied: the tracer is going away.
     drop(probes);
+}
+
+/// Applies the records `reorder` can release at `upto` (see [`Reorder::release`]) to the
+/// table, in order, each decoded on the way (no copy in between); with the event stream's sink,
+/// each with what the table knew of its socket before.
+fn apply_released(
+    reorder: &mut Reorder,
+    upto: u64,
+    table: &mut Table,
+    sink: &mut Option<EventSink>,
+) {
+    reorder.release(upto, |raw| {
+        let Some(ev) = decode(raw) else {
+            return;
+        };
+        match sink.as_mut() {
+            None => table.apply(&ev),
+            Some(sink) => {
+                let mut ctx = event_context(table, &ev);
+                table.apply(&ev);
+                ctx.failures.extend(table.take_failures());
+                sink(&ev, &ctx);
+            }
+        }
+    });
 }
 
 /// Owner and previous-state time of an event's socket, from the table before it applies it.
