@@ -254,7 +254,8 @@ fn reconciled_after_lost_records(ns: Option<&Netns>) {
     signal(d.t.proc.pid(), libc::SIGSTOP);
     // Each CPU writes to its own ring: churn pinned to every CPU this test may use fills them
     // all, wherever the server's closes then run.
-    let mut churns: Vec<Scenario> = ring_cpus()
+    let cpus = ring_cpus();
+    let mut churns: Vec<Scenario> = cpus
         .iter()
         .map(|cpu| {
             let cpu = cpu.to_string();
@@ -288,6 +289,27 @@ fn reconciled_after_lost_records(ns: Option<&Netns>) {
     })
     .unwrap();
     println!("status after the burst: {st}");
+    // Every CPU the churn ran on filled its own ring and counts what it lost; the drops by CPU
+    // add up to the total (one read of the counters).
+    let by_cpu: Vec<(u64, u64)> = st["events_dropped_by_cpu"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| Some((c["cpu"].as_u64()?, c["dropped"].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        by_cpu.iter().map(|&(_, n)| n).sum::<u64>(),
+        u64_at(&st, "events_dropped").unwrap(),
+        "drops by CPU {by_cpu:?} add up to the total"
+    );
+    for cpu in &cpus {
+        assert!(
+            by_cpu.iter().any(|&(c, n)| c == *cpu as u64 && n > 0),
+            "CPU {cpu} (churn pinned to it) lost records: {by_cpu:?}"
+        );
+    }
 
     // Within a few seconds the server's sockets are gone from the table, as from the kernel.
     let (truth, lines) = ss_in(ns, "close-wait", &server_side);

@@ -11,6 +11,7 @@ use crate::{
     },
     tracer::{SysProcs, existing_sockets},
     views::findings::Thresholds,
+    views::format::cpu_drops,
     views::report::{self, Report},
 };
 
@@ -189,9 +190,16 @@ pub async fn status(socket: &Path, json: bool) -> Result<(), ClientError> {
     for p in &s.stack_problems {
         println!("  {}", printable(p));
     }
+    let by_cpu: Vec<(u32, u64)> = (s.events_dropped_by_cpu.iter())
+        .map(|c| (c.cpu, c.dropped))
+        .collect();
     println!(
-        "events seen {}, dropped {}, missed {}, for unknown sockets {}",
-        s.events_seen, s.events_dropped, s.events_missed, s.events_unknown_socket
+        "events seen {}, dropped {}{}, missed {}, for unknown sockets {}",
+        s.events_seen,
+        s.events_dropped,
+        cpu_drops(&by_cpu),
+        s.events_missed,
+        s.events_unknown_socket
     );
     println!(
         "state transitions seen {}, dropped {}, missed {}, not sent (nothing tracked changes) {}, \

@@ -21,6 +21,13 @@ pub struct Evictions {
     pub processes: u64,
 }
 
+/// Records one CPU lost because its ring buffer was full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuDrops {
+    pub cpu: u32,
+    pub dropped: u64,
+}
+
 /// What `tcptrace status` shows.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -42,6 +49,10 @@ pub struct Status {
     pub events_seen: u64,
     /// Records the kernel lost (ring buffer full).
     pub events_dropped: u64,
+    /// `events_dropped` by the CPU that lost them (CPU `c` writes to ring `c % 16`), only CPUs
+    /// that lost any, ascending.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events_dropped_by_cpu: Vec<CpuDrops>,
     /// Program runs the kernel skipped (another BPF program was running on the CPU).
     #[serde(default)]
     pub events_missed: u64,

@@ -18,7 +18,7 @@ use super::{
     http::{MAX_METRICS_CLIENTS, refuse_busy as refuse_metrics_busy, serve_metrics},
     logfmt::{self, error_chain, log_at},
     metrics,
-    protocol::{Evictions, Request, Status, reply_line},
+    protocol::{CpuDrops, Evictions, Request, Status, reply_line},
     systemd::{Notifier, notify_reloaded, notify_reloading, notify_stopping},
 };
 use crate::{
@@ -133,6 +133,11 @@ impl State {
             degraded: self.tracer.degraded().to_vec(),
             events_seen: stats.events,
             events_dropped: k.dropped,
+            events_dropped_by_cpu: k
+                .dropped_by_cpu
+                .iter()
+                .map(|&(cpu, dropped)| CpuDrops { cpu, dropped })
+                .collect(),
             events_missed: k.missed,
             transitions_seen: stats.transitions,
             transitions_dropped: k.dropped_transitions,

@@ -33,11 +33,16 @@ pub(super) fn recursion_misses(prog: std::os::fd::BorrowedFd<'_>) -> Option<u64>
     (r == 0).then_some(info.recursion_misses)
 }
 
-/// Per-CPU kernel counters, summed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Per-CPU kernel counters, summed (and the drops by CPU).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounters {
     /// Records lost because the ring buffer was full.
     pub dropped: u64,
+    /// `dropped` by the CPU that lost them, ascending, only CPUs that lost any: CPU `c`
+    /// writes to ring `c % 16` (all rings the same size), so one CPU losing records while
+    /// the others lose none says its ring is the one too small (softirq work concentrated on
+    /// the CPUs that take the network interrupts, for one).
+    pub dropped_by_cpu: Vec<(u32, u64)>,
     /// The part of `dropped` that are state transitions.
     pub dropped_transitions: u64,
     /// Program runs the kernel skipped because another BPF program was running on the CPU

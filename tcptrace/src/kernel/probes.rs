@@ -527,8 +527,23 @@ impl Probes {
                 .map(|v| v.iter().sum::<u64>())
                 .unwrap_or(0)
         };
-        let dropped_transitions = sum(COUNTER_DROPPED);
-        let dropped = dropped_transitions + sum(COUNTER_DROPPED_OTHER);
+        // Both drop counters per CPU, read once: the total is their sum.
+        let per_cpu = |index: u32| -> Vec<u64> {
+            self.counters
+                .get(&index, 0)
+                .map(|v| v.iter().copied().collect())
+                .unwrap_or_default()
+        };
+        let (transitions, other) = (per_cpu(COUNTER_DROPPED), per_cpu(COUNTER_DROPPED_OTHER));
+        let dropped_transitions: u64 = transitions.iter().sum();
+        let dropped = dropped_transitions + other.iter().sum::<u64>();
+        let dropped_by_cpu = (0..transitions.len().max(other.len()))
+            .map(|cpu| {
+                let n = |v: &[u64]| v.get(cpu).copied().unwrap_or(0);
+                (cpu as u32, n(&transitions) + n(&other))
+            })
+            .filter(|&(_, n)| n > 0)
+            .collect();
         // The enter and rescue programs' own skips lose nothing (the state program ran); the
         // state program's skips that the rescue program reported are not lost either.
         let skipped = |state: bool| -> u64 {
@@ -548,6 +563,7 @@ impl Probes {
             skipped(true).saturating_sub(sum(COUNTER_RESCUED)) + sum(COUNTER_UNREADABLE);
         KernelCounters {
             dropped,
+            dropped_by_cpu,
             dropped_transitions,
             missed: missed_transitions + skipped(false),
             missed_transitions,

@@ -190,7 +190,7 @@ impl Tracer {
     }
 
     pub fn snapshot(&self, opts: &SnapshotOptions) -> Snapshot {
-        let kernel = *self.shared.kernel.lock().unwrap();
+        let kernel = self.shared.kernel.lock().unwrap().clone();
         let mut opts = opts.clone();
         opts.dropped_events = kernel.dropped;
         opts.missed_events = kernel.missed;
@@ -215,7 +215,7 @@ impl Tracer {
     }
 
     pub fn kernel_counters(&self) -> KernelCounters {
-        *self.shared.kernel.lock().unwrap()
+        self.shared.kernel.lock().unwrap().clone()
     }
 
     pub fn uptime(&self) -> Duration {
@@ -399,11 +399,14 @@ fn reader_loop(
         }
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
-            let counters = probes.counters();
-            *shared.kernel.lock().unwrap() = counters;
+            let lost = {
+                let mut kernel = shared.kernel.lock().unwrap();
+                *kernel = probes.counters();
+                kernel.lost()
+            };
             probes.drain_kernel_log();
-            if counters.lost() > dropped_seen {
-                dropped_seen = counters.lost();
+            if lost > dropped_seen {
+                dropped_seen = lost;
                 let soon = Instant::now() + RECONCILE_AFTER;
                 let allowed = last_reconcile.map_or(soon, |t| t + RECONCILE_GAP);
                 reconcile_at.get_or_insert(soon.max(allowed));

@@ -66,6 +66,25 @@ pub fn fmt_age(secs: f64) -> String {
     }
 }
 
+/// Records lost by CPU, for a line that already gives the total: "" when none, else
+/// " (CPU 3: 1204, CPU 0: 88)", the CPUs that lost most first, at most 8 and how many more.
+pub fn cpu_drops(by_cpu: &[(u32, u64)]) -> String {
+    if by_cpu.is_empty() {
+        return String::new();
+    }
+    let mut most: Vec<(u32, u64)> = by_cpu.to_vec();
+    most.sort_by_key(|&(cpu, n)| (std::cmp::Reverse(n), cpu));
+    let mut parts: Vec<String> = most
+        .iter()
+        .take(8)
+        .map(|(cpu, n)| format!("CPU {cpu}: {n}"))
+        .collect();
+    if most.len() > 8 {
+        parts.push(format!("{} more CPUs", most.len() - 8));
+    }
+    format!(" ({})", parts.join(", "))
+}
+
 /// Text from other processes (command names and lines, cgroup and container names) made safe
 /// for a terminal: every C0 control, DEL, C1 control and Unicode bidirectional or invisible
 /// formatting character is written as an escape (`\x1b`, `\x7f`, `\u{9b}`, `\u{202e}`) and
@@ -165,5 +184,17 @@ mod tests {
         assert_eq!(escape_cut("\x1b[2Jabcdefghijkl", 10), "\\x1b[2Jabc");
         assert_eq!(escape_cut("ab\x1b[2J", 5), "ab");
         assert_eq!(escape_cut("ééé", 2), "éé");
+    }
+
+    #[test]
+    fn drops_by_cpu_read_most_first_and_stop_at_eight() {
+        assert_eq!(cpu_drops(&[]), "");
+        assert_eq!(cpu_drops(&[(0, 2), (3, 9)]), " (CPU 3: 9, CPU 0: 2)");
+        let many: Vec<(u32, u64)> = (0..10).map(|c| (c, 100 - u64::from(c))).collect();
+        assert_eq!(
+            cpu_drops(&many),
+            " (CPU 0: 100, CPU 1: 99, CPU 2: 98, CPU 3: 97, CPU 4: 96, CPU 5: 95, CPU 6: 94, \
+             CPU 7: 93, 2 more CPUs)"
+        );
     }
 }

@@ -285,6 +285,17 @@ fn host(reg: &mut Registry, snap: &Snapshot, status: &Status) {
         "Kernel records lost because the ring buffer was full",
         snap.dropped_events,
     );
+    let by_cpu = family::<Counter>(
+        reg,
+        "tcptrace_dropped_events_by_cpu",
+        "tcptrace_dropped_events by the CPU that lost them (CPU c writes to ring c % 16); \
+         CPUs that lost none are not listed",
+    );
+    for c in &status.events_dropped_by_cpu {
+        by_cpu
+            .get_or_create(&l(&[("cpu", &c.cpu.to_string())]))
+            .inc_by(c.dropped);
+    }
     counter(
         reg,
         "tcptrace_missed_events",

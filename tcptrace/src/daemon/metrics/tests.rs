@@ -350,3 +350,28 @@ fn rules_and_dashboard_use_metrics_that_exist_and_rules_carry_the_advice() {
         );
     }
 }
+
+#[test]
+fn drops_by_cpu_are_a_counter_per_cpu_that_lost_any() {
+    use crate::daemon::protocol::CpuDrops;
+    let status = Status {
+        events_dropped: 12,
+        events_dropped_by_cpu: vec![
+            CpuDrops { cpu: 0, dropped: 2 },
+            CpuDrops {
+                cpu: 17,
+                dropped: 10,
+            },
+        ],
+        ..Default::default()
+    };
+    let text = Metrics::default().render(&Snapshot::default(), &status, CAPS, Instant::now());
+    let v = |s: &str| value(&text, s).unwrap_or_else(|| panic!("no {s} in\n{text}"));
+    assert_eq!(v("tcptrace_dropped_events_by_cpu_total{cpu=\"0\"}"), 2.0);
+    assert_eq!(v("tcptrace_dropped_events_by_cpu_total{cpu=\"17\"}"), 10.0);
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("tcptrace_dropped_events_by_cpu_total{"))
+        .count();
+    assert_eq!(series, 2, "{text}");
+}

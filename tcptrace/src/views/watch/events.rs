@@ -17,7 +17,7 @@ use crate::{
     },
     state::Filter,
     tracer::{EventContext, EventSink},
-    views::format::{clock, escape_cut, zone},
+    views::format::{clock, cpu_drops, escape_cut, zone},
 };
 
 /// One line of the event stream (`--events --json`).
@@ -173,22 +173,26 @@ fn text_event(l: &EventLine) -> String {
     }
 }
 /// Says that `new` events were lost since the last call (`k`: the totals so far).
-pub(super) fn print_dropped(json: bool, new: u64, k: KernelCounters) {
+pub(super) fn print_dropped(json: bool, new: u64, k: &KernelCounters) {
     let mut out = std::io::stdout().lock();
     let _ = if json {
         writeln!(
             out,
             "{}",
             serde_json::json!({"ts": unix_now(), "type": "dropped", "count": new,
-                "dropped_events": k.dropped, "missed_events": k.missed})
+                "dropped_events": k.dropped, "missed_events": k.missed,
+                "dropped_by_cpu": k.dropped_by_cpu.iter()
+                    .map(|&(cpu, n)| serde_json::json!({"cpu": cpu, "dropped": n}))
+                    .collect::<Vec<_>>()})
         )
     } else {
         writeln!(
             out,
-            "{} {new} events lost ({} so far because the ring buffer was full: raise \
+            "{} {new} events lost ({} so far because the ring buffer was full{}: raise \
              --ring-buffer-kib; {} skipped by the kernel while another BPF program ran)",
             clock(unix_now()),
             k.dropped,
+            cpu_drops(&k.dropped_by_cpu),
             k.missed
         )
     };

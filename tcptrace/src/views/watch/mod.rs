@@ -102,7 +102,7 @@ pub async fn run(opts: WatchOptions) -> Result<(), WatchError> {
                 // No silent loss: say when the kernel could not hand over events.
                 let k = tracer.kernel_counters();
                 if k.lost() > dropped_seen {
-                    print_dropped(opts.json, k.lost() - dropped_seen, k);
+                    print_dropped(opts.json, k.lost() - dropped_seen, &k);
                     dropped_seen = k.lost();
                 }
             } else {
