@@ -2,7 +2,7 @@
 //! bpftrace) and the churn workloads they run under.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -32,6 +32,53 @@ pub(super) struct TracerVariant {
     pub(super) args: Vec<&'static str>,
     /// How the bench tells that it is attached and reading.
     pub(super) ready: Ready,
+    /// Another build of tcptrace (`--compare`); None: the one under test.
+    pub(super) bin: Option<PathBuf>,
+}
+
+impl TracerVariant {
+    /// The binary this variant runs: its own, else `default` (the build under test).
+    pub(super) fn bin<'a>(&'a self, default: &'a Path) -> &'a Path {
+        self.bin.as_deref().unwrap_or(default)
+    }
+
+    /// `tcptrace daemon` of another build, named `name` in the report (`--compare NAME=BIN`).
+    pub(super) fn compared(name: &str, bin: PathBuf) -> Self {
+        Self {
+            // The bench runs once per process: a few bytes for its whole life.
+            name: Box::leak(name.to_string().into_boxed_str()),
+            args: DAEMON_ARGS.to_vec(),
+            ready: Ready::Status,
+            bin: Some(bin),
+        }
+    }
+}
+
+/// Parses one `--compare NAME=BIN`: a configuration name (printable, no `|`: it lands in the
+/// report's tables) and an executable file.
+pub(super) fn parse_compare(arg: &str) -> Result<(String, PathBuf), String> {
+    let Some((name, bin)) = arg.split_once('=') else {
+        return Err(format!(
+            "--compare {arg:?}: expected NAME=BIN, e.g. --compare 'tcptrace daemon (main)=/tmp/tcptrace-main'"
+        ));
+    };
+    let name = name.trim();
+    if name.is_empty() || name.contains('|') || name.chars().any(char::is_control) {
+        return Err(format!(
+            "--compare {arg:?}: the name must be non-empty, printable and without '|' (it names a row of the report)"
+        ));
+    }
+    let path = PathBuf::from(bin);
+    let meta = std::fs::metadata(&path).map_err(|e| {
+        format!("--compare {arg:?}: {bin}: {e}; give the path of a tcptrace binary")
+    })?;
+    use std::os::unix::fs::PermissionsExt;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!(
+            "--compare {arg:?}: {bin} is not an executable file; give the path of a tcptrace binary"
+        ));
+    }
+    Ok((name.to_string(), path))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -48,6 +95,7 @@ pub(super) fn tracer_variants(bin: &Path) -> Vec<TracerVariant> {
         name: "tcptrace watch",
         args: vec!["watch", "--json", "--interval", "1"],
         ready: Ready::FirstJsonLine,
+        bin: None,
     }];
     let has_daemon = Command::new(bin)
         .args(["daemon", "--help"])
@@ -60,6 +108,7 @@ pub(super) fn tracer_variants(bin: &Path) -> Vec<TracerVariant> {
             name: "tcptrace daemon",
             args: DAEMON_ARGS.to_vec(),
             ready: Ready::Status,
+            bin: None,
         });
     }
     v
@@ -102,6 +151,7 @@ impl Config {
                     name: "tcptrace watch --stacks",
                     args: vec!["watch", "--json", "--interval", "1", "--stacks"],
                     ready: Ready::FirstJsonLine,
+                    bin: None,
                 }),
             },
         );
@@ -174,5 +224,35 @@ impl Workload {
             Workload::Rst => "RST close",
             Workload::Fin => "FIN close (netns)",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_takes_a_name_and_an_executable_and_says_what_is_wrong_otherwise() {
+        // /bin/sh: an executable file on every machine these tests run on.
+        let (name, bin) = parse_compare("main build=/bin/sh").unwrap();
+        assert_eq!(
+            (name.as_str(), bin.as_path()),
+            ("main build", Path::new("/bin/sh"))
+        );
+        let no_eq = parse_compare("/bin/sh").unwrap_err();
+        assert!(no_eq.contains("expected NAME=BIN"), "{no_eq}");
+        let bar = parse_compare("a|b=/bin/sh").unwrap_err();
+        assert!(bar.contains("without '|'"), "{bar}");
+        let empty = parse_compare(" =/bin/sh").unwrap_err();
+        assert!(empty.contains("non-empty"), "{empty}");
+        let missing = parse_compare("x=/nonexistent/tcptrace").unwrap_err();
+        assert!(missing.contains("No such file"), "{missing}");
+        let plain = std::env::temp_dir().join(format!("compare-test-{}", std::process::id()));
+        std::fs::write(&plain, "not a program").unwrap();
+        let not_exec = parse_compare(&format!("x={}", plain.display())).unwrap_err();
+        std::fs::remove_file(&plain).unwrap();
+        assert!(not_exec.contains("not an executable file"), "{not_exec}");
+        let dir = parse_compare("x=/tmp").unwrap_err();
+        assert!(dir.contains("not an executable file"), "{dir}");
     }
 }

@@ -92,6 +92,11 @@ pub struct BenchArgs {
     /// file in the temporary directory].
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Also runs `tcptrace daemon` from another build (BIN) in the overhead, in-kernel cost and
+    /// scaling phases, as a configuration named NAME: an A/B of two builds in one interleaved
+    /// run (e.g. a branch against main). Repeatable.
+    #[arg(long, value_name = "NAME=BIN", value_parser = configs::parse_compare)]
+    compare: Vec<(String, PathBuf)>,
     /// A quick run of every phase (one round of 1 s, 3 leaked sockets, 1,000 sockets at start-up)
     /// that checks the benchmark works; it leaves BENCHMARKS.md alone.
     #[arg(long)]
@@ -111,6 +116,7 @@ impl BenchArgs {
             holder_procs: 50,
             holder_secs: 3.0,
             output: None,
+            compare: Vec::new(),
             smoke: true,
         }
     }
@@ -147,6 +153,7 @@ pub fn run(bin: &Path, args: BenchArgs) -> Result<()> {
             "the benchmark attaches eBPF programs and creates network namespaces: run it as root"
         );
     }
+    let compare = args.compare.clone();
     let plan = Plan::new(args);
     if bpf_stats::stats_sysctl_on() {
         bail!(
@@ -174,11 +181,16 @@ pub fn run(bin: &Path, args: BenchArgs) -> Result<()> {
     let scratch = Scratch::new()?;
     let bin = scratch.copy(bin)?;
     let churngen = scratch.copy(&churngen)?;
+    let mut variants = tracer_variants(&bin);
+    for (i, (name, other)) in compare.iter().enumerate() {
+        let copy = scratch.copy_as(other, format!("compare-{i}"))?;
+        variants.push(TracerVariant::compared(name, copy));
+    }
     remove_stale_netns();
     let _ = std::fs::remove_file(DAEMON_SOCKET);
 
     let mut bench = Bench {
-        variants: tracer_variants(&bin),
+        variants,
         bin,
         churngen,
         plan,
@@ -214,7 +226,12 @@ impl Scratch {
 
     /// Copies a file in, keeping its name.
     fn copy(&self, file: &Path) -> Result<PathBuf> {
-        let to = self.0.join(file.file_name().context("a file name")?);
+        self.copy_as(file, file.file_name().context("a file name")?)
+    }
+
+    /// Copies a file in under another name.
+    fn copy_as(&self, file: &Path, name: impl AsRef<Path>) -> Result<PathBuf> {
+        let to = self.0.join(name);
         std::fs::copy(file, &to).with_context(|| format!("copying {}", file.display()))?;
         Ok(to)
     }

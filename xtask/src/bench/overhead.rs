@@ -186,14 +186,15 @@ impl Bench {
                     .and_then(|p| p["churn"]["closed_total"].as_u64());
                 t.stop(libc::SIGTERM)?;
             }
-            Tracer::Tcptrace(_) => {
+            Tracer::Tcptrace(v) => {
                 // The daemon: totals from its control socket, once it has drained the ring.
                 std::thread::sleep(Duration::from_millis(200));
-                if let Some(st) = daemon_status(&self.bin) {
+                let bin = v.bin(&self.bin);
+                if let Some(st) = daemon_status(bin) {
                     s.dropped = st["events_dropped"].as_u64();
                     s.events = st["events_seen"].as_u64();
                 }
-                s.closes_seen = daemon_report(&self.bin, churn.pid)
+                s.closes_seen = daemon_report(bin, churn.pid)
                     .and_then(|r| process_entry(&r, churn.pid)?["churn"]["closed_total"].as_u64());
                 t.stop(libc::SIGTERM)?;
             }
@@ -225,13 +226,14 @@ impl Bench {
         let p = match t {
             Tracer::None => return Ok(None),
             Tracer::Tcptrace(v) => {
-                let p = Proc::spawn(v.name, Command::new(&self.bin).args(&v.args), true)?;
+                let bin = v.bin(&self.bin);
+                let p = Proc::spawn(v.name, Command::new(bin).args(&v.args), true)?;
                 match v.ready {
                     Ready::FirstJsonLine => {
                         parse_json(&p.line(Duration::from_secs(30))?.text)?;
                     }
                     Ready::Status => wait_until(Duration::from_secs(30), v.name, || {
-                        daemon_status(&self.bin).is_some()
+                        daemon_status(bin).is_some()
                     })?,
                 }
                 p
