@@ -69,7 +69,7 @@ impl Bench {
                     check_interrupted()?;
                     self.wait_for_quiet(last_background)?;
                     let s = self
-                        .round(w, c, Some(ns))
+                        .round_or_retry(w, c, Some(ns))
                         .with_context(|| format!("{} / {}", w.name(), c.name))?;
                     println!(
                         "bench: round {round}/{} {:<18} {:<30} {:>9.0} conn/s{}, other load {:.2} cores",
@@ -144,6 +144,28 @@ impl Bench {
     }
 
     /// One configuration, one workload, one round.
+    /// [`Bench::round`], run again once when it fails (a tracer slow to exit on a busy shared
+    /// machine, say): one bad round must not throw away a long run. A second failure fails.
+    pub(super) fn round_or_retry(
+        &self,
+        w: Workload,
+        c: &Config,
+        ns: Option<&Netns>,
+    ) -> Result<Sample> {
+        match self.round(w, c, ns) {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                check_interrupted()?;
+                println!(
+                    "bench: {} / {}: {e:#}; running that round again",
+                    w.name(),
+                    c.name
+                );
+                self.round(w, c, ns)
+            }
+        }
+    }
+
     pub(super) fn round(&self, w: Workload, c: &Config, ns: Option<&Netns>) -> Result<Sample> {
         let mut tracer = self.start_tracer(&c.tracer)?;
         let cpu0 = tracer.as_ref().and_then(|t| cpu_ticks(t.pid()));

@@ -36,7 +36,7 @@ impl Bench {
                 for (ci, c) in configs.iter().enumerate() {
                     check_interrupted()?;
                     let s = self
-                        .round(Workload::Rst, c, None)
+                        .round_or_retry(Workload::Rst, c, None)
                         .with_context(|| format!("{threads} threads / {}", c.name))?;
                     println!(
                         "bench: scaling {threads:>3} threads round {round}/{} {:<36} {:>9.0} conn/s",
