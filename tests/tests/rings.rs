@@ -144,3 +144,67 @@ fn one_sockets_transitions_on_two_cpus_come_out_in_order() {
         tt.context()
     );
 }
+
+/// The nice value of `pid`'s thread named `comm`, from /proc (the 19th field of its stat, after
+/// the parenthesised name).
+fn thread_nice(pid: u32, comm: &str) -> Option<i64> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let dir = task.path();
+        if std::fs::read_to_string(dir.join("comm")).ok()?.trim_end() != comm {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        let after = &stat[stat.rfind(')')? + 2..];
+        // Fields from the 3rd (state) on: the nice value is the 19th overall.
+        return after.split(' ').nth(19 - 3)?.parse().ok();
+    }
+    None
+}
+
+#[test]
+fn the_ring_reader_runs_raised_and_says_so_when_it_cannot() {
+    require_root!("the_ring_reader_runs_raised_and_says_so_when_it_cannot");
+    // As root: the reader thread alone at nice -10, the others at the default 0, no warning.
+    let (mut tt, _) = Tcptrace::watch(&[]);
+    let pid = tt.proc.pid();
+    assert_eq!(
+        thread_nice(pid, "tcptrace-reader"),
+        Some(-10),
+        "{}",
+        tt.context()
+    );
+    assert_eq!(
+        thread_nice(pid, "tcptrace-upkeep"),
+        Some(0),
+        "{}",
+        tt.context()
+    );
+    assert_eq!(thread_nice(pid, "tcptrace"), Some(0), "{}", tt.context());
+    tt.proc.stop(Duration::from_secs(5));
+    let err = tt.proc.stderr.text();
+    assert!(!err.contains("normal priority"), "{err}");
+
+    // Without CAP_SYS_NICE (dropped from the bounding set, so not regained at exec): the reader
+    // stays at 0 and a start-up warning says why and what it costs; tracing goes on.
+    let out = Command::new("setpriv")
+        .args(["--bounding-set=-sys_nice", "--"])
+        .arg(tcptrace_tests::tcptrace_bin())
+        .args(["watch", "--json", "--duration", "1"])
+        .output()
+        .expect("run setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        err.contains(
+            "tcptrace: warning: the ring reader runs at normal priority (setpriority -10:"
+        ) && err.contains("CAP_SYS_NICE"),
+        "{err}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).lines().count() >= 1,
+        "{out:?}"
+    );
+}
