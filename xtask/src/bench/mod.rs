@@ -418,6 +418,7 @@ impl Bench {
                 s,
                 self.plan.secs,
                 self.plan.rounds,
+                host.cores,
             ));
         }
         Ok(report)

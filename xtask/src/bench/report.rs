@@ -15,7 +15,7 @@ use super::{
 
 pub(super) struct HostInfo {
     kernel: String,
-    cores: usize,
+    pub(super) cores: usize,
     date: String,
     loadavg: String,
 }

@@ -72,7 +72,55 @@ fn kernel_ns_per_conn(cost: &KernelCost) -> Option<f64> {
     (cost.connections > 0).then(|| ns as f64 / cost.connections as f64)
 }
 
-pub(super) fn render(configs: &[Config], scales: &[Scale], secs: f64, rounds: u32) -> String {
+/// Fewest cores for the scaling targets' own figures (16 busy threads on as many CPUs).
+const TARGET_CORES: usize = 16;
+
+/// The lines under the table: per tcptrace configuration, its state program's ns per run at
+/// each count over the figure at 2 threads (the target compares 16 with 2: <= 1.3), and, on a
+/// machine with fewer than [`TARGET_CORES`] cores, why its higher counts say little about many
+/// CPUs. `rows`: configuration name, then (threads, ns per run) in thread order.
+fn summary(cores: usize, rows: &[(&str, Vec<(usize, f64)>)]) -> String {
+    let mut r = String::new();
+    for (name, figs) in rows {
+        let Some(&(_, at2)) = figs.iter().find(|(t, _)| *t == 2) else {
+            continue;
+        };
+        let ratios: Vec<String> = figs
+            .iter()
+            .filter(|(t, _)| *t != 2)
+            .map(|(t, ns)| format!("{t} threads {:.2}", ns / at2))
+            .collect();
+        if !ratios.is_empty() {
+            let _ = writeln!(
+                r,
+                "{name}: state ns / run over the figure at 2 threads: {}.",
+                ratios.join(", ")
+            );
+        }
+    }
+    if cores < TARGET_CORES {
+        let _ = writeln!(
+            r,
+            "This machine has {cores} cores: from {} threads on (T clients and T acceptors, 2T \
+             busy threads) they share them, so those counts measure CPUs shared, not more CPUs; the \
+             targets' figure at 16 threads needs a machine with at least {TARGET_CORES} cores \
+             (`cargo xtask bench --threads 2,4,8,16` there).",
+            cores / 2 + 1
+        );
+    }
+    if !r.is_empty() {
+        r.insert(0, '\n');
+    }
+    r
+}
+
+pub(super) fn render(
+    configs: &[Config],
+    scales: &[Scale],
+    secs: f64,
+    rounds: u32,
+    cores: usize,
+) -> String {
     let mut r = String::new();
     let w = &mut r;
     let _ = writeln!(
@@ -133,5 +181,54 @@ pub(super) fn render(configs: &[Config], scales: &[Scale], secs: f64, rounds: u3
             );
         }
     }
+    let rows: Vec<(&str, Vec<(usize, f64)>)> = configs
+        .iter()
+        .filter(|c| matches!(c.tracer, Tracer::Tcptrace(_)))
+        .map(|c| {
+            let figs = scales
+                .iter()
+                .filter_map(|s| {
+                    let cost = s.costs.iter().find(|k| k.config == c.name)?;
+                    Some((s.threads, state_ns(cost)?))
+                })
+                .collect();
+            (c.name.as_str(), figs)
+        })
+        .collect();
+    r.push_str(&summary(cores, &rows));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_gives_each_count_over_two_threads_and_says_when_cores_are_too_few() {
+        let rows = [
+            (
+                "tcptrace daemon",
+                vec![(1, 347.0), (2, 350.0), (4, 385.0), (16, 455.0)],
+            ),
+            // No figure at 2 threads: no ratio line.
+            ("tcptrace watch", vec![(1, 343.0), (4, 404.0)]),
+        ];
+        let two = summary(2, &rows);
+        assert_eq!(
+            two,
+            "\ntcptrace daemon: state ns / run over the figure at 2 threads: 1 threads 0.99, \
+             4 threads 1.10, 16 threads 1.30.\n\
+             This machine has 2 cores: from 2 threads on (T clients and T acceptors, 2T busy \
+             threads) they share them, so those counts measure CPUs shared, not more CPUs; the \
+             targets' figure at 16 threads needs a machine with at least 16 cores (`cargo xtask bench \
+             --threads 2,4,8,16` there).\n"
+        );
+        let many = summary(16, &rows);
+        assert_eq!(
+            many,
+            "\ntcptrace daemon: state ns / run over the figure at 2 threads: 1 threads 0.99, \
+             4 threads 1.10, 16 threads 1.30.\n"
+        );
+        assert_eq!(summary(32, &rows[1..]), "");
+    }
 }
