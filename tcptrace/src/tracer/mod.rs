@@ -239,7 +239,8 @@ impl Tracer {
         &self.shared.attached
     }
 
-    /// What works less well on this kernel (missing optional tracepoints), one sentence each.
+    /// What works less well here (missing optional tracepoints, a reader at normal priority),
+    /// one sentence each.
     pub fn degraded(&self) -> &[String] {
         &self.degraded
     }

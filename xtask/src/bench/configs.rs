@@ -42,15 +42,21 @@ impl TracerVariant {
         self.bin.as_deref().unwrap_or(default)
     }
 
-    /// `tcptrace daemon` of another build, named `name` in the report (`--compare NAME=BIN`).
-    pub(super) fn compared(name: &str, bin: PathBuf) -> Self {
+    /// `tcptrace daemon`, named `name` in the report, run from `bin` (None: the build under
+    /// test).
+    fn daemon(name: &'static str, bin: Option<PathBuf>) -> Self {
         Self {
-            // The bench runs once per process: a few bytes for its whole life.
-            name: Box::leak(name.to_string().into_boxed_str()),
+            name,
             args: DAEMON_ARGS.to_vec(),
             ready: Ready::Status,
-            bin: Some(bin),
+            bin,
         }
+    }
+
+    /// `tcptrace daemon` of another build, named `name` in the report (`--compare NAME=BIN`).
+    pub(super) fn compared(name: &str, bin: PathBuf) -> Self {
+        // The bench runs once per process: a few bytes for its whole life.
+        Self::daemon(Box::leak(name.to_string().into_boxed_str()), Some(bin))
     }
 }
 
@@ -104,12 +110,7 @@ pub(super) fn tracer_variants(bin: &Path) -> Vec<TracerVariant> {
         .status()
         .is_ok_and(|s| s.success());
     if has_daemon {
-        v.push(TracerVariant {
-            name: "tcptrace daemon",
-            args: DAEMON_ARGS.to_vec(),
-            ready: Ready::Status,
-            bin: None,
-        });
+        v.push(TracerVariant::daemon("tcptrace daemon", None));
     }
     v
 }

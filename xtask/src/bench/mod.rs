@@ -147,13 +147,13 @@ const DAEMON_POLL: Duration = Duration::from_millis(100);
 /// Prefix of the network namespaces we create; the suffix starts with our pid.
 const NETNS_PREFIX: &str = "tcptrace-bench-";
 
-pub fn run(bin: &Path, args: BenchArgs) -> Result<()> {
+pub fn run(bin: &Path, mut args: BenchArgs) -> Result<()> {
     if !crate::is_root() {
         bail!(
             "the benchmark attaches eBPF programs and creates network namespaces: run it as root"
         );
     }
-    let compare = args.compare.clone();
+    let compare = std::mem::take(&mut args.compare);
     let plan = Plan::new(args);
     if bpf_stats::stats_sysctl_on() {
         bail!(

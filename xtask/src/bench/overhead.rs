@@ -143,7 +143,6 @@ impl Bench {
         })
     }
 
-    /// One configuration, one workload, one round.
     /// [`Bench::round`], run again once when it fails (a tracer slow to exit on a busy shared
     /// machine, say): one bad round must not throw away a long run. A second failure fails.
     pub(super) fn round_or_retry(
@@ -166,6 +165,7 @@ impl Bench {
         }
     }
 
+    /// One configuration, one workload, one round.
     pub(super) fn round(&self, w: Workload, c: &Config, ns: Option<&Netns>) -> Result<Sample> {
         let mut tracer = self.start_tracer(&c.tracer)?;
         let cpu0 = tracer.as_ref().and_then(|t| cpu_ticks(t.pid()));
